@@ -1,0 +1,236 @@
+//! The vmcall ABI: everything host and guest must agree on, in one place.
+//!
+//! Hypercall numbers and error codes are Linux KVM's (`include/uapi/linux/kvm_para.h`); ports,
+//! selectors and the boot layout are vmcall's own (see `docs/guest-abi.md`). The ABI is versioned
+//! by [`ABI_VERSION`], independently of the crate's semver.
+#![no_std]
+#![forbid(unsafe_code)]
+
+pub mod layout;
+
+/// Version of the guest/host contract described in `docs/guest-abi.md`.
+pub const ABI_VERSION: u32 = 1;
+
+/// Linux KVM hypercall numbers (`KVM_HC_*`), x86 meanings in `docs/hypercalls.md`.
+pub mod hc {
+    pub const KVM_HC_VAPIC_POLL_IRQ: u64 = 1;
+    pub const KVM_HC_MMU_OP: u64 = 2;
+    pub const KVM_HC_FEATURES: u64 = 3;
+    pub const KVM_HC_PPC_MAP_MAGIC_PAGE: u64 = 4;
+    pub const KVM_HC_KICK_CPU: u64 = 5;
+    pub const KVM_HC_MIPS_GET_CLOCK_FREQ: u64 = 6;
+    pub const KVM_HC_MIPS_EXIT_VM: u64 = 7;
+    pub const KVM_HC_MIPS_CONSOLE_OUTPUT: u64 = 8;
+    pub const KVM_HC_CLOCK_PAIRING: u64 = 9;
+    pub const KVM_HC_SEND_IPI: u64 = 10;
+    pub const KVM_HC_SCHED_YIELD: u64 = 11;
+    pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
+
+    /// One past the highest number Linux assigns; numbers below it are "standard" and a custom
+    /// handler may only take them with an explicit override.
+    pub const KVM_HC_STANDARD_END: u64 = 13;
+
+    /// The canonical example of a custom hypercall (the one the seed patch adds to the kernel).
+    pub const KVM_HC_MY_VMCALL: u64 = 20;
+
+    /// Linux's name for a standard number, if it has one.
+    pub const fn name(nr: u64) -> Option<&'static str> {
+        Some(match nr {
+            KVM_HC_VAPIC_POLL_IRQ => "KVM_HC_VAPIC_POLL_IRQ",
+            KVM_HC_MMU_OP => "KVM_HC_MMU_OP",
+            KVM_HC_FEATURES => "KVM_HC_FEATURES",
+            KVM_HC_PPC_MAP_MAGIC_PAGE => "KVM_HC_PPC_MAP_MAGIC_PAGE",
+            KVM_HC_KICK_CPU => "KVM_HC_KICK_CPU",
+            KVM_HC_MIPS_GET_CLOCK_FREQ => "KVM_HC_MIPS_GET_CLOCK_FREQ",
+            KVM_HC_MIPS_EXIT_VM => "KVM_HC_MIPS_EXIT_VM",
+            KVM_HC_MIPS_CONSOLE_OUTPUT => "KVM_HC_MIPS_CONSOLE_OUTPUT",
+            KVM_HC_CLOCK_PAIRING => "KVM_HC_CLOCK_PAIRING",
+            KVM_HC_SEND_IPI => "KVM_HC_SEND_IPI",
+            KVM_HC_SCHED_YIELD => "KVM_HC_SCHED_YIELD",
+            KVM_HC_MAP_GPA_RANGE => "KVM_HC_MAP_GPA_RANGE",
+            _ => return None,
+        })
+    }
+}
+
+/// KVM hypercall error codes (positive; hypercalls return them negated).
+pub mod errno {
+    pub const KVM_ENOSYS: i64 = 1000;
+    pub const KVM_EFAULT: i64 = 14;
+    pub const KVM_EINVAL: i64 = 22;
+    pub const KVM_E2BIG: i64 = 7;
+    pub const KVM_EPERM: i64 = 1;
+    pub const KVM_EOPNOTSUPP: i64 = 95;
+
+    /// Every error code with its name, for parsing and printing.
+    pub const ALL: [(&str, i64); 6] = [
+        ("ENOSYS", KVM_ENOSYS),
+        ("EFAULT", KVM_EFAULT),
+        ("EINVAL", KVM_EINVAL),
+        ("E2BIG", KVM_E2BIG),
+        ("EPERM", KVM_EPERM),
+        ("EOPNOTSUPP", KVM_EOPNOTSUPP),
+    ];
+}
+
+/// The hypercall register convention (Linux `kvm_hypercallN`).
+pub mod regs {
+    /// Register holding the number on entry and the result on return.
+    pub const NR_AND_RESULT: &str = "rax";
+    /// Registers holding a0..a3.
+    pub const ARGS: [&str; 4] = ["rbx", "rcx", "rdx", "rsi"];
+}
+
+/// Instruction encodings the host recognises as hypercalls.
+pub mod insn {
+    /// Intel `VMCALL`.
+    pub const VMCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
+    /// AMD `VMMCALL`.
+    pub const VMMCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+    /// Length of either instruction; RIP advances by this much after a hypercall.
+    pub const HYPERCALL_LEN: u64 = 3;
+
+    /// Whether `bytes` start with a hypercall instruction.
+    pub fn is_hypercall(bytes: &[u8]) -> bool {
+        bytes.len() >= 3 && (bytes[..3] == VMCALL || bytes[..3] == VMMCALL)
+    }
+}
+
+/// I/O ports with a meaning in vmcall guests.
+pub mod ports {
+    /// COM1 data register: bytes written here go to the host's stdout.
+    pub const COM1: u16 = 0x3f8;
+    /// Last port of the COM1 block (reads of 0x3f8..=0x3ff return "transmitter empty").
+    pub const COM1_END: u16 = 0x3ff;
+    /// `out PORT_EXIT, eax` ends the run with status EAX.
+    pub const PORT_EXIT: u16 = 0xf8;
+    /// Doorbell of a rewritten hypercall site (`out imm8, al; nop`); only meaningful from a site
+    /// the host rewrote itself.
+    pub const PORT_DOORBELL: u16 = 0xf5;
+    /// Rung by the VMM-owned #UD handler: a hypercall instruction or a real invalid opcode.
+    pub const PORT_UD_TRAP: u16 = 0xf6;
+    /// Rung by the VMM-owned handler of every other exception, with the vector in AL.
+    pub const PORT_FAULT: u16 = 0xf7;
+}
+
+/// GDT selectors of the VMM-built GDT (see `docs/guest-abi.md`).
+pub mod selectors {
+    /// 64-bit code, DPL 0.
+    pub const KERNEL_CS: u16 = 0x08;
+    /// Data, DPL 0.
+    pub const KERNEL_DS: u16 = 0x10;
+    /// 32-bit (compatibility-mode) code, DPL 3.
+    pub const USER_CS32: u16 = 0x18 | 3;
+    /// Data, DPL 3.
+    pub const USER_DS: u16 = 0x20 | 3;
+    /// 64-bit code, DPL 3.
+    pub const USER_CS: u16 = 0x28 | 3;
+    /// 32-bit (compatibility-mode) code, DPL 0.
+    pub const KERNEL_CS32: u16 = 0x30;
+    /// First TSS descriptor; vCPU `i` uses `TSS_BASE + 16 * i`.
+    pub const TSS_BASE: u16 = 0x38;
+}
+
+/// CPUID values a guest uses to detect KVM and the CPU vendor.
+pub mod cpuid {
+    pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
+    pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+    /// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
+    pub const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+    pub const KVM_FEATURE_PV_UNHALT: u32 = 7;
+    pub const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
+    pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
+    /// Leaf 0 EBX of an AMD CPU ("Auth"): guests on AMD use VMMCALL.
+    pub const VENDOR_AMD_EBX: u32 = 0x6874_7541;
+    /// Leaf 0 EBX of a Hygon CPU ("Hygo"), which also uses VMMCALL.
+    pub const VENDOR_HYGON_EBX: u32 = 0x6f67_7948;
+}
+
+/// `struct kvm_clock_pairing` written by `KVM_HC_CLOCK_PAIRING`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmClockPairing {
+    pub sec: i64,
+    pub nsec: i64,
+    pub tsc: u64,
+    pub flags: u32,
+    pub pad: [u32; 9],
+}
+const _: () = assert!(core::mem::size_of::<KvmClockPairing>() == 64);
+
+/// Clock type for `KVM_HC_CLOCK_PAIRING`.
+pub const KVM_CLOCK_PAIRING_WALLCLOCK: u64 = 0;
+
+/// Per-vCPU boot information; RDI holds its guest-physical address at entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// This vCPU's index, which is also its APIC id.
+    pub vcpu_id: u32,
+    pub vcpu_count: u32,
+    /// Set if the host CPU is AMD-like (the native hypercall instruction is VMMCALL).
+    pub amd: u32,
+    /// Bytes of guest RAM, mapped from guest-physical 0.
+    pub ram_size: u64,
+    /// Guest-physical address of the command line (UTF-8, not NUL-terminated).
+    pub cmdline_gpa: u64,
+    pub cmdline_len: u64,
+    /// Initial RSP of this vCPU.
+    pub stack_top: u64,
+    /// First byte after the loaded image (page aligned): free RAM starts here.
+    pub free_start: u64,
+    /// End of the free RAM (the lowest vCPU stack).
+    pub free_end: u64,
+}
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 72);
+
+/// "VMCALLBI" little-endian.
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMCALLBI");
+
+/// Exit reasons of vmcall's neutral exit enum; the index of the exit-handler table.
+#[repr(u32)]
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ExitReason {
+    Io = 0,
+    Hlt = 1,
+    Hypercall = 2,
+    Shutdown = 3,
+    Debug = 4,
+    Mmio = 5,
+    Fault = 6,
+    Unknown = 7,
+}
+
+impl ExitReason {
+    pub const COUNT: usize = 8;
+    pub const ALL: [ExitReason; Self::COUNT] = [
+        Self::Io,
+        Self::Hlt,
+        Self::Hypercall,
+        Self::Shutdown,
+        Self::Debug,
+        Self::Mmio,
+        Self::Fault,
+        Self::Unknown,
+    ];
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Io => "io",
+            Self::Hlt => "hlt",
+            Self::Hypercall => "hypercall",
+            Self::Shutdown => "shutdown",
+            Self::Debug => "debug",
+            Self::Mmio => "mmio",
+            Self::Fault => "fault",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Linux VMX's exit reason for VMCALL, for reference in traces.
+pub const EXIT_REASON_VMCALL: u32 = 18;

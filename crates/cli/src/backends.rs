@@ -1,0 +1,132 @@
+//! Choosing a backend, and `vmcall info`'s report of what this host offers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmcall_vmm::backend::Hypervisor;
+use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::loader::minimal_elf;
+use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::vm::{RunStatus, VmBuilder};
+
+/// The backend named by `--backend` (and `--trap` for KVM).
+pub fn select(backend: &str, trap: &str) -> Result<Box<dyn Hypervisor>, String> {
+    match backend {
+        "kvm" | "auto" => kvm(trap).map_err(|e| {
+            format!(
+                "{e}\n  (no other backend is built in yet; the software CPU backend is planned)"
+            )
+        }),
+        other => Err(format!("unknown backend '{other}'")),
+    }
+}
+
+#[cfg(feature = "kvm")]
+fn kvm(trap: &str) -> Result<Box<dyn Hypervisor>, String> {
+    let trap: vmcall_kvm::Trap = trap.parse()?;
+    let hv = vmcall_kvm::KvmHypervisor::open(trap)
+        .map_err(|e| format!("KVM backend unavailable: {}", chain(&e)))?;
+    Ok(Box::new(hv))
+}
+
+#[cfg(not(feature = "kvm"))]
+fn kvm(_: &str) -> Result<Box<dyn Hypervisor>, String> {
+    Err("this vmcall was built without the kvm feature".into())
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    match e.source() {
+        Some(s) => format!("{e}: {}", chain(s)),
+        None => e.to_string(),
+    }
+}
+
+/// Number the probe guest calls; its handler answers 42.
+const PROBE_NR: u32 = 0x7777;
+
+/// A guest that makes a VMCALL and a VMMCALL to `PROBE_NR` and exits with the sum of results.
+pub fn probe_guest() -> Vec<u8> {
+    let nr = PROBE_NR.to_le_bytes();
+    let mut code = vec![0xb8, nr[0], nr[1], nr[2], nr[3]]; // mov eax, nr
+    code.extend([0x0f, 0x01, 0xc1]); // vmcall
+    code.extend([0x89, 0xc3]); // mov ebx, eax
+    code.extend([0xb8, nr[0], nr[1], nr[2], nr[3]]); // mov eax, nr
+    code.extend([0x0f, 0x01, 0xd9]); // vmmcall
+    code.extend([0x01, 0xd8]); // add eax, ebx
+    code.extend([0xe7, vmcall_abi::ports::PORT_EXIT as u8]); // out imm8, eax
+    code.extend([0xf4]); // hlt
+    minimal_elf(0x20_0000, &code)
+}
+
+/// Run the probe guest on `hv`: Ok when both hypercalls were answered by vmcall.
+pub fn probe(hv: &dyn Hypervisor) -> Result<Duration, String> {
+    let table = Arc::new(HypercallTable::new());
+    table.register(u64::from(PROBE_NR), "probe", Builtin::Const(42)).expect("empty table");
+    let vm = VmBuilder::new(probe_guest())
+        .memory(4 << 20)
+        .timeout(Some(Duration::from_secs(5)))
+        .table(table)
+        .console(Box::new(std::io::sink()))
+        .build(hv)
+        .map_err(|e| chain(&e))?;
+    let report = vm.run();
+    match report.result {
+        Ok(RunStatus::Exited(84)) => Ok(report.elapsed),
+        Ok(other) => Err(format!("guest saw wrong results ({other:?}, expected exit 84)")),
+        Err(e) => Err(chain(&e)),
+    }
+}
+
+pub fn print_info() {
+    let vendor = if vmcall_vmm::vm::host_is_amd() {
+        "AMD (native: VMMCALL)"
+    } else {
+        "Intel (native: VMCALL)"
+    };
+    println!("vmcall {}", env!("CARGO_PKG_VERSION"));
+    println!("host CPU vendor:    {vendor}");
+    print_kvm_info();
+}
+
+#[cfg(not(feature = "kvm"))]
+fn print_kvm_info() {
+    println!("kvm backend:        not built (feature 'kvm' off)");
+}
+
+#[cfg(feature = "kvm")]
+fn print_kvm_info() {
+    use vmcall_kvm::{KvmHypervisor, Trap};
+    let hv = match KvmHypervisor::open(Trap::Auto) {
+        Ok(hv) => hv,
+        Err(e) => {
+            println!("kvm backend:        unavailable: {}", chain(&e));
+            return;
+        }
+    };
+    let c = hv.capabilities();
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!("kvm backend:        /dev/kvm usable, API version {}", c.api_version);
+    println!("  max vCPUs:                      {}", c.max_vcpus);
+    println!("  KVM_CAP_SYNC_REGS:              {}", yes(c.sync_regs));
+    println!("  KVM_CAP_IMMEDIATE_EXIT:         {}", yes(c.immediate_exit));
+    println!("  disable FIX_HYPERCALL_INSN:     {}", yes(c.can_disable_hypercall_quirk));
+    println!("  KVM_CAP_SET_GUEST_DEBUG:        {}", yes(c.guest_debug));
+    println!("  KVM_CAP_XEN_HVM (intercept):    {}", yes(c.xen_hvm));
+    if c.pvm {
+        println!("  note: this is kvm_pvm, a software KVM: guest code runs ~200x slower than on");
+        println!("        hardware KVM, and a hypercall reaching its kernel handler never returns");
+    }
+    println!("trap strategies (probe: a guest making one VMCALL and one VMMCALL):");
+    for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp] {
+        let verdict = match KvmHypervisor::open(trap) {
+            Ok(hv) => match probe(&hv) {
+                Ok(t) => format!("works ({:.1} ms for the whole probe VM)", t.as_secs_f64() * 1e3),
+                Err(e) => format!("fails: {e}"),
+            },
+            Err(e) => format!("fails: {}", chain(&e)),
+        };
+        println!("  {:<8} {verdict}", trap.name());
+    }
+    println!("  xen      unavailable: needs KVM_CAP_XEN_HVM (not implemented by vmcall yet)");
+    println!("auto uses: rewrite (fastest; #UD catches the rest)");
+}

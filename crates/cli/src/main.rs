@@ -1,0 +1,196 @@
+//! `vmcall`: run a guest, trap its hypercalls, answer them as Linux KVM does, and add custom
+//! hypercalls from the command line.
+#![forbid(unsafe_code)]
+
+mod backends;
+mod parse;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use vmcall_vmm::handlers::{self, Builtin};
+use vmcall_vmm::hypercall::Call;
+use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
+
+/// Exit status when the guest did not finish within --timeout (as timeout(1)).
+const EXIT_TIMEOUT: u8 = 124;
+/// Exit status for every failure vmcall reports itself: bad input, a guest crash, a host error.
+const EXIT_FAILURE: u8 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmcall",
+    version,
+    about = "Run a guest VM, trap its VMCALL/VMMCALL hypercalls, and add custom hypercalls at run time",
+    long_about = "Run a guest VM, trap its VMCALL/VMMCALL hypercalls and answer them exactly as \
+Linux KVM's kvm_emulate_hypercall does; add, replace and remove custom hypercalls without \
+rebuilding or reloading the kernel.\n\nExit status: the guest's own status (0 when every vCPU \
+halted), 124 on --timeout, 125 when vmcall reports an error (bad input, guest crash, host failure)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a guest ELF.
+    Run(RunArgs),
+    /// Run the built-in demo guest (standard hypercalls and the custom hypercall 20).
+    Demo(VmArgs),
+    /// Show what this host offers: /dev/kvm, capabilities, CPU vendor, working trap strategies.
+    Info,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// The guest: a static ELF64 x86-64 executable (see docs/guest-abi.md).
+    guest: PathBuf,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Command line passed to the guest (after `--`).
+    #[arg(last = true)]
+    cmdline: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct VmArgs {
+    /// Backend: auto picks the best available (kvm).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm"])]
+    backend: String,
+    /// How the KVM backend traps hypercalls: auto, rewrite, ud or hwbp (docs/kvm-backend.md).
+    #[arg(long, default_value = "auto", value_name = "STRATEGY")]
+    trap: String,
+    /// Guest RAM, e.g. 32M or 1G (a multiple of 2M, 2M..=64G).
+    #[arg(long, default_value = "32M", value_name = "SIZE", value_parser = parse::size)]
+    memory: u64,
+    /// Number of vCPUs (1..=64).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vcpus: u32,
+    /// Stop the guest after this long, e.g. 10s, 500ms; 0 or none for no limit.
+    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = parse::timeout)]
+    timeout: parse::Timeout,
+    /// Add a custom hypercall: NR=HANDLER, with HANDLER one of const:V, echo, add, log,
+    /// errno:NAME. Repeatable.
+    #[arg(long = "hypercall", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
+    hypercalls: Vec<(u64, Builtin)>,
+    /// Like --hypercall, but may replace a standard KVM_HC_* number's behaviour.
+    #[arg(long = "override", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
+    overrides: Vec<(u64, Builtin)>,
+    /// Print per-hypercall statistics (count, share, min/median/p99/max host latency) at exit.
+    #[arg(long)]
+    stats: bool,
+    /// Print a trace line for every hypercall (to stderr).
+    #[arg(long)]
+    trace: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => std::fs::read(&args.guest)
+            .map_err(|e| format!("cannot read guest '{}': {e}", args.guest.display()))
+            .and_then(|image| run(image, &args.vm, args.cmdline.join(" "), None)),
+        Command::Demo(vm) => {
+            run(vmcall_test_guests::DEMO_ELF.to_vec(), &vm, String::new(), Some(demo_table()))
+        }
+        Command::Info => {
+            backends::print_info();
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|msg| {
+        eprintln!("vmcall: error: {msg}");
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
+/// The demo's custom hypercalls: 20 (the seed's KVM_HC_MY_VMCALL) returns a0 + 1, 21 adds.
+fn demo_table() -> HypercallTable {
+    let table = HypercallTable::new();
+    table
+        .register(vmcall_abi::hc::KVM_HC_MY_VMCALL, "my_vmcall", |c: &Call<'_>| {
+            Ok(c.args[0].wrapping_add(1))
+        })
+        .expect("empty table");
+    table.register(21, "add", Builtin::Add).expect("free number");
+    table
+}
+
+/// An error and each of its sources, one per line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s += &format!("\n  caused by: {cause}");
+        src = cause.source();
+    }
+    s
+}
+
+fn run(
+    image: Vec<u8>,
+    a: &VmArgs,
+    cmdline: String,
+    base: Option<HypercallTable>,
+) -> Result<ExitCode, String> {
+    init_tracing(a.trace);
+    let table = Arc::new(base.unwrap_or_default());
+    for (nr, b) in &a.hypercalls {
+        let name = b.to_string();
+        table
+            .register(*nr, &name, b.clone())
+            .map_err(|e| format!("--hypercall {nr}={b}: {e} (use --override)"))?;
+    }
+    for (nr, b) in &a.overrides {
+        table.override_standard(*nr, &b.to_string(), b.clone());
+    }
+    let hv = backends::select(&a.backend, &a.trap)?;
+    let vm = VmBuilder::new(image)
+        .memory(a.memory)
+        .vcpus(a.vcpus)
+        .timeout(a.timeout.0)
+        .cmdline(cmdline)
+        .table(table)
+        .build(hv.as_ref())
+        .map_err(|e| chain(&e))?;
+    eprintln!("vmcall: {}", vm.describe());
+    let report = vm.run();
+    if a.stats {
+        eprintln!(
+            "vmcall: {} hypercalls in {:.3}s\n{}",
+            report.stats.total_hypercalls(),
+            report.elapsed.as_secs_f64(),
+            report.stats.table()
+        );
+    }
+    match report.result {
+        Ok(RunStatus::AllHalted) => Ok(ExitCode::SUCCESS),
+        Ok(RunStatus::Exited(s)) => Ok(ExitCode::from(s.min(255) as u8)),
+        Err(e @ RunError::Timeout(_)) => {
+            eprintln!("vmcall: error: {e}");
+            Ok(ExitCode::from(EXIT_TIMEOUT))
+        }
+        Err(e) => Err(chain(&e)),
+    }
+}
+
+fn init_tracing(trace: bool) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = if trace {
+        Targets::new()
+            .with_default(LevelFilter::WARN)
+            .with_target("vmcall::hypercall", LevelFilter::TRACE)
+    } else {
+        Targets::new().with_default(LevelFilter::WARN)
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false);
+    let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
+}

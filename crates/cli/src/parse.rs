@@ -1,0 +1,78 @@
+//! Parsers for command-line values: sizes and durations.
+
+/// `64M`, `1G`, `512K`, `2097152` (bytes); suffixes are binary (KiB, MiB, GiB).
+pub fn size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let mult = match t[i..].to_ascii_lowercase().as_str() {
+                "k" | "kb" | "kib" => 1 << 10,
+                "m" | "mb" | "mib" => 1 << 20,
+                "g" | "gb" | "gib" => 1 << 30,
+                "b" => 1,
+                other => return Err(format!("unknown size unit '{other}' (use K, M or G)")),
+            };
+            (&t[..i], mult)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size like 64M or 1G"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// A `--timeout` value (`None`: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeout(pub Option<std::time::Duration>);
+
+/// Parse a `--timeout` value.
+pub fn timeout(s: &str) -> Result<Timeout, String> {
+    duration(s).map(Timeout)
+}
+
+/// `10s`, `500ms`, `2m`, `1.5s`, or a bare number of seconds; `0` or `none` for no timeout.
+pub fn duration(s: &str) -> Result<Option<std::time::Duration>, String> {
+    let t = s.trim();
+    if t == "0" || t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 10s or 500ms"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "m" | "min" => n * 60.0,
+        other => return Err(format!("unknown duration unit '{other}' (use ms, s or m)")),
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Some(std::time::Duration::from_secs_f64(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("64M"), Ok(64 << 20));
+        assert_eq!(size("1g"), Ok(1 << 30));
+        assert_eq!(size("4096"), Ok(4096));
+        assert!(size("12X").is_err());
+        assert!(size("M").is_err());
+        assert!(size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("10s"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(duration("500ms"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(duration("2m"), Ok(Some(Duration::from_secs(120))));
+        assert_eq!(duration("3"), Ok(Some(Duration::from_secs(3))));
+        assert_eq!(duration("none"), Ok(None));
+        assert!(duration("ten").is_err());
+        assert!(duration("5h").is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! vmcall's KVM backend: runs guests through `/dev/kvm` and brings every VMCALL/VMMCALL of an
+//! unmodified guest to user space, where vmcall's one dispatcher answers it.
+//!
+//! A stock KVM answers hypercalls inside the kernel, and some KVMs (PVM, see
+//! `docs/kvm-backend.md`) even spin forever on them, so a hypercall must never reach the
+//! kernel's own handler. The trap strategies (see [`Trap`]):
+//! - **rewrite**: every VMCALL/VMMCALL that iced-x86 finds in the executable segments becomes
+//!   `out PORT_DOORBELL, al; nop`, one plain port-I/O exit.
+//! - **ud**: the `KVM_X86_QUIRK_FIX_HYPERCALL_INSN` quirk is disabled, so a hypercall
+//!   instruction the kernel does not handle raises #UD inside the guest, whose VMM-owned IDT stub
+//!   forwards it to user space. It catches code generated at run time too.
+//! - **hwbp**: hardware breakpoints on up to four sites.
+//!
+//! The #UD path is installed under every strategy as the catch-all for sites a rewrite missed.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod rewrite;
+mod signal;
+mod vcpu;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_guest_debug, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, Vcpu, VmBackend};
+use vmcall_vmm::boot::VcpuInit;
+use vmcall_vmm::hypercall::HypercallInsn;
+use vmcall_vmm::memory::GuestRam;
+
+pub use rewrite::find_sites;
+
+const KVM_CAP_DISABLE_QUIRKS2: u32 = kvm_bindings::KVM_CAP_DISABLE_QUIRKS2;
+const KVM_X86_QUIRK_FIX_HYPERCALL_INSN: u64 = kvm_bindings::KVM_X86_QUIRK_FIX_HYPERCALL_INSN as u64;
+const KVM_CAP_SYNC_REGS: u32 = kvm_bindings::KVM_CAP_SYNC_REGS;
+const SYNC_REGS_NEEDED: i32 =
+    (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS) as i32;
+
+/// How hypercalls are brought to user space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Trap {
+    /// Pick the best strategy this host supports (rewrite, with the #UD catch-all).
+    Auto,
+    /// Rewrite known sites into a port doorbell (#UD catch-all for the rest).
+    Rewrite,
+    /// No rewriting: every hypercall goes through #UD (needs the quirk to be disableable).
+    Ud,
+    /// Hardware breakpoints on the first four sites (#UD catch-all for the rest).
+    Hwbp,
+}
+
+impl Trap {
+    pub fn name(self) -> &'static str {
+        match self {
+            Trap::Auto => "auto",
+            Trap::Rewrite => "rewrite",
+            Trap::Ud => "ud",
+            Trap::Hwbp => "hwbp",
+        }
+    }
+}
+
+impl std::str::FromStr for Trap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Trap::Auto),
+            "rewrite" => Ok(Trap::Rewrite),
+            "ud" => Ok(Trap::Ud),
+            "hwbp" => Ok(Trap::Hwbp),
+            _ => Err(format!("unknown trap strategy '{s}' (auto, rewrite, ud, hwbp)")),
+        }
+    }
+}
+
+/// Number of debug-register breakpoints.
+pub const HW_BREAKPOINTS: usize = 4;
+
+/// Where a KVM backend cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open /dev/kvm")]
+    Open(#[source] vmm_sys_util::errno::Error),
+    #[error("KVM API version {0} is not 12")]
+    ApiVersion(i32),
+    #[error("this KVM lacks KVM_CAP_SYNC_REGS for regs and sregs")]
+    NoSyncRegs,
+    #[error("KVM is disabled by VMCALL_NO_KVM")]
+    DisabledByEnv,
+}
+
+/// What this host's KVM offers vmcall.
+#[derive(Debug, Clone)]
+pub struct KvmCapabilities {
+    pub api_version: i32,
+    pub max_vcpus: usize,
+    pub sync_regs: bool,
+    pub immediate_exit: bool,
+    /// KVM_X86_QUIRK_FIX_HYPERCALL_INSN can be disabled (needed by the #UD path).
+    pub can_disable_hypercall_quirk: bool,
+    pub guest_debug: bool,
+    pub xen_hvm: bool,
+    /// `/sys/module/kvm_pvm` exists: the software PVM KVM, slow guest code.
+    pub pvm: bool,
+}
+
+/// The KVM backend.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+    trap: Trap,
+    caps: KvmCapabilities,
+}
+
+impl std::fmt::Debug for KvmHypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmHypervisor").field("trap", &self.trap).field("caps", &self.caps).finish()
+    }
+}
+
+impl KvmHypervisor {
+    /// Open `/dev/kvm` and check what vmcall needs. Setting the environment variable
+    /// `VMCALL_NO_KVM=1` makes this fail, to exercise hosts without KVM.
+    pub fn open(trap: Trap) -> Result<Self, OpenError> {
+        if std::env::var_os("VMCALL_NO_KVM").is_some_and(|v| !v.is_empty() && v != "0") {
+            return Err(OpenError::DisabledByEnv);
+        }
+        let kvm = Kvm::new().map_err(OpenError::Open)?;
+        let caps = capabilities(&kvm);
+        if caps.api_version != 12 {
+            return Err(OpenError::ApiVersion(caps.api_version));
+        }
+        if !caps.sync_regs {
+            return Err(OpenError::NoSyncRegs);
+        }
+        signal::install_handler();
+        Ok(Self { kvm, trap, caps })
+    }
+
+    pub fn capabilities(&self) -> &KvmCapabilities {
+        &self.caps
+    }
+
+    pub fn trap(&self) -> Trap {
+        self.trap
+    }
+}
+
+fn capabilities(kvm: &Kvm) -> KvmCapabilities {
+    let raw = |cap: u32| kvm.check_extension_raw(u64::from(cap));
+    KvmCapabilities {
+        api_version: kvm.get_api_version(),
+        max_vcpus: kvm.get_max_vcpus(),
+        sync_regs: raw(KVM_CAP_SYNC_REGS) & SYNC_REGS_NEEDED == SYNC_REGS_NEEDED,
+        immediate_exit: kvm.check_extension(Cap::ImmediateExit),
+        can_disable_hypercall_quirk: raw(KVM_CAP_DISABLE_QUIRKS2) as u64
+            & KVM_X86_QUIRK_FIX_HYPERCALL_INSN
+            != 0,
+        guest_debug: kvm.check_extension(Cap::SetGuestDebug),
+        xen_hvm: kvm.check_extension(Cap::XenHvm),
+        pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
+    }
+}
+
+struct KvmVm {
+    // Declared first so that the VM fd is closed before RAM is unmapped.
+    vm: VmFd,
+    ram: Arc<GuestRam>,
+    cpuid: CpuId,
+    sites: Arc<HashMap<u64, HypercallInsn>>,
+    breakpoints: Arc<Vec<u64>>,
+    description: String,
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn create_vm(
+        &self,
+        ram: Arc<GuestRam>,
+        guest: &GuestInfo,
+    ) -> Result<Box<dyn VmBackend>, BackendError> {
+        if guest.vcpus as usize > self.caps.max_vcpus {
+            return Err(BackendError::new(format!(
+                "{} vCPUs requested, this KVM supports {}",
+                guest.vcpus, self.caps.max_vcpus
+            )));
+        }
+        let vm = self.kvm.create_vm().map_err(|e| BackendError::with("KVM_CREATE_VM", e))?;
+        let (host, len) = ram.host_mapping();
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: len as u64,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host..host+len` is guest RAM's live anonymous mapping; `KvmVm` keeps its
+        // `Arc<GuestRam>` and drops the VM fd first, so the mapping outlives the memory slot.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|e| BackendError::with("KVM_SET_USER_MEMORY_REGION", e))?;
+
+        let quirk_off = self.caps.can_disable_hypercall_quirk && {
+            let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
+            cap.args[0] = KVM_X86_QUIRK_FIX_HYPERCALL_INSN;
+            vm.enable_cap(&cap).is_ok()
+        };
+        let trap = match self.trap {
+            Trap::Auto => Trap::Rewrite,
+            Trap::Ud if !quirk_off => {
+                return Err(BackendError::new(
+                    "--trap ud needs KVM_CAP_DISABLE_QUIRKS2 with KVM_X86_QUIRK_FIX_HYPERCALL_INSN, which this KVM lacks; use --trap rewrite",
+                ))
+            }
+            Trap::Hwbp if !self.caps.guest_debug => {
+                return Err(BackendError::new("--trap hwbp needs KVM_CAP_SET_GUEST_DEBUG, which this KVM lacks"))
+            }
+            t => t,
+        };
+        let (sites, breakpoints) = match trap {
+            Trap::Rewrite => (
+                rewrite::rewrite_segments(&ram, &guest.segments)
+                    .map_err(|e| BackendError::with("rewriting hypercall sites", e))?,
+                Vec::new(),
+            ),
+            Trap::Hwbp => {
+                let mut all = scan(&ram, guest)?;
+                all.sort_unstable();
+                if all.len() > HW_BREAKPOINTS {
+                    tracing::warn!(
+                        sites = all.len(),
+                        "more hypercall sites than hardware breakpoints; the rest go through #UD"
+                    );
+                }
+                (HashMap::new(), all.into_iter().take(HW_BREAKPOINTS).collect())
+            }
+            _ => (HashMap::new(), Vec::new()),
+        };
+        let catch_all = if quirk_off {
+            "other hypercall instructions trap through #UD into the VMM's IDT"
+        } else {
+            "the hypercall quirk cannot be disabled here, so sites not found statically are not trapped"
+        };
+        let description = match trap {
+            Trap::Rewrite => format!(
+                "trap=rewrite ({} sites rewritten to port doorbells; {catch_all})",
+                sites.len()
+            ),
+            Trap::Hwbp => {
+                format!("trap=hwbp ({} sites on debug registers; {catch_all})", breakpoints.len())
+            }
+            _ => format!("trap=ud ({catch_all})"),
+        };
+        if u64::try_from(len).is_ok_and(|l| l <= 0xfffb_d000) {
+            // Needed only for real-mode emulation on old Intel CPUs; harmless elsewhere.
+            let _ = vm.set_tss_address(0xfffb_d000);
+        }
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| BackendError::with("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(Box::new(KvmVm {
+            vm,
+            ram,
+            cpuid,
+            sites: Arc::new(sites),
+            breakpoints: Arc::new(breakpoints),
+            description,
+        }))
+    }
+}
+
+fn scan(ram: &GuestRam, guest: &GuestInfo) -> Result<Vec<u64>, BackendError> {
+    let mut out = Vec::new();
+    for seg in guest.segments.iter().filter(|s| s.executable) {
+        let mut code = vec![0u8; seg.filesz as usize];
+        ram.read(seg.paddr, &mut code).map_err(|e| BackendError::with("reading code", e))?;
+        out.extend(find_sites(&code, seg.paddr).into_iter().map(|(a, _)| a));
+    }
+    Ok(out)
+}
+
+impl VmBackend for KvmVm {
+    fn create_vcpu(&self, id: u32, init: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError> {
+        let fd = self
+            .vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| BackendError::with("KVM_CREATE_VCPU", e))?;
+        let mut cpuid = self.cpuid.clone();
+        for e in cpuid.as_mut_slice() {
+            if e.function == 1 {
+                // Initial APIC id = vCPU id.
+                e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(|e| BackendError::with("KVM_SET_CPUID2", e))?;
+        let mut sregs = fd.get_sregs().map_err(|e| BackendError::with("KVM_GET_SREGS", e))?;
+        vcpu::apply_sregs(&mut sregs, &init.sregs);
+        fd.set_sregs(&sregs).map_err(|e| BackendError::with("KVM_SET_SREGS", e))?;
+        fd.set_regs(&vcpu::regs_to_kvm(&init.regs))
+            .map_err(|e| BackendError::with("KVM_SET_REGS", e))?;
+        let mut fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        fpu.ftwx = 0;
+        fd.set_fpu(&fpu).map_err(|e| BackendError::with("KVM_SET_FPU", e))?;
+        if !self.breakpoints.is_empty() {
+            let mut dbg = kvm_guest_debug {
+                control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
+                ..Default::default()
+            };
+            let mut dr7 = 0u64;
+            for (i, addr) in self.breakpoints.iter().enumerate() {
+                dbg.arch.debugreg[i] = *addr;
+                dr7 |= 1 << (2 * i); // local enable, execute breakpoint, length 1
+            }
+            dbg.arch.debugreg[7] = dr7;
+            fd.set_guest_debug(&dbg).map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
+        }
+        Ok(Box::new(vcpu::KvmVcpu::new(
+            fd,
+            self.ram.clone(),
+            self.sites.clone(),
+            self.breakpoints.clone(),
+        )))
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}

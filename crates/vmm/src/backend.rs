@@ -1,0 +1,137 @@
+//! The seam between the VMM and a hypervisor or emulator: a thin trait that creates vCPUs, runs
+//! one of them until the next exit and translates that exit into the neutral [`VcpuExit`].
+//! Dispatch, hypercall emulation, statistics and the table live once, above this trait.
+
+use std::sync::Arc;
+
+use vmcall_abi::ExitReason;
+
+use crate::boot::VcpuInit;
+use crate::hypercall::HypercallExit;
+use crate::loader::Segment;
+use crate::memory::GuestRam;
+use crate::regs::Regs;
+
+/// An error inside a backend (an ioctl or emulator call failed).
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct BackendError {
+    pub msg: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BackendError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self { msg: msg.into(), source: None }
+    }
+    pub fn with(
+        msg: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self { msg: msg.into(), source: Some(Box::new(source)) }
+    }
+}
+
+/// An exception the guest did not handle, reported by the VMM-owned IDT stubs or the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestFault {
+    pub vector: u8,
+    pub error_code: Option<u64>,
+    /// RIP of the faulting instruction.
+    pub rip: u64,
+    pub cs: u16,
+    /// Faulting address of a page fault.
+    pub cr2: Option<u64>,
+}
+
+/// Why a vCPU stopped running, in backend-neutral terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExit {
+    /// `out` to `port` of `size` bytes (1, 2 or 4), value in the low bytes of `data`.
+    IoOut { port: u16, size: u8, data: u32 },
+    /// `in` from `port`; answer with [`Vcpu::complete_io_in`].
+    IoIn { port: u16, size: u8 },
+    /// HLT (with no interrupt controller, always a stop of this vCPU).
+    Hlt,
+    /// A VMCALL or VMMCALL; answer with [`Vcpu::complete_hypercall`].
+    Hypercall(HypercallExit),
+    /// An exception the guest does not handle.
+    Fault(GuestFault),
+    /// Triple fault.
+    Shutdown { rip: u64 },
+    /// A debug exit the backend did not consume.
+    Debug { rip: u64 },
+    /// An access to a guest-physical address with no RAM behind it.
+    Mmio { gpa: u64, write: bool, len: u8 },
+    /// Stopped from another thread through [`Interrupter::interrupt`].
+    Interrupted,
+    /// Anything else; the text says what.
+    Unknown(String),
+}
+
+impl VcpuExit {
+    /// The index into the exit-handler table.
+    pub fn reason(&self) -> ExitReason {
+        match self {
+            VcpuExit::IoOut { .. } | VcpuExit::IoIn { .. } => ExitReason::Io,
+            VcpuExit::Hlt => ExitReason::Hlt,
+            VcpuExit::Hypercall(_) => ExitReason::Hypercall,
+            VcpuExit::Fault(_) => ExitReason::Fault,
+            VcpuExit::Shutdown { .. } => ExitReason::Shutdown,
+            VcpuExit::Debug { .. } => ExitReason::Debug,
+            VcpuExit::Mmio { .. } => ExitReason::Mmio,
+            VcpuExit::Interrupted | VcpuExit::Unknown(_) => ExitReason::Unknown,
+        }
+    }
+}
+
+/// Stops a running vCPU from another thread; its `run` then returns [`VcpuExit::Interrupted`]
+/// (soon, not necessarily at once: callers repeat it until the vCPU thread has stopped).
+pub trait Interrupter: Send + Sync {
+    fn interrupt(&self);
+}
+
+/// One virtual CPU. Lives on its own thread.
+pub trait Vcpu: Send {
+    /// Run until the next exit.
+    fn run(&mut self) -> Result<VcpuExit, BackendError>;
+    /// Finish the hypercall of the last exit: RAX = `rax`, RIP past the instruction.
+    fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError>;
+    /// Finish the `in` of the last exit with `data`.
+    fn complete_io_in(&mut self, data: u32) -> Result<(), BackendError>;
+    /// Current general-purpose registers (diagnostics, tests).
+    fn regs(&mut self) -> Result<Regs, BackendError>;
+    /// The guest's TSC now.
+    fn guest_tsc(&mut self) -> u64;
+    /// An interrupter for this vCPU; call it on the thread that will call `run`.
+    fn interrupter(&self) -> Arc<dyn Interrupter>;
+}
+
+/// What a backend learns about the guest when the VM is created.
+#[derive(Debug, Clone)]
+pub struct GuestInfo {
+    pub vcpus: u32,
+    pub entry: u64,
+    /// The loaded ELF segments; a backend may scan the executable ones for hypercall sites.
+    pub segments: Vec<Segment>,
+}
+
+/// A created VM on some backend.
+pub trait VmBackend: Send + Sync {
+    /// Create vCPU `id` in the state `init`.
+    fn create_vcpu(&self, id: u32, init: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError>;
+    /// One line saying how hypercalls are trapped (for `--stats` and logs).
+    fn describe(&self) -> String;
+}
+
+/// A way to run VMs: KVM, an emulator, or a test double.
+pub trait Hypervisor: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Create a VM whose RAM is `ram`, already loaded and set up for boot.
+    fn create_vm(
+        &self,
+        ram: Arc<GuestRam>,
+        guest: &GuestInfo,
+    ) -> Result<Box<dyn VmBackend>, BackendError>;
+}

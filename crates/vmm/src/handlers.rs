@@ -1,0 +1,140 @@
+//! Built-in handler kinds, so people can experiment without writing Rust:
+//! `const:V`, `echo`, `add`, `log`, `errno:NAME`.
+
+use std::sync::Arc;
+
+use crate::hypercall::Call;
+use crate::table::{HypercallError, HypercallHandler, HypercallResult};
+
+/// A parsed built-in handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Builtin {
+    /// Return V.
+    Const(u64),
+    /// Return a0.
+    Echo,
+    /// Return a0 + a1 + a2 + a3 (wrapping).
+    Add,
+    /// Print the call to stderr and return 0.
+    Log,
+    /// Return `-KVM_<NAME>`.
+    Errno(&'static str, i64),
+}
+
+/// Why a handler spec did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("unknown handler kind '{0}'; expected const:V, echo, add, log or errno:NAME")]
+    UnknownKind(String),
+    #[error("'{0}' is not a number (decimal, 0x hex, or negative decimal)")]
+    BadNumber(String),
+    #[error("unknown error name '{0}'; expected one of {names}", names = error_names())]
+    BadErrno(String),
+    #[error("expected NR=HANDLER, e.g. 20=const:42")]
+    BadAssignment,
+}
+
+fn error_names() -> String {
+    vmcall_abi::errno::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+/// Parse a number: decimal, `0x` hex, or a negative decimal (two's complement).
+pub fn parse_u64(s: &str) -> Result<u64, SpecError> {
+    let bad = || SpecError::BadNumber(s.to_string());
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u64::from_str_radix(&hex.replace('_', ""), 16).map_err(|_| bad())
+    } else if s.starts_with('-') {
+        s.parse::<i64>().map(|v| v as u64).map_err(|_| bad())
+    } else {
+        s.replace('_', "").parse::<u64>().map_err(|_| bad())
+    }
+}
+
+impl std::str::FromStr for Builtin {
+    type Err = SpecError;
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let (kind, arg) = spec.split_once(':').map_or((spec, None), |(k, a)| (k, Some(a)));
+        match (kind, arg) {
+            ("const", Some(v)) => Ok(Builtin::Const(parse_u64(v)?)),
+            ("echo", None) => Ok(Builtin::Echo),
+            ("add", None) => Ok(Builtin::Add),
+            ("log", None) => Ok(Builtin::Log),
+            ("errno", Some(name)) => {
+                let upper = name.to_ascii_uppercase();
+                let upper = upper.strip_prefix("KVM_").unwrap_or(&upper);
+                vmcall_abi::errno::ALL
+                    .iter()
+                    .find(|(n, _)| *n == upper)
+                    .map(|(n, v)| Builtin::Errno(n, *v))
+                    .ok_or_else(|| SpecError::BadErrno(name.to_string()))
+            }
+            _ => Err(SpecError::UnknownKind(spec.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Builtin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Builtin::Const(v) => write!(f, "const:{v}"),
+            Builtin::Echo => f.write_str("echo"),
+            Builtin::Add => f.write_str("add"),
+            Builtin::Log => f.write_str("log"),
+            Builtin::Errno(n, _) => write!(f, "errno:{n}"),
+        }
+    }
+}
+
+impl HypercallHandler for Builtin {
+    fn call(&self, c: &Call<'_>) -> HypercallResult {
+        match self {
+            Builtin::Const(v) => Ok(*v),
+            Builtin::Echo => Ok(c.args[0]),
+            Builtin::Add => Ok(c.args.iter().fold(0u64, |s, a| s.wrapping_add(*a))),
+            Builtin::Log => {
+                eprintln!(
+                    "[vmcall] vCPU {} hypercall {} ({}) a0={:#x} a1={:#x} a2={:#x} a3={:#x}",
+                    c.vcpu_id,
+                    c.nr,
+                    c.mode.name(),
+                    c.args[0],
+                    c.args[1],
+                    c.args[2],
+                    c.args[3]
+                );
+                Ok(0)
+            }
+            Builtin::Errno(_, code) => Err(HypercallError::Errno(*code)),
+        }
+    }
+}
+
+/// Parse `NR=HANDLER` (as given to `vmcall run --hypercall`).
+pub fn parse_assignment(s: &str) -> Result<(u64, Builtin), SpecError> {
+    let (nr, spec) = s.split_once('=').ok_or(SpecError::BadAssignment)?;
+    Ok((parse_u64(nr.trim())?, spec.trim().parse()?))
+}
+
+/// A shareable handler from a built-in.
+pub fn shared(b: Builtin) -> Arc<dyn HypercallHandler> {
+    Arc::new(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!("const:42".parse(), Ok(Builtin::Const(42)));
+        assert_eq!("const:0x10".parse(), Ok(Builtin::Const(16)));
+        assert_eq!("const:-1".parse(), Ok(Builtin::Const(u64::MAX)));
+        assert_eq!("errno:einval".parse(), Ok(Builtin::Errno("EINVAL", 22)));
+        assert_eq!("errno:KVM_EPERM".parse(), Ok(Builtin::Errno("EPERM", 1)));
+        assert!(matches!("errno:nope".parse::<Builtin>(), Err(SpecError::BadErrno(_))));
+        assert!(matches!("const".parse::<Builtin>(), Err(SpecError::UnknownKind(_))));
+        assert!(matches!("const:x".parse::<Builtin>(), Err(SpecError::BadNumber(_))));
+        assert_eq!(parse_assignment("20=add"), Ok((20, Builtin::Add)));
+        assert_eq!(parse_assignment("20"), Err(SpecError::BadAssignment));
+    }
+}

@@ -1,0 +1,219 @@
+//! The ELF loader: a static ELF64 x86-64 executable, each PT_LOAD copied to its p_paddr.
+//!
+//! Everything about the file is checked before a byte is copied, so a malformed or hostile ELF
+//! gets a precise error and never a partial load.
+
+use object::elf::{FileHeader64, ELFCLASS64, EM_X86_64, ET_EXEC, PF_X, PT_LOAD};
+use object::read::elf::{FileHeader, ProgramHeader};
+use object::LittleEndian as LE;
+
+use crate::memory::GuestRam;
+
+/// Why a guest image was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ElfError {
+    #[error("not an ELF file (bad magic)")]
+    NotElf,
+    #[error("not a 64-bit little-endian ELF")]
+    NotElf64,
+    #[error("ELF machine is {0:#x}, not x86-64 (0x3e)")]
+    WrongMachine(u16),
+    #[error("ELF type is {0}, not a static executable (ET_EXEC = 2); build without -pie")]
+    NotExecutable(u16),
+    #[error("malformed ELF: {0}")]
+    Malformed(&'static str),
+    #[error("ELF has no PT_LOAD segment")]
+    NoSegments,
+    #[error("segment {index} has file size {filesz:#x} larger than its memory size {memsz:#x}")]
+    FileLargerThanMemory { index: usize, filesz: u64, memsz: u64 },
+    #[error("segment {index} ({paddr:#x}+{memsz:#x}) is outside the guest's load area {min:#x}..{max:#x}; link it at or above {min:#x} or give the VM more memory")]
+    OutsideRam { index: usize, paddr: u64, memsz: u64, min: u64, max: u64 },
+    #[error("segments {a} and {b} overlap")]
+    Overlap { a: usize, b: usize },
+    #[error("entry point {0:#x} is not inside an executable segment")]
+    BadEntry(u64),
+}
+
+/// One loaded segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub paddr: u64,
+    pub memsz: u64,
+    pub filesz: u64,
+    pub offset: u64,
+    pub executable: bool,
+}
+
+/// A validated guest image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElfImage {
+    pub entry: u64,
+    pub segments: Vec<Segment>,
+}
+
+impl ElfImage {
+    /// Parse and validate `data` for a load area of `load_min..load_max`.
+    pub fn parse(data: &[u8], load_min: u64, load_max: u64) -> Result<Self, ElfError> {
+        if data.len() < 4 || data[..4] != *b"\x7fELF" {
+            return Err(ElfError::NotElf);
+        }
+        if data.len() < 6 || data[4] != ELFCLASS64 || data[5] != object::elf::ELFDATA2LSB {
+            return Err(ElfError::NotElf64);
+        }
+        let hdr = FileHeader64::<LE>::parse(data).map_err(|_| ElfError::Malformed("header"))?;
+        let e = LE;
+        if hdr.e_machine(e) != EM_X86_64 {
+            return Err(ElfError::WrongMachine(hdr.e_machine(e)));
+        }
+        if hdr.e_type(e) != ET_EXEC {
+            return Err(ElfError::NotExecutable(hdr.e_type(e)));
+        }
+        let phdrs =
+            hdr.program_headers(e, data).map_err(|_| ElfError::Malformed("program headers"))?;
+        let mut segments = Vec::new();
+        for ph in phdrs.iter().filter(|ph| ph.p_type(e) == PT_LOAD) {
+            let index = segments.len();
+            let seg = Segment {
+                paddr: ph.p_paddr(e),
+                memsz: ph.p_memsz(e),
+                filesz: ph.p_filesz(e),
+                offset: ph.p_offset(e),
+                executable: ph.p_flags(e) & PF_X != 0,
+            };
+            if seg.filesz > seg.memsz {
+                return Err(ElfError::FileLargerThanMemory {
+                    index,
+                    filesz: seg.filesz,
+                    memsz: seg.memsz,
+                });
+            }
+            match seg.offset.checked_add(seg.filesz) {
+                Some(end) if end <= data.len() as u64 => {}
+                _ => return Err(ElfError::Malformed("segment data past end of file")),
+            }
+            let fits = seg.paddr >= load_min
+                && seg.paddr.checked_add(seg.memsz).is_some_and(|end| end <= load_max);
+            if !fits {
+                return Err(ElfError::OutsideRam {
+                    index,
+                    paddr: seg.paddr,
+                    memsz: seg.memsz,
+                    min: load_min,
+                    max: load_max,
+                });
+            }
+            segments.push(seg);
+        }
+        if segments.is_empty() {
+            return Err(ElfError::NoSegments);
+        }
+        for (a, sa) in segments.iter().enumerate() {
+            for (b, sb) in segments.iter().enumerate().skip(a + 1) {
+                if sa.paddr < sb.paddr + sb.memsz && sb.paddr < sa.paddr + sa.memsz {
+                    return Err(ElfError::Overlap { a, b });
+                }
+            }
+        }
+        let entry = hdr.e_entry(e);
+        if !segments.iter().any(|s| s.executable && (s.paddr..s.paddr + s.memsz).contains(&entry)) {
+            return Err(ElfError::BadEntry(entry));
+        }
+        Ok(Self { entry, segments })
+    }
+
+    /// Copy the segments into `ram` (zero-filling each segment's tail).
+    pub fn load(&self, data: &[u8], ram: &GuestRam) -> Result<(), crate::memory::OutOfBounds> {
+        for s in &self.segments {
+            let bytes = &data[s.offset as usize..(s.offset + s.filesz) as usize];
+            ram.write(s.paddr, bytes)?;
+            ram.zero(s.paddr + s.filesz, s.memsz - s.filesz)?;
+        }
+        Ok(())
+    }
+
+    /// First byte after the highest segment.
+    pub fn end(&self) -> u64 {
+        self.segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0)
+    }
+}
+
+/// A minimal static ELF64 x86-64 executable: one RWX PT_LOAD of `code` at `paddr`, entry at
+/// its first byte. For probes and tests that need a guest without a toolchain.
+pub fn minimal_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
+    tiny_elf(paddr, code, EM_X86_64, ET_EXEC)
+}
+
+fn tiny_elf(paddr: u64, code: &[u8], machine: u16, etype: u16) -> Vec<u8> {
+    let mut f = vec![0u8; 64 + 56];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2;
+    f[5] = 1;
+    f[6] = 1;
+    f[16..18].copy_from_slice(&etype.to_le_bytes());
+    f[18..20].copy_from_slice(&machine.to_le_bytes());
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes());
+    f[32..40].copy_from_slice(&64u64.to_le_bytes());
+    f[52..54].copy_from_slice(&64u16.to_le_bytes());
+    f[54..56].copy_from_slice(&56u16.to_le_bytes());
+    f[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    f[ph..ph + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+    f[ph + 4..ph + 8].copy_from_slice(&(PF_X | 6).to_le_bytes());
+    f[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
+    f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
+    f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+    f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_a_good_image_and_loads_it() {
+        let elf = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
+        let img = ElfImage::parse(&elf, 0x10_0000, 0x40_0000).unwrap();
+        assert_eq!(img.entry, 0x20_0000);
+        let ram = GuestRam::new(4 << 20).unwrap();
+        img.load(&elf, &ram).unwrap();
+        let mut b = [0u8; 1];
+        ram.read(0x20_0000, &mut b).unwrap();
+        assert_eq!(b, [0xf4]);
+    }
+
+    #[test]
+    fn refuses_bad_images() {
+        let p = |d: &[u8]| ElfImage::parse(d, 0x10_0000, 0x40_0000);
+        assert_eq!(p(b"hello"), Err(ElfError::NotElf));
+        assert_eq!(p(&tiny_elf(0x20_0000, &[0xf4], 3, ET_EXEC)), Err(ElfError::WrongMachine(3)));
+        assert_eq!(p(&tiny_elf(0x20_0000, &[0xf4], EM_X86_64, 3)), Err(ElfError::NotExecutable(3)));
+        assert!(matches!(
+            p(&tiny_elf(0x1000, &[0xf4], EM_X86_64, ET_EXEC)),
+            Err(ElfError::OutsideRam { .. })
+        ));
+        assert!(matches!(
+            p(&tiny_elf(0x3f_ffff, &[0xf4, 0xf4], EM_X86_64, ET_EXEC)),
+            Err(ElfError::OutsideRam { .. })
+        ));
+        let mut truncated = tiny_elf(0x20_0000, &[0xf4; 16], EM_X86_64, ET_EXEC);
+        truncated.truncate(125);
+        assert_eq!(p(&truncated), Err(ElfError::Malformed("segment data past end of file")));
+        let mut elf32 = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
+        elf32[4] = 1;
+        assert_eq!(p(&elf32), Err(ElfError::NotElf64));
+        let mut wild = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
+        wild[64 + 16..64 + 24].copy_from_slice(&u64::MAX.to_le_bytes());
+        wild[64 + 24..64 + 32].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        assert!(
+            matches!(p(&wild), Err(ElfError::OutsideRam { .. })),
+            "paddr overflow must be refused"
+        );
+        let mut bad_entry = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
+        bad_entry[24..32].copy_from_slice(&0x30_0000u64.to_le_bytes());
+        assert_eq!(p(&bad_entry), Err(ElfError::BadEntry(0x30_0000)));
+    }
+}

@@ -1,0 +1,143 @@
+//! Guest RAM: one anonymous host mapping, and the only gate through which the host touches it.
+//!
+//! Every access is bounds-checked (with overflow-checked arithmetic) against the RAM size before
+//! vm-memory's own volatile copy runs, so a guest-chosen address can never reach host memory
+//! outside the guest's RAM.
+
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+/// A guest-physical range outside guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("guest-physical range {gpa:#x}+{len:#x} is outside guest RAM ({ram_size:#x} bytes)")]
+pub struct OutOfBounds {
+    pub gpa: u64,
+    pub len: u64,
+    pub ram_size: u64,
+}
+
+/// Errors creating guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum RamError {
+    #[error("guest RAM of {0} bytes is not supported ({min}..={max} bytes, a multiple of {align})",
+        min = vmcall_abi::layout::MIN_RAM, max = vmcall_abi::layout::MAX_RAM,
+        align = vmcall_abi::layout::RAM_ALIGN)]
+    BadSize(u64),
+    #[error("cannot map guest RAM")]
+    Mmap(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// Guest RAM mapped at guest-physical 0.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap<()>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Map `size` bytes of zeroed RAM.
+    pub fn new(size: u64) -> Result<Self, RamError> {
+        use vmcall_abi::layout::{MAX_RAM, MIN_RAM, RAM_ALIGN};
+        if !(MIN_RAM..=MAX_RAM).contains(&size) || !size.is_multiple_of(RAM_ALIGN) {
+            return Err(RamError::BadSize(size));
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(RamError::Mmap)?;
+        Ok(Self { mem, size })
+    }
+
+    /// Bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Check that `gpa..gpa+len` lies inside RAM.
+    pub fn check(&self, gpa: u64, len: u64) -> Result<(), OutOfBounds> {
+        match gpa.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(OutOfBounds { gpa, len, ram_size: self.size }),
+        }
+    }
+
+    /// Copy guest bytes at `gpa` into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfBounds> {
+        self.check(gpa, buf.len() as u64)?;
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|_| self.oob(gpa, buf.len()))
+    }
+
+    /// Copy `data` into guest RAM at `gpa`.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), OutOfBounds> {
+        self.check(gpa, data.len() as u64)?;
+        self.mem.write_slice(data, GuestAddress(gpa)).map_err(|_| self.oob(gpa, data.len()))
+    }
+
+    /// Read a little-endian u64.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, OutOfBounds> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Write a little-endian u64.
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<(), OutOfBounds> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Fill `gpa..gpa+len` with zeroes.
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<(), OutOfBounds> {
+        self.check(gpa, len)?;
+        const CHUNK: [u8; 4096] = [0; 4096];
+        let mut at = gpa;
+        while at < gpa + len {
+            let n = (gpa + len - at).min(CHUNK.len() as u64);
+            self.write(at, &CHUNK[..n as usize])?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Host address of guest-physical 0 and the RAM length, for a backend that maps RAM into a
+    /// hypervisor or emulator. The pointer stays valid as long as `self` lives.
+    pub fn host_mapping(&self) -> (*mut u8, usize) {
+        let ptr = self
+            .mem
+            .find_region(GuestAddress(0))
+            .and_then(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
+            .expect("RAM is one region starting at guest-physical 0");
+        (ptr, self.size as usize)
+    }
+
+    fn oob(&self, gpa: u64, len: usize) -> OutOfBounds {
+        OutOfBounds { gpa, len: len as u64, ram_size: self.size }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accesses_are_bounded() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        ram.write_u64(0x1000, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(ram.read_u64(0x1000).unwrap(), 0x1122_3344_5566_7788);
+        let end = ram.size();
+        assert!(ram.write_u64(end - 8, 1).is_ok());
+        assert_eq!(
+            ram.write_u64(end - 7, 1),
+            Err(OutOfBounds { gpa: end - 7, len: 8, ram_size: end })
+        );
+        assert!(ram.read_u64(u64::MAX - 3).is_err(), "address overflow must not wrap");
+        let mut big = vec![0u8; 16];
+        assert!(ram.read(end, &mut big).is_err());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(GuestRam::new(0), Err(RamError::BadSize(0))));
+        assert!(matches!(GuestRam::new((2 << 20) + 4096), Err(RamError::BadSize(_))));
+        assert!(matches!(GuestRam::new(1 << 40), Err(RamError::BadSize(_))));
+    }
+}

@@ -1,0 +1,224 @@
+//! The per-VM table of custom hypercall handlers, changeable while vCPUs run.
+//!
+//! Readers (vCPU threads) take a lock-free snapshot (`arc-swap`) once per call and use only it,
+//! so each call is answered exactly once, by the handler that was current when the call loaded
+//! the snapshot: a concurrent replace or remove never loses or repeats a call. Writers are rare
+//! and serialise on a mutex, copy the map, change the copy and publish it; a handler that was
+//! replaced stays alive until the last call that loaded it returns (its `Arc`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use vmcall_abi::hc;
+
+use crate::hypercall::Call;
+use crate::memory::OutOfBounds;
+
+/// What a handler answers: the value for RAX, or an error the guest sees as `-errno`.
+pub type HypercallResult = Result<u64, HypercallError>;
+
+/// A handler's error, mapped to a KVM error code for the guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HypercallError {
+    /// Return `-code` (a positive `KVM_E*` value from `vmcall_abi::errno`).
+    #[error("error {0}")]
+    Errno(i64),
+    /// A guest-memory access failed: the guest sees `-KVM_EFAULT`.
+    #[error(transparent)]
+    Fault(#[from] OutOfBounds),
+}
+
+impl HypercallError {
+    /// The value the guest sees in RAX.
+    pub fn to_rax(&self) -> u64 {
+        match self {
+            HypercallError::Errno(code) => code.wrapping_neg() as u64,
+            HypercallError::Fault(_) => (-vmcall_abi::errno::KVM_EFAULT) as u64,
+        }
+    }
+}
+
+/// A custom hypercall handler. Called on the vCPU thread that made the call; must not block
+/// for long, since that vCPU waits for the answer.
+pub trait HypercallHandler: Send + Sync + 'static {
+    fn call(&self, call: &Call<'_>) -> HypercallResult;
+}
+
+impl<F> HypercallHandler for F
+where
+    F: Fn(&Call<'_>) -> HypercallResult + Send + Sync + 'static,
+{
+    fn call(&self, call: &Call<'_>) -> HypercallResult {
+        self(call)
+    }
+}
+
+/// One registered handler.
+#[derive(Clone)]
+pub struct Entry {
+    pub handler: Arc<dyn HypercallHandler>,
+    /// Shown in stats and traces.
+    pub name: Arc<str>,
+    /// Registered with [`HypercallTable::override_standard`]: it replaces KVM's behaviour for a
+    /// standard number entirely (including `KVM_HC_MAP_GPA_RANGE`'s argument checks).
+    pub overrides_standard: bool,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("name", &self.name)
+            .field("overrides_standard", &self.overrides_standard)
+            .finish()
+    }
+}
+
+/// Why a table change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("hypercall {nr} already has a handler ({name}); replace it explicitly")]
+    Taken { nr: u64, name: String },
+    #[error("hypercall {nr} is {name}, a standard KVM hypercall; overriding it must be explicit")]
+    Standard { nr: u64, name: &'static str },
+    #[error("hypercall {0} has no custom handler to replace")]
+    NotRegistered(u64),
+}
+
+/// Whether `nr` has KVM-defined behaviour that a custom handler would shadow.
+/// `KVM_HC_MAP_GPA_RANGE` is not: registering a handler for it is how user space opts in.
+pub fn is_standard(nr: u64) -> bool {
+    hc::name(nr).is_some() && nr != hc::KVM_HC_MAP_GPA_RANGE
+}
+
+type Snapshot = HashMap<u64, Entry>;
+
+/// The table. Cheap to share: wrap it in an `Arc` and keep a clone to change it at run time.
+#[derive(Default)]
+pub struct HypercallTable {
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<()>,
+}
+
+impl std::fmt::Debug for HypercallTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.current.load().iter()).finish()
+    }
+}
+
+impl HypercallTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The handler current for `nr`, if any (lock-free).
+    pub fn get(&self, nr: u64) -> Option<Entry> {
+        self.current.load().get(&nr).cloned()
+    }
+
+    /// Run `f` on the current entry for `nr` without cloning it (the vCPU hot path).
+    pub fn with<R>(&self, nr: u64, f: impl FnOnce(Option<&Entry>) -> R) -> R {
+        let snap = self.current.load();
+        f(snap.get(&nr))
+    }
+
+    /// Numbers that have a handler, sorted.
+    pub fn numbers(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.current.load().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Add a handler for a free, non-standard number.
+    pub fn register(
+        &self,
+        nr: u64,
+        name: &str,
+        handler: impl HypercallHandler,
+    ) -> Result<(), TableError> {
+        self.update(|map| {
+            if let Some(e) = map.get(&nr) {
+                return Err(TableError::Taken { nr, name: e.name.to_string() });
+            }
+            if is_standard(nr) {
+                return Err(TableError::Standard { nr, name: hc::name(nr).unwrap_or("?") });
+            }
+            map.insert(nr, entry(name, handler, false));
+            Ok(())
+        })
+    }
+
+    /// Swap the handler of a registered number; returns the old one.
+    pub fn replace(
+        &self,
+        nr: u64,
+        name: &str,
+        handler: impl HypercallHandler,
+    ) -> Result<Entry, TableError> {
+        self.update(|map| {
+            let old = map.get(&nr).ok_or(TableError::NotRegistered(nr))?;
+            let overrides = old.overrides_standard;
+            Ok(map.insert(nr, entry(name, handler, overrides)).expect("checked above"))
+        })
+    }
+
+    /// Install a handler for any number, standard ones included, replacing whatever was there.
+    pub fn override_standard(
+        &self,
+        nr: u64,
+        name: &str,
+        handler: impl HypercallHandler,
+    ) -> Option<Entry> {
+        self.update(|map| {
+            Ok::<_, TableError>(map.insert(nr, entry(name, handler, is_standard(nr))))
+        })
+        .expect("infallible")
+    }
+
+    /// Remove the handler of `nr` (a standard number gets KVM's behaviour back).
+    pub fn unregister(&self, nr: u64) -> Option<Entry> {
+        self.update(|map| Ok::<_, TableError>(map.remove(&nr))).expect("infallible")
+    }
+
+    fn update<R, E>(&self, f: impl FnOnce(&mut Snapshot) -> Result<R, E>) -> Result<R, E> {
+        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = Snapshot::clone(&self.current.load());
+        let r = f(&mut next)?;
+        self.current.store(Arc::new(next));
+        Ok(r)
+    }
+}
+
+fn entry(name: &str, handler: impl HypercallHandler, overrides_standard: bool) -> Entry {
+    Entry { handler: Arc::new(handler), name: name.into(), overrides_standard }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn konst(v: u64) -> impl HypercallHandler {
+        move |_: &Call<'_>| Ok(v)
+    }
+
+    #[test]
+    fn registration_rules() {
+        let t = HypercallTable::new();
+        t.register(20, "a", konst(1)).unwrap();
+        assert_eq!(
+            t.register(20, "b", konst(2)).unwrap_err(),
+            TableError::Taken { nr: 20, name: "a".into() }
+        );
+        assert!(matches!(t.register(1, "x", konst(2)), Err(TableError::Standard { nr: 1, .. })));
+        assert!(t.register(hc::KVM_HC_MAP_GPA_RANGE, "map", konst(0)).is_ok());
+        assert_eq!(t.replace(21, "c", konst(3)).unwrap_err(), TableError::NotRegistered(21));
+        assert_eq!(&*t.replace(20, "c", konst(3)).unwrap().name, "a");
+        assert_eq!(&*t.get(20).unwrap().name, "c");
+        assert!(t.override_standard(1, "poll", konst(7)).is_none());
+        assert!(t.get(1).unwrap().overrides_standard);
+        assert_eq!(t.numbers(), vec![1, 12, 20]);
+        assert!(t.unregister(20).is_some());
+        assert!(t.unregister(20).is_none());
+        assert!(t.get(20).is_none());
+    }
+}

@@ -1,0 +1,468 @@
+//! The VM: builder, one thread per vCPU, HLT/kick coordination, timeout and the end of a run.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmcall_abi::layout::{CMDLINE_MAX, GUEST_LOAD_MIN, MAX_VCPUS};
+
+use crate::backend::{
+    BackendError, GuestFault, GuestInfo, Hypervisor, Interrupter, Vcpu, VmBackend,
+};
+use crate::boot::{self, BootParams, VcpuInit};
+use crate::exit::{handle_exit, ExitContext, Flow};
+use crate::loader::{ElfError, ElfImage};
+use crate::memory::{GuestRam, RamError};
+use crate::stats::VcpuStats;
+use crate::table::HypercallTable;
+
+/// Default guest RAM.
+pub const DEFAULT_MEMORY: u64 = 32 << 20;
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid guest ELF")]
+    Elf(#[from] ElfError),
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    #[error("{0} vCPUs requested; vmcall supports 1..={MAX_VCPUS}")]
+    VcpuCount(u32),
+    #[error("guest command line is {0} bytes; at most {CMDLINE_MAX} fit")]
+    CmdlineTooLong(usize),
+    #[error("guest memory setup failed")]
+    Memory(#[from] crate::memory::OutOfBounds),
+    #[error("{backend} backend")]
+    Backend { backend: &'static str, source: BackendError },
+}
+
+/// Why a run ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("guest triple fault on vCPU {vcpu} at RIP {rip:#x}")]
+    TripleFault { vcpu: u32, rip: u64 },
+    #[error("unhandled guest exception on vCPU {vcpu}: {}", describe_fault(fault))]
+    GuestFault { vcpu: u32, fault: GuestFault },
+    #[error("guest did not finish within {0:?} (--timeout)")]
+    Timeout(Duration),
+    #[error("vCPU {vcpu}: unhandled exit: {what}")]
+    Unhandled { vcpu: u32, what: String },
+    #[error("vCPU {vcpu}: backend failure")]
+    Backend { vcpu: u32, source: BackendError },
+}
+
+fn describe_fault(f: &GuestFault) -> String {
+    let mut s =
+        format!("{} (vector {}) at RIP {:#x}", boot::exception_name(f.vector), f.vector, f.rip);
+    if let Some(code) = f.error_code {
+        s += &format!(", error code {code:#x}");
+    }
+    if let Some(addr) = f.cr2 {
+        s += &format!(", address {addr:#x}");
+    }
+    if f.cs & 3 != 0 {
+        s += &format!(", in CPL {} code", f.cs & 3);
+    }
+    s
+}
+
+/// How a run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Every vCPU halted with nothing left to wake it: status 0.
+    AllHalted,
+    /// The guest called `exit(status)`.
+    Exited(u32),
+}
+
+impl RunStatus {
+    /// The process exit status this maps to.
+    pub fn code(self) -> u32 {
+        match self {
+            RunStatus::AllHalted => 0,
+            RunStatus::Exited(s) => s,
+        }
+    }
+}
+
+/// The result of [`Vm::run`].
+#[derive(Debug)]
+pub struct RunReport {
+    pub result: Result<RunStatus, RunError>,
+    pub stats: VcpuStats,
+    pub elapsed: Duration,
+}
+
+/// Where COM1 output goes.
+pub type Console = Box<dyn Write + Send>;
+
+/// Builds a [`Vm`].
+pub struct VmBuilder {
+    image: Vec<u8>,
+    memory: u64,
+    vcpus: u32,
+    cmdline: Vec<u8>,
+    timeout: Option<Duration>,
+    table: Arc<HypercallTable>,
+    console: Option<Console>,
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder")
+            .field("memory", &self.memory)
+            .field("vcpus", &self.vcpus)
+            .finish()
+    }
+}
+
+impl VmBuilder {
+    /// A VM for the ELF image `image`, with 32 MiB, one vCPU, no timeout, an empty table and
+    /// console output to stdout.
+    pub fn new(image: Vec<u8>) -> Self {
+        Self {
+            image,
+            memory: DEFAULT_MEMORY,
+            vcpus: 1,
+            cmdline: Vec::new(),
+            timeout: None,
+            table: Arc::new(HypercallTable::new()),
+            console: None,
+        }
+    }
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = bytes;
+        self
+    }
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n;
+        self
+    }
+    pub fn cmdline(mut self, cmdline: impl Into<Vec<u8>>) -> Self {
+        self.cmdline = cmdline.into();
+        self
+    }
+    pub fn timeout(mut self, t: Option<Duration>) -> Self {
+        self.timeout = t;
+        self
+    }
+    /// Use `table` (keep a clone of the `Arc` to change it while the VM runs).
+    pub fn table(mut self, table: Arc<HypercallTable>) -> Self {
+        self.table = table;
+        self
+    }
+    pub fn console(mut self, console: Console) -> Self {
+        self.console = Some(console);
+        self
+    }
+
+    /// Check everything, load the image, set up boot state and create the VM on `hv`.
+    pub fn build(self, hv: &dyn Hypervisor) -> Result<Vm, BuildError> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(BuildError::VcpuCount(self.vcpus));
+        }
+        if self.cmdline.len() as u64 > CMDLINE_MAX {
+            return Err(BuildError::CmdlineTooLong(self.cmdline.len()));
+        }
+        let ram = Arc::new(GuestRam::new(self.memory)?);
+        let limit = boot::load_limit(ram.size(), self.vcpus);
+        let image = ElfImage::parse(&self.image, GUEST_LOAD_MIN, limit)?;
+        image.load(&self.image, &ram)?;
+        let params = BootParams {
+            entry: image.entry,
+            image_end: image.end(),
+            vcpus: self.vcpus,
+            cmdline: &self.cmdline,
+            amd: host_is_amd(),
+        };
+        let inits = boot::setup(&ram, &params)?;
+        let guest = GuestInfo { vcpus: self.vcpus, entry: image.entry, segments: image.segments };
+        let backend = hv
+            .create_vm(ram.clone(), &guest)
+            .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
+        let console = self.console.unwrap_or_else(|| Box::new(std::io::stdout()));
+        Ok(Vm {
+            backend,
+            inits,
+            timeout: self.timeout,
+            shared: Arc::new(Shared::new(ram, self.table, console, self.vcpus)),
+            backend_name: hv.name(),
+        })
+    }
+}
+
+/// Whether the host CPU is AMD or Hygon (its native hypercall instruction is VMMCALL).
+pub fn host_is_amd() -> bool {
+    let ebx = std::arch::x86_64::__cpuid(0).ebx;
+    ebx == vmcall_abi::cpuid::VENDOR_AMD_EBX || ebx == vmcall_abi::cpuid::VENDOR_HYGON_EBX
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HaltState {
+    Running,
+    Halted,
+}
+
+struct Halts {
+    state: Vec<HaltState>,
+    /// A kick that arrived while the vCPU was running: its next HLT returns at once.
+    pending_kick: Vec<bool>,
+    halted: u32,
+}
+
+/// State shared by all vCPU threads of one VM.
+#[allow(missing_debug_implementations)]
+pub struct Shared {
+    pub ram: Arc<GuestRam>,
+    pub table: Arc<HypercallTable>,
+    pub vcpu_count: u32,
+    console: Mutex<Console>,
+    halts: Mutex<Halts>,
+    halt_cv: Condvar,
+    stop: AtomicBool,
+    end: Mutex<Option<Result<RunStatus, RunError>>>,
+    end_cv: Condvar,
+}
+
+impl Shared {
+    fn new(ram: Arc<GuestRam>, table: Arc<HypercallTable>, console: Console, n: u32) -> Self {
+        Self {
+            ram,
+            table,
+            vcpu_count: n,
+            console: Mutex::new(console),
+            halts: Mutex::new(Halts {
+                state: vec![HaltState::Running; n as usize],
+                pending_kick: vec![false; n as usize],
+                halted: 0,
+            }),
+            halt_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            end: Mutex::new(None),
+            end_cv: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn console_write(&self, byte: u8) {
+        let mut c = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = c.write_all(&[byte]);
+        if byte == b'\n' {
+            let _ = c.flush();
+        }
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Record how the run ends (the first report wins) and tell every vCPU to stop.
+    fn finish(&self, result: Result<RunStatus, RunError>) {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if end.is_none() {
+            *end = Some(result);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.end_cv.notify_all();
+        drop(end);
+        let _h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
+        self.halt_cv.notify_all();
+    }
+
+    /// `KVM_HC_KICK_CPU`: wake `apic_id` from HLT, or make its next HLT return at once.
+    pub(crate) fn kick(&self, apic_id: u64) {
+        let Ok(id) = usize::try_from(apic_id) else { return };
+        let mut h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
+        match h.state.get(id) {
+            Some(HaltState::Halted) => {
+                h.state[id] = HaltState::Running;
+                h.halted -= 1;
+                self.halt_cv.notify_all();
+            }
+            Some(HaltState::Running) => h.pending_kick[id] = true,
+            None => {}
+        }
+    }
+
+    /// Park a halted vCPU until it is kicked (true) or the VM ends (false).
+    fn halt(&self, id: u32) -> bool {
+        let id = id as usize;
+        let mut h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut h.pending_kick[id]) {
+            return true;
+        }
+        h.state[id] = HaltState::Halted;
+        h.halted += 1;
+        if h.halted == self.vcpu_count {
+            drop(h);
+            self.finish(Ok(RunStatus::AllHalted));
+            return false;
+        }
+        while h.state[id] == HaltState::Halted && !self.stopping() {
+            h = self.halt_cv.wait(h).unwrap_or_else(|p| p.into_inner());
+        }
+        !self.stopping()
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    backend: Box<dyn VmBackend>,
+    inits: Vec<VcpuInit>,
+    timeout: Option<Duration>,
+    shared: Arc<Shared>,
+    backend_name: &'static str,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("backend", &self.backend_name)
+            .field("vcpus", &self.inits.len())
+            .finish()
+    }
+}
+
+/// How often a stopping VM re-sends interrupts to vCPUs that are still inside the backend.
+const INTERRUPT_RETRY: Duration = Duration::from_millis(5);
+
+impl Vm {
+    /// Guest RAM (for inspection in tests and tools).
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.shared.ram
+    }
+
+    /// The hypercall table this VM dispatches through.
+    pub fn table(&self) -> &Arc<HypercallTable> {
+        &self.shared.table
+    }
+
+    /// How this VM traps hypercalls.
+    pub fn describe(&self) -> String {
+        format!("{} backend: {}", self.backend_name, self.backend.describe())
+    }
+
+    /// Run every vCPU on its own thread until the guest exits, all vCPUs halt, an error stops
+    /// it, or the timeout fires.
+    pub fn run(self) -> RunReport {
+        let start = Instant::now();
+        let mut vcpus = Vec::new();
+        for (id, init) in self.inits.iter().enumerate() {
+            match self.backend.create_vcpu(id as u32, init) {
+                Ok(v) => vcpus.push(v),
+                Err(source) => {
+                    let err = RunError::Backend { vcpu: id as u32, source };
+                    return RunReport {
+                        result: Err(err),
+                        stats: VcpuStats::default(),
+                        elapsed: start.elapsed(),
+                    };
+                }
+            }
+        }
+        let interrupters: Arc<Mutex<Vec<Arc<dyn Interrupter>>>> = Arc::default();
+        let mut stats = VcpuStats::default();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = vcpus
+                .into_iter()
+                .enumerate()
+                .map(|(id, vcpu)| {
+                    let shared = &self.shared;
+                    let interrupters = interrupters.clone();
+                    std::thread::Builder::new()
+                        .name(format!("vcpu{id}"))
+                        .spawn_scoped(scope, move || {
+                            interrupters
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(vcpu.interrupter());
+                            vcpu_loop(id as u32, vcpu, shared)
+                        })
+                        .expect("spawn vCPU thread")
+                })
+                .collect();
+            self.wait_for_end(start);
+            // Stop every vCPU still inside the backend; repeat, since an interrupt that lands
+            // just before a vCPU re-enters the backend can be missed.
+            while handles.iter().any(|h| !h.is_finished()) {
+                for i in interrupters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    i.interrupt();
+                }
+                std::thread::sleep(INTERRUPT_RETRY);
+            }
+            for h in handles {
+                match h.join() {
+                    Ok(s) => stats.merge(&s),
+                    Err(_) => self.shared.finish(Err(RunError::Unhandled {
+                        vcpu: u32::MAX,
+                        what: "a vCPU thread panicked".into(),
+                    })),
+                }
+            }
+        });
+        let _ = self.shared.console.lock().map(|mut c| c.flush());
+        let result = self
+            .shared
+            .end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or(Ok(RunStatus::AllHalted));
+        RunReport { result, stats, elapsed: start.elapsed() }
+    }
+
+    fn wait_for_end(&self, start: Instant) {
+        let mut end = self.shared.end.lock().unwrap_or_else(|p| p.into_inner());
+        while end.is_none() {
+            match self.timeout {
+                Some(t) => {
+                    let left = t.saturating_sub(start.elapsed());
+                    if left.is_zero() {
+                        drop(end);
+                        self.shared.finish(Err(RunError::Timeout(t)));
+                        return;
+                    }
+                    end = self
+                        .shared
+                        .end_cv
+                        .wait_timeout(end, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                None => end = self.shared.end_cv.wait(end).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
+    let mut stats = VcpuStats::default();
+    while !shared.stopping() {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(source) => {
+                shared.finish(Err(RunError::Backend { vcpu: id, source }));
+                break;
+            }
+        };
+        let mut ctx = ExitContext { vcpu_id: id, vcpu: &mut *vcpu, shared, stats: &mut stats };
+        match handle_exit(&mut ctx, &exit) {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Halt) => {
+                if !shared.halt(id) {
+                    break;
+                }
+            }
+            Ok(Flow::Exit(status)) => {
+                shared.finish(Ok(RunStatus::Exited(status)));
+                break;
+            }
+            Ok(Flow::Stop) => break,
+            Err(e) => {
+                shared.finish(Err(e));
+                break;
+            }
+        }
+    }
+    stats
+}

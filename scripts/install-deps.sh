@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the system packages vmcall's build needs, if they are missing (idempotent).
+# Debian/Ubuntu: uses apt-get (as root, or through sudo when available).
+set -euo pipefail
+
+missing=()
+command -v gcc >/dev/null || missing+=(gcc)
+command -v ld >/dev/null || missing+=(binutils)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${missing[@]}"
+fi
+command -v cargo >/dev/null || {
+  echo "vmcall needs a Rust toolchain (cargo, rustc >= 1.85): see https://rustup.rs" >&2
+  exit 1
+}
