@@ -107,8 +107,10 @@ pub mod ports {
     /// Doorbell of a rewritten hypercall site (`out imm8, al; nop`); only meaningful from a site
     /// the host rewrote itself.
     pub const PORT_DOORBELL: u16 = 0xf5;
-    /// Rung by the VMM-owned #UD handler: a hypercall instruction or a real invalid opcode.
-    pub const PORT_UD_TRAP: u16 = 0xf6;
+    /// Rung by the VMM-owned #UD and #GP handlers: either a hypercall instruction that the CPU
+    /// refused (#UD when the kernel does not handle it, #GP from CPL > 0 under some KVMs) or a
+    /// genuine fault.
+    pub const PORT_HC_TRAP: u16 = 0xf6;
     /// Rung by the VMM-owned handler of every other exception, with the vector in AL.
     pub const PORT_FAULT: u16 = 0xf7;
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
-use vmcall_abi::{insn, layout, ports};
+use vmcall_abi::{insn, ports};
 use vmcall_vmm::backend::{BackendError, GuestFault, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot::{self, read_trap_frame};
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
@@ -25,8 +25,9 @@ enum Pending {
     None,
     /// A rewritten site: RIP is already past `out`, the `nop` completes the 3 bytes.
     Doorbell,
-    /// Raised #UD into the VMM's IDT stub: the frame's RIP slot must point past the instruction.
-    UdFrame {
+    /// Raised #UD or #GP into the VMM's IDT stub: the frame's RIP slot must point past the
+    /// instruction.
+    Frame {
         rip_slot: u64,
         resume: u64,
     },
@@ -90,7 +91,8 @@ impl KvmVcpu {
 
     fn translate_out(&mut self, port: u16, data: &[u8]) -> VcpuExit {
         let rip = self.fd.sync_regs().regs.rip;
-        let stub_out = |vector: u64| layout::IDT_STUBS + 16 * vector;
+        // `out imm8, al` is 2 bytes: RIP is just past it. The stubs ring their port first.
+        let from_stub = |vector: u8| rip == boot::stub_gpa(vector) + 2;
         match port {
             ports::PORT_DOORBELL if data.len() == 1 => {
                 let site = rip.wrapping_sub(DOORBELL_OUT_LEN);
@@ -100,8 +102,13 @@ impl KvmVcpu {
                     return self.hypercall(site, insn, cpl, mode);
                 }
             }
-            ports::PORT_UD_TRAP if rip == stub_out(6) + 2 => return self.translate_ud(),
-            ports::PORT_FAULT if data.len() == 1 && rip == stub_out(u64::from(data[0])) + 4 => {
+            ports::PORT_HC_TRAP if from_stub(boot::UD_VECTOR) => {
+                return self.translate_trap(boot::UD_VECTOR)
+            }
+            ports::PORT_HC_TRAP if from_stub(boot::GP_VECTOR) => {
+                return self.translate_trap(boot::GP_VECTOR)
+            }
+            ports::PORT_FAULT if data.len() == 1 && rip == boot::stub_gpa(data[0]) + 4 => {
                 return self.translate_fault(data[0]);
             }
             _ => {}
@@ -112,30 +119,33 @@ impl KvmVcpu {
         VcpuExit::IoOut { port, size: n as u8, data: u32::from_le_bytes(word) }
     }
 
-    /// The #UD stub rang: a hypercall instruction (any CPL, any mode, rewritten or not) or a
-    /// genuine invalid opcode.
-    fn translate_ud(&mut self) -> VcpuExit {
+    /// A #UD or #GP stub rang: a hypercall instruction the CPU refused (any CPL, any mode,
+    /// rewritten or not) or a genuine fault.
+    fn translate_trap(&mut self, vector: u8) -> VcpuExit {
         let rsp = self.fd.sync_regs().regs.rsp;
-        let Ok(frame) = read_trap_frame(&self.ram, rsp, 6) else {
-            return VcpuExit::Unknown(format!("#UD frame at RSP {rsp:#x} is outside guest RAM"));
+        let Ok(frame) = read_trap_frame(&self.ram, rsp, vector) else {
+            return VcpuExit::Unknown(format!(
+                "exception {vector} frame at RSP {rsp:#x} is outside guest RAM"
+            ));
         };
         let mut bytes = [0u8; 3];
         let is_hypercall =
             self.ram.read(frame.rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes);
-        if !is_hypercall {
+        // A #GP is a refused hypercall only from CPL > 0 (with error code 0); at CPL 0 a
+        // hypercall instruction never raises #GP, so the fault is genuine.
+        let refused_hypercall = is_hypercall
+            && (vector == boot::UD_VECTOR || (frame.cs & 3 != 0 && frame.error_code == Some(0)));
+        if !refused_hypercall {
             return VcpuExit::Fault(GuestFault {
-                vector: 6,
-                error_code: None,
+                vector,
+                error_code: frame.error_code,
                 rip: frame.rip,
                 cs: frame.cs,
                 cr2: None,
             });
         }
-        let gdt = {
-            let s = &self.fd.sync_regs().sregs;
-            DescriptorTable { base: s.gdt.base, limit: s.gdt.limit }
-        };
         let sregs = &self.fd.sync_regs().sregs;
+        let gdt = DescriptorTable { base: sregs.gdt.base, limit: sregs.gdt.limit };
         let mode = match boot::code_segment(&self.ram, gdt, frame.cs) {
             Some(cs) => CpuMode::from_cs(&cs, sregs.efer, sregs.cr0),
             None => CpuMode::Long64,
@@ -143,7 +153,7 @@ impl KvmVcpu {
         let insn =
             if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall };
         self.pending =
-            Pending::UdFrame { rip_slot: frame.rip_slot, resume: frame.rip + insn::HYPERCALL_LEN };
+            Pending::Frame { rip_slot: frame.rip_slot, resume: frame.rip + insn::HYPERCALL_LEN };
         self.hypercall(frame.rip, insn, (frame.cs & 3) as u8, mode)
     }
 
@@ -236,7 +246,7 @@ impl Vcpu for KvmVcpu {
                     "KVM internal error {} at RIP {rip:#x} (code {bytes:02x?}){}",
                     internal.suberror,
                     if internal.suberror == 1 {
-                        ": KVM could not emulate this instruction (software KVMs such as kvm_pvm cannot emulate most SSE instructions; see docs/kvm-backend.md)"
+                        ": KVM could not emulate this instruction (software KVMs such as kvm_pvm emulate every guest instruction and lack many, most SSE ones among them; see docs/kvm-backend.md)"
                     } else {
                         ""
                     }
@@ -253,10 +263,10 @@ impl Vcpu for KvmVcpu {
     fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError> {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::Doorbell => {}
-            Pending::UdFrame { rip_slot, resume } => {
+            Pending::Frame { rip_slot, resume } => {
                 self.ram
                     .write_u64(rip_slot, resume)
-                    .map_err(|e| BackendError::with("resume #UD frame", e))?;
+                    .map_err(|e| BackendError::with("resume exception frame", e))?;
             }
             Pending::Breakpoint { resume } => self.fd.sync_regs_mut().regs.rip = resume,
             other => {
@@ -278,7 +288,8 @@ impl Vcpu for KvmVcpu {
         if offset < run_size || offset + size > page {
             return Err(BackendError::new(format!("port-read data offset {offset} out of range")));
         }
-        let dst = (self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8).wrapping_add(offset);
+        let dst =
+            (self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8).wrapping_add(offset);
         // SAFETY: KVM maps at least one page for kvm_run and places the `in` data at
         // `data_offset` within it (checked against that page above); we write `size` <= 4 bytes.
         unsafe { std::ptr::copy_nonoverlapping(data.to_le_bytes().as_ptr(), dst, size) };

@@ -46,7 +46,15 @@ pub const fn has_error_code(vector: u8) -> bool {
 const STUB_STRIDE: u64 = 16;
 /// The IDT covers the 32 exception vectors.
 pub const EXCEPTION_VECTORS: u8 = 32;
-const UD_VECTOR: u8 = 6;
+/// #UD: what a hypercall instruction raises when the kernel does not handle it.
+pub const UD_VECTOR: u8 = 6;
+/// #GP: what some KVMs' instruction emulators raise for a hypercall instruction at CPL > 0.
+pub const GP_VECTOR: u8 = 13;
+
+/// Guest-physical address of vector `v`'s stub.
+pub fn stub_gpa(vector: u8) -> u64 {
+    IDT_STUBS + u64::from(vector) * STUB_STRIDE
+}
 
 /// Top of the RAM area guest segments may occupy (the vCPU stacks sit above it).
 pub fn load_limit(ram_size: u64, vcpus: u32) -> u64 {
@@ -170,12 +178,17 @@ fn write_gdt(ram: &GuestRam, vcpus: u32) -> Result<(), OutOfBounds> {
     Ok(())
 }
 
-/// The stub of vector `v`. #UD rings the UD-trap port and returns (the host decides whether it
-/// was a hypercall and, if so, moves the frame's RIP past it); every other exception reports its
-/// vector on the fault port and halts, since the host ends the run.
+/// The stub of vector `v`. #UD and #GP ring the hypercall-trap port and return (the host decides
+/// whether a hypercall instruction raised it and, if so, moves the frame's RIP past it; #GP also
+/// drops its error code first); every other exception reports its vector on the fault port and
+/// halts, since the host ends the run. `out imm8, al` changes no register, so the host sees the
+/// caller's registers untouched.
 fn stub(vector: u8) -> Vec<u8> {
     if vector == UD_VECTOR {
-        vec![0xe6, ports::PORT_UD_TRAP as u8, 0x48, 0xcf] // out imm8, al; iretq
+        vec![0xe6, ports::PORT_HC_TRAP as u8, 0x48, 0xcf] // out imm8, al; iretq
+    } else if vector == GP_VECTOR {
+        // out imm8, al; add rsp, 8; iretq
+        vec![0xe6, ports::PORT_HC_TRAP as u8, 0x48, 0x83, 0xc4, 0x08, 0x48, 0xcf]
     } else {
         // mov al, v; out imm8, al; 1: hlt; jmp 1b
         vec![0xb0, vector, 0xe6, ports::PORT_FAULT as u8, 0xf4, 0xeb, 0xfd]
@@ -184,7 +197,7 @@ fn stub(vector: u8) -> Vec<u8> {
 
 fn write_idt(ram: &GuestRam) -> Result<(), OutOfBounds> {
     for v in 0..EXCEPTION_VECTORS {
-        let handler = IDT_STUBS + u64::from(v) * STUB_STRIDE;
+        let handler = stub_gpa(v);
         ram.write(handler, &stub(v))?;
         // 64-bit interrupt gate, present, DPL 0, IST 1: every exception runs on the per-vCPU
         // exception stack, so the frame never lands in the interrupted code's red zone.
@@ -403,8 +416,8 @@ mod tests {
         let mut b = [0u8; 1];
         ram.read(IO_BITMAP + u64::from(ports::COM1 / 8), &mut b).unwrap();
         assert_eq!(b[0], 0);
-        ram.read(IO_BITMAP + u64::from(ports::PORT_UD_TRAP / 8), &mut b).unwrap();
-        assert_ne!(b[0] & (1 << (ports::PORT_UD_TRAP % 8)), 0);
+        ram.read(IO_BITMAP + u64::from(ports::PORT_HC_TRAP / 8), &mut b).unwrap();
+        assert_ne!(b[0] & (1 << (ports::PORT_HC_TRAP % 8)), 0);
         let mut info = [0u8; 72];
         ram.read(boot_info_gpa(1), &mut info).unwrap();
         assert_eq!(&info[..8], b"VMCALLBI");

@@ -1,0 +1,41 @@
+//! Misbehaving guest: the command line picks the misdeed (null, ud2, divide, wild-write, loop,
+//! triple, panic). The host must report each clearly and survive.
+#![no_std]
+#![no_main]
+
+use core::arch::asm;
+use vmcall_guest::{cmdline, println, BootInfo};
+
+vmcall_guest::entry!(main);
+
+fn main(info: &'static BootInfo) -> i32 {
+    let what = cmdline(info);
+    println!("bad guest: {what}");
+    // SAFETY: none of this is safe; misbehaving is the point, and the host must contain it.
+    unsafe {
+        match what {
+            "null" => {
+                let v = core::ptr::read_volatile(core::ptr::null::<u64>());
+                println!("read {}", v as u8);
+            }
+            "ud2" => asm!("ud2"),
+            "divide" => asm!("xor edx, edx", "xor ecx, ecx", "mov eax, 1", "div ecx", out("eax") _, out("edx") _, out("ecx") _),
+            "wild-write" => {
+                let beyond = info.ram_size + 0x1000;
+                core::ptr::write_volatile(beyond as *mut u64, 1);
+            }
+            "loop" => loop {
+                asm!("pause");
+            },
+            "triple" => {
+                let zero = [0u64; 2];
+                // No IDT: the page fault cannot be delivered, nor the #DF after it.
+                asm!("lidt [{}]", "mov rax, [0]", in(reg) zero.as_ptr(), out("rax") _);
+            }
+            "panic" => panic!("on purpose"),
+            _ => return 2,
+        }
+    }
+    println!("survived {what}");
+    1
+}

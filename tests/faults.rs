@@ -1,0 +1,108 @@
+//! Bad guests and bad images: each gets a clear error and the host survives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmcall_conformance::{backends, guest, run_image};
+use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, VmBackend};
+use vmcall_vmm::loader::{minimal_elf, ElfError};
+use vmcall_vmm::memory::GuestRam;
+use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::vm::{BuildError, RunError, RunStatus, VmBuilder};
+
+fn bad(hv: &dyn Hypervisor, what: &str) -> vmcall_conformance::Outcome {
+    run_image(hv, guest("bad"), what, Arc::new(HypercallTable::new()), |b| {
+        b.timeout(Some(Duration::from_secs(3)))
+    })
+}
+
+#[test]
+fn guest_faults_are_reported_with_vector_and_address() {
+    for b in backends("guest_faults_are_reported_with_vector_and_address") {
+        let hv = b.hv.as_ref();
+        for (what, vector) in [("null", 14u8), ("ud2", 6), ("divide", 0), ("wild-write", 14)] {
+            let out = bad(hv, what);
+            match &out.result {
+                Err(RunError::GuestFault { fault, .. }) => {
+                    assert_eq!(fault.vector, vector, "{}: {what}", b.name);
+                    if what == "null" {
+                        assert_eq!(fault.cr2, Some(0), "{}", b.name);
+                    }
+                    assert!(fault.rip >= 0x20_0000, "{}: {what} rip {:#x}", b.name, fault.rip);
+                }
+                other => panic!(
+                    "{}: {what}: expected a guest fault, got {other:?}\n{}",
+                    b.name, out.console
+                ),
+            }
+            assert!(!out.console.contains("survived"), "{}: {what}", b.name);
+        }
+    }
+}
+
+#[test]
+fn endless_loops_time_out_and_triple_faults_stop_the_vm() {
+    for b in backends("endless_loops_time_out_and_triple_faults_stop_the_vm") {
+        let out = bad(b.hv.as_ref(), "loop");
+        assert!(matches!(out.result, Err(RunError::Timeout(_))), "{}: {:?}", b.name, out.result);
+        let out = bad(b.hv.as_ref(), "triple");
+        assert!(
+            matches!(out.result, Err(RunError::TripleFault { .. })),
+            "{}: {:?}",
+            b.name,
+            out.result
+        );
+        let out = bad(b.hv.as_ref(), "panic");
+        out.expect_status(RunStatus::Exited(101), &b.name);
+        assert!(out.console.contains("guest panic: panicked at"), "{}: {}", b.name, out.console);
+    }
+}
+
+/// A backend for tests of what is refused before any VM exists.
+struct Unreachable;
+
+impl Hypervisor for Unreachable {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn create_vm(
+        &self,
+        _: Arc<GuestRam>,
+        _: &GuestInfo,
+    ) -> Result<Box<dyn VmBackend>, BackendError> {
+        Err(BackendError::new("no VM in this test"))
+    }
+}
+
+fn build(image: Vec<u8>, f: impl FnOnce(VmBuilder) -> VmBuilder) -> BuildError {
+    f(VmBuilder::new(image)).build(&Unreachable).expect_err("must be refused")
+}
+
+#[test]
+fn bad_images_and_settings_are_refused_clearly() {
+    assert!(matches!(build(b"#!/bin/sh\n".to_vec(), |b| b), BuildError::Elf(ElfError::NotElf)));
+    let mut arm = minimal_elf(0x20_0000, &[0xf4]);
+    arm[18] = 0xb7; // EM_AARCH64
+    assert!(matches!(build(arm, |b| b), BuildError::Elf(ElfError::WrongMachine(0xb7))));
+    let low = minimal_elf(0x1000, &[0xf4]);
+    let e = build(low, |b| b);
+    assert!(e.to_string().contains("invalid guest ELF"), "{e}");
+    assert!(matches!(e, BuildError::Elf(ElfError::OutsideRam { .. })));
+    let high = minimal_elf((32 << 20) - 0x8000, &[0xf4; 16]); // inside vCPU 0's stack
+    assert!(
+        matches!(build(high, |b| b), BuildError::Elf(ElfError::OutsideRam { .. })),
+        "stack area"
+    );
+    let ok = minimal_elf(0x20_0000, &[0xf4]);
+    assert!(matches!(build(ok.clone(), |b| b.vcpus(0)), BuildError::VcpuCount(0)));
+    assert!(matches!(build(ok.clone(), |b| b.vcpus(65)), BuildError::VcpuCount(65)));
+    assert!(matches!(build(ok.clone(), |b| b.memory(3 << 20)), BuildError::Ram(_)));
+    assert!(matches!(
+        build(ok.clone(), |b| b.cmdline(vec![b'x'; 5000])),
+        BuildError::CmdlineTooLong(5000)
+    ));
+    assert!(
+        matches!(build(ok, |b| b), BuildError::Backend { .. }),
+        "valid input reaches the backend"
+    );
+}
