@@ -154,7 +154,7 @@ fn run(
         .vcpus(a.vcpus)
         .timeout(a.timeout.0)
         .cmdline(cmdline)
-        .table(table)
+        .table(table.clone())
         .build(hv.as_ref())
         .map_err(|e| chain(&e))?;
     eprintln!("vmcall: {}", vm.describe());
@@ -164,7 +164,7 @@ fn run(
             "vmcall: {} hypercalls in {:.3}s\n{}",
             report.stats.total_hypercalls(),
             report.elapsed.as_secs_f64(),
-            report.stats.table()
+            report.stats.table(Some(&table))
         );
     }
     match report.result {
@@ -190,6 +190,7 @@ fn init_tracing(trace: bool) {
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .with_target(false);
     let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();

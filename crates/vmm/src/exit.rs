@@ -32,7 +32,13 @@ pub struct ExitContext<'a> {
     pub vcpu: &'a mut dyn Vcpu,
     pub shared: &'a Shared,
     pub stats: &'a mut VcpuStats,
+    /// This vCPU's console line so far: output goes out a whole line at a time, so lines
+    /// from different vCPUs never interleave mid-line.
+    pub line: &'a mut Vec<u8>,
 }
+
+/// A console line longer than this is written out in pieces.
+const CONSOLE_LINE_MAX: usize = 4096;
 
 type ExitHandler = fn(&mut ExitContext<'_>, &VcpuExit) -> Result<Flow, RunError>;
 
@@ -63,7 +69,11 @@ fn backend(vcpu: u32) -> impl FnOnce(BackendError) -> RunError {
 fn handle_io(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     match *exit {
         VcpuExit::IoOut { port: ports::COM1, data, .. } => {
-            ctx.shared.console_write(data as u8);
+            ctx.line.push(data as u8);
+            if data as u8 == b'\n' || ctx.line.len() >= CONSOLE_LINE_MAX {
+                ctx.shared.console_write(ctx.line);
+                ctx.line.clear();
+            }
             Ok(Flow::Continue)
         }
         VcpuExit::IoOut { port: ports::PORT_EXIT, data, size } => {

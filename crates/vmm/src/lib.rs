@@ -10,7 +10,7 @@
 //! table.register(20, "double", |c: &Call<'_>| Ok(c.args[0] * 2))?;
 //! let vm = VmBuilder::new(std::fs::read("guest.elf")?).table(table.clone()).build(hv)?;
 //! let report = vm.run();
-//! println!("{:?}\n{}", report.result, report.stats.table());
+//! println!("{:?}\n{}", report.result, report.stats.table(Some(&table)));
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]

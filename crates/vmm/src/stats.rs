@@ -116,8 +116,9 @@ impl VcpuStats {
         self.hypercalls.values().map(|l| l.count).sum()
     }
 
-    /// A table in the style of `perf kvm stat`: number, name, count, share, latencies.
-    pub fn table(&self) -> String {
+    /// A table in the style of `perf kvm stat`: number, name, count, share, latencies. Custom
+    /// numbers are named after their handler in `custom`, if given.
+    pub fn table(&self, custom: Option<&crate::table::HypercallTable>) -> String {
         use std::fmt::Write;
         let total = self.total_hypercalls().max(1);
         let mut out = String::new();
@@ -131,7 +132,11 @@ impl VcpuStats {
                 out,
                 "{:>10}  {:<24} {:>10} {:>6.2}% {:>10} {:>10} {:>10} {:>10}",
                 nr,
-                vmcall_abi::hc::name(*nr).unwrap_or("-"),
+                custom
+                    .and_then(|t| t.get(*nr))
+                    .map(|e| e.name.to_string())
+                    .or_else(|| vmcall_abi::hc::name(*nr).map(String::from))
+                    .unwrap_or_else(|| "-".into()),
                 l.count,
                 100.0 * l.count as f64 / total as f64,
                 fmt_ns(l.min_ns),
@@ -191,6 +196,9 @@ mod tests {
         assert_eq!(a.hypercalls[&1].count, 2);
         assert_eq!(a.hypercalls[&1].min_ns, 10);
         assert_eq!(a.total_hypercalls(), 3);
-        assert!(a.table().contains("KVM_HC_VAPIC_POLL_IRQ"));
+        assert!(a.table(None).contains("KVM_HC_VAPIC_POLL_IRQ"));
+        let t = crate::table::HypercallTable::new();
+        t.register(20, "my-handler", |_: &crate::hypercall::Call<'_>| Ok(0)).unwrap();
+        assert!(a.table(Some(&t)).contains("my-handler"));
     }
 }

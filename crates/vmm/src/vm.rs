@@ -244,12 +244,13 @@ impl Shared {
         }
     }
 
-    pub(crate) fn console_write(&self, byte: u8) {
-        let mut c = self.console.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = c.write_all(&[byte]);
-        if byte == b'\n' {
-            let _ = c.flush();
+    pub(crate) fn console_write(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
         }
+        let mut c = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = c.write_all(bytes);
+        let _ = c.flush();
     }
 
     pub(crate) fn stopping(&self) -> bool {
@@ -437,6 +438,7 @@ impl Vm {
 
 fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
     let mut stats = VcpuStats::default();
+    let mut line = Vec::new();
     while !shared.stopping() {
         let exit = match vcpu.run() {
             Ok(exit) => exit,
@@ -445,10 +447,17 @@ fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
                 break;
             }
         };
-        let mut ctx = ExitContext { vcpu_id: id, vcpu: &mut *vcpu, shared, stats: &mut stats };
+        let mut ctx = ExitContext {
+            vcpu_id: id,
+            vcpu: &mut *vcpu,
+            shared,
+            stats: &mut stats,
+            line: &mut line,
+        };
         match handle_exit(&mut ctx, &exit) {
             Ok(Flow::Continue) => {}
             Ok(Flow::Halt) => {
+                shared.console_write(&std::mem::take(&mut line));
                 if !shared.halt(id) {
                     break;
                 }
@@ -464,5 +473,6 @@ fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
             }
         }
     }
+    shared.console_write(&line);
     stats
 }

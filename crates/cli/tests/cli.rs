@@ -1,0 +1,145 @@
+//! The `vmcall` command as a user meets it: exit statuses, error messages, help.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn vmcall(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmcall")).args(args).output().expect("run vmcall")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn guest(name: &str) -> &'static str {
+    vmcall_test_guests::path(name).expect("guest exists")
+}
+
+/// Whether KVM runs guests here; says so visibly when it does not.
+fn kvm_available(test: &str) -> bool {
+    match vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto) {
+        Ok(_) => true,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn help_lists_commands_and_options() {
+    let (out, _) = text(&vmcall(&["--help"]));
+    for word in ["run", "demo", "info", "124", "125"] {
+        assert!(out.contains(word), "--help lacks {word}:\n{out}");
+    }
+    let (out, _) = text(&vmcall(&["run", "--help"]));
+    for word in [
+        "--hypercall",
+        "--override",
+        "--memory",
+        "--vcpus",
+        "--timeout",
+        "--trap",
+        "--stats",
+        "--trace",
+        "const:V",
+    ] {
+        assert!(out.contains(word), "run --help lacks {word}:\n{out}");
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let o = vmcall(&["run", "/nonexistent/guest.elf"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o).1.contains("cannot read guest '/nonexistent/guest.elf'"), "{:?}", text(&o));
+
+    let o = vmcall(&["run", concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = text(&o).1;
+    assert!(err.contains("invalid guest ELF") && err.contains("not an ELF file"), "{err}");
+
+    for (args, want) in [
+        (&["run", "x", "--hypercall", "20=bogus"][..], "unknown handler kind 'bogus'"),
+        (&["run", "x", "--hypercall", "20"][..], "expected NR=HANDLER"),
+        (&["run", "x", "--memory", "12Q"][..], "unknown size unit"),
+        (&["run", "x", "--timeout", "soon"][..], "not a duration"),
+        (&["run", "x", "--backend", "qemu"][..], "invalid value 'qemu'"),
+        (&["run", "x", "--hypercall", "20=errno:EWHAT"][..], "unknown error name 'EWHAT'"),
+        (&["frobnicate"][..], "unrecognized subcommand"),
+    ] {
+        let o = vmcall(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(text(&o).1.contains(want), "{args:?}: {}", text(&o).1);
+    }
+}
+
+#[test]
+fn shadowing_a_standard_number_needs_override() {
+    let o = vmcall(&["run", guest("demo"), "--hypercall", "1=const:5"]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = text(&o).1;
+    assert!(err.contains("KVM_HC_VAPIC_POLL_IRQ") && err.contains("--override"), "{err}");
+}
+
+#[test]
+fn without_kvm_the_error_says_why() {
+    let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
+        .args(["run", guest("demo")])
+        .env("VMCALL_NO_KVM", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o).1.contains("KVM is disabled by VMCALL_NO_KVM"), "{}", text(&o).1);
+}
+
+#[test]
+fn runs_guests_and_passes_their_status_through() {
+    if !kvm_available("runs_guests_and_passes_their_status_through") {
+        return;
+    }
+    let o = vmcall(&["demo", "--stats", "--timeout", "60s"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{out}");
+    assert!(err.contains("trap=rewrite") && err.contains("KVM_HC_VAPIC_POLL_IRQ"), "{err}");
+
+    let o =
+        vmcall(&["run", guest("calls"), "--hypercall", "20=const:0x100000000", "--", "5", "20"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    // const 0x1_0000_0000 is tag 1 with low bits 0: only the call with i = 0 matches.
+    assert!(out.contains("calls n=5 tag1=1 tag2=0 tag3=0 enosys=0 wrong=4"), "{out}");
+
+    let o = vmcall(&["run", guest("bad"), "--", "panic"]);
+    assert_eq!(o.status.code(), Some(101), "{:?}", text(&o));
+
+    let o = vmcall(&["run", guest("bad"), "--", "null"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(text(&o).1.contains("#PF page fault (vector 14)"), "{}", text(&o).1);
+
+    let o = vmcall(&["run", guest("bad"), "--timeout", "1s", "--", "loop"]);
+    assert_eq!(o.status.code(), Some(124));
+    assert!(text(&o).1.contains("did not finish within 1s"), "{}", text(&o).1);
+
+    let o = vmcall(&[
+        "run",
+        guest("demo"),
+        "--trace",
+        "--hypercall",
+        "20=log",
+        "--hypercall",
+        "21=errno:EINVAL",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains("hypercall 21(1, 2, 3, 4)   -> -22"), "{out}");
+    assert!(err.contains("vCPU 0 hypercall 20 (64-bit) a0=0x29"), "log handler output: {err}");
+    assert!(
+        err.contains("hypercall") && err.contains("nr=20") && err.contains("ret=-22"),
+        "trace: {err}"
+    );
+}

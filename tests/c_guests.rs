@@ -1,0 +1,53 @@
+//! C guests written the Linux way: seed.c uses its own inline `vmcall` at several sites,
+//! hello.c the header's `kvm_hypercall0..4`. Both must get KVM's answers and the registered
+//! handler's result, on every backend.
+
+use std::sync::Arc;
+
+use vmcall_conformance::{backends, run};
+use vmcall_vmm::hypercall::Call;
+use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::vm::RunStatus;
+
+fn table() -> Arc<HypercallTable> {
+    let t = Arc::new(HypercallTable::new());
+    t.register(20, "my_vmcall", |c: &Call<'_>| Ok(c.args[0] * 2 + 1)).unwrap();
+    t.register(21, "weighted", |c: &Call<'_>| {
+        Ok(c.args[0] + 10 * c.args[1] + 100 * c.args[2] + 1000 * c.args[3])
+    })
+    .unwrap();
+    t
+}
+
+#[test]
+fn seed_style_c_guest() {
+    for b in backends("seed_style_c_guest") {
+        let out = run(b.hv.as_ref(), "c-seed", "", table());
+        out.expect_status(RunStatus::Exited(0), &b.name);
+        let lines: Vec<&str> = out.console.lines().collect();
+        assert_eq!(
+            lines,
+            ["nr=1 ret=0", "nr=20 arg=41 ret=83", "nr=999 ret=-1000", "cpl3 nr=20 ret=-1"],
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[test]
+fn c_guest_using_kvm_hypercall_n() {
+    for b in backends("c_guest_using_kvm_hypercall_n") {
+        let out = run(b.hv.as_ref(), "c-hello", "", table());
+        out.expect_status(RunStatus::AllHalted, &b.name);
+        for want in
+            ["nr=1 ret=0", "nr=20 arg=41 ret=83", "nr=999 ret=-1000", "nr=21 arg=1,2,3,4 ret=4321"]
+        {
+            assert!(
+                out.console.lines().any(|l| l == want),
+                "{}: no {want:?} in\n{}",
+                b.name,
+                out.console
+            );
+        }
+    }
+}
