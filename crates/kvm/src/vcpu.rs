@@ -318,50 +318,47 @@ impl Vcpu for KvmVcpu {
     }
 }
 
+/// Build `$ty` from `$from` field by field (the two register structs share field names).
+macro_rules! copy_fields {
+    ($from:expr, $ty:ident { $($f:ident),* $(,)? }) => {
+        $ty { $($f: $from.$f),* }
+    };
+}
+
+macro_rules! gprs {
+    ($from:expr, $ty:ident) => {
+        copy_fields!(
+            $from,
+            $ty {
+                rax,
+                rbx,
+                rcx,
+                rdx,
+                rsi,
+                rdi,
+                rsp,
+                rbp,
+                r8,
+                r9,
+                r10,
+                r11,
+                r12,
+                r13,
+                r14,
+                r15,
+                rip,
+                rflags
+            }
+        )
+    };
+}
+
 pub(crate) fn regs_to_kvm(r: &Regs) -> kvm_regs {
-    kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
+    gprs!(r, kvm_regs)
 }
 
 pub(crate) fn regs_from_kvm(r: &kvm_regs) -> Regs {
-    Regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
+    gprs!(r, Regs)
 }
 
 pub(crate) fn segment_to_kvm(s: &Segment) -> kvm_segment {
