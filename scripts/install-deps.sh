@@ -6,6 +6,9 @@ set -euo pipefail
 missing=()
 command -v gcc >/dev/null || missing+=(gcc)
 command -v ld >/dev/null || missing+=(binutils)
+# The software-CPU backend builds the unicorn engine from source.
+command -v cmake >/dev/null || missing+=(cmake)
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -20,6 +20,10 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Backend {
     pub name: String,
     pub hv: Box<dyn Hypervisor>,
+    /// Whether vmcall itself sees every hypercall, CPL 3 ones included. Under `--trap ud`
+    /// (and `hwbp`'s #UD fallback) kvm_pvm answers a CPL 3 VMMCALL -KVM_EPERM in the kernel,
+    /// so the guest gets the same answer but vmcall's statistics never count it.
+    pub sees_every_call: bool,
 }
 
 /// Print a line that `cargo test` shows even for passing tests (it captures only the print
@@ -28,18 +32,30 @@ pub fn visible(msg: &str) {
     let _ = writeln!(std::io::stderr(), "{msg}");
 }
 
-/// Every backend configuration available here: KVM with each trap strategy. Unavailable ones
-/// are skipped with a visible message saying why.
+/// Every backend configuration available here: KVM with each trap strategy, and the software
+/// CPU. Unavailable ones are skipped with a visible message saying why.
 pub fn backends(test: &str) -> Vec<Backend> {
     let mut out = Vec::new();
     for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp] {
         match KvmHypervisor::open(trap) {
-            Ok(hv) => out.push(Backend { name: format!("kvm/{}", trap.name()), hv: Box::new(hv) }),
+            Ok(hv) => out.push(Backend {
+                name: format!("kvm/{}", trap.name()),
+                hv: Box::new(hv),
+                sees_every_call: trap == Trap::Rewrite,
+            }),
             Err(e) => {
                 visible(&format!("SKIP {test} on kvm/{}: {e}", trap.name()));
             }
         }
     }
+    #[cfg(feature = "emu")]
+    out.push(Backend {
+        name: "emu".into(),
+        hv: Box::new(vmcall_emu::EmuHypervisor::new()),
+        sees_every_call: true,
+    });
+    #[cfg(not(feature = "emu"))]
+    visible(&format!("SKIP {test} on emu: built without the `emu` feature"));
     if out.is_empty() {
         visible(&format!("SKIP {test}: no backend available on this machine"));
     }

@@ -9,16 +9,31 @@ use vmcall_vmm::loader::minimal_elf;
 use vmcall_vmm::table::HypercallTable;
 use vmcall_vmm::vm::{RunStatus, VmBuilder};
 
-/// The backend named by `--backend` (and `--trap` for KVM).
+/// The backend named by `--backend` (and `--trap` for KVM). `auto` takes KVM whenever
+/// `/dev/kvm` is usable — even a software KVM, where the emulator runs guest code faster,
+/// because KVM is the hypervisor path people build for — and otherwise the software CPU,
+/// saying why on stderr.
 pub fn select(backend: &str, trap: &str) -> Result<Box<dyn Hypervisor>, String> {
     match backend {
-        "kvm" | "auto" => kvm(trap).map_err(|e| {
-            format!(
-                "{e}\n  (no other backend is built in yet; the software CPU backend is planned)"
-            )
+        "kvm" => kvm(trap),
+        "emu" => emu(),
+        "auto" => kvm(trap).or_else(|why| {
+            let hv = emu().map_err(|e| format!("no backend available: {why}; {e}"))?;
+            eprintln!("vmcall: {why}; using the software CPU backend (--backend emu)");
+            Ok(hv)
         }),
         other => Err(format!("unknown backend '{other}'")),
     }
+}
+
+#[cfg(feature = "emu")]
+fn emu() -> Result<Box<dyn Hypervisor>, String> {
+    Ok(Box::new(vmcall_emu::EmuHypervisor::new()))
+}
+
+#[cfg(not(feature = "emu"))]
+fn emu() -> Result<Box<dyn Hypervisor>, String> {
+    Err("this vmcall was built without the software CPU backend (feature 'emu')".into())
 }
 
 #[cfg(feature = "kvm")]
@@ -85,22 +100,50 @@ pub fn print_info() {
     };
     println!("vmcall {}", env!("CARGO_PKG_VERSION"));
     println!("host CPU vendor:    {vendor}");
-    print_kvm_info();
+    let kvm_ok = print_kvm_info();
+    let emu_ok = print_emu_info();
+    let auto = match (kvm_ok, emu_ok) {
+        (true, _) => "kvm (a usable /dev/kvm is always preferred; on a software KVM, --backend emu runs guest code faster)",
+        (false, true) => "emu (no usable /dev/kvm)",
+        (false, false) => "none: no backend can run here",
+    };
+    println!("--backend auto:     {auto}");
+}
+
+#[cfg(feature = "emu")]
+fn print_emu_info() -> bool {
+    let hv = vmcall_emu::EmuHypervisor::new();
+    let verdict = match probe(&hv) {
+        Ok(t) => format!("works ({:.1} ms for the probe VM)", t.as_secs_f64() * 1e3),
+        Err(e) => format!("fails: {e}"),
+    };
+    println!(
+        "emu backend:        unicorn {} software CPU (GPL-2.0); probe {verdict}",
+        vmcall_emu::unicorn_version()
+    );
+    true
+}
+
+#[cfg(not(feature = "emu"))]
+fn print_emu_info() -> bool {
+    println!("emu backend:        not built (feature 'emu' off)");
+    false
 }
 
 #[cfg(not(feature = "kvm"))]
-fn print_kvm_info() {
+fn print_kvm_info() -> bool {
     println!("kvm backend:        not built (feature 'kvm' off)");
+    false
 }
 
 #[cfg(feature = "kvm")]
-fn print_kvm_info() {
+fn print_kvm_info() -> bool {
     use vmcall_kvm::{KvmHypervisor, Trap};
     let hv = match KvmHypervisor::open(Trap::Auto) {
         Ok(hv) => hv,
         Err(e) => {
             println!("kvm backend:        unavailable: {}", chain(&e));
-            return;
+            return false;
         }
     };
     let c = hv.capabilities();
@@ -114,7 +157,8 @@ fn print_kvm_info() {
     println!("  KVM_CAP_XEN_HVM (intercept):    {}", yes(c.xen_hvm));
     if c.pvm {
         println!("  note: this is kvm_pvm, a software KVM: guest code runs ~200x slower than on");
-        println!("        hardware KVM, and a hypercall reaching its kernel handler never returns");
+        println!("        hardware KVM (and than on --backend emu), and a hypercall reaching its");
+        println!("        kernel handler never returns");
     }
     println!("trap strategies (probe: a guest making one VMCALL and one VMMCALL):");
     for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp] {
@@ -128,5 +172,6 @@ fn print_kvm_info() {
         println!("  {:<8} {verdict}", trap.name());
     }
     println!("  xen      unavailable: needs KVM_CAP_XEN_HVM (not implemented by vmcall yet)");
-    println!("auto uses: rewrite (fastest; #UD catches the rest)");
+    println!("  --trap auto uses: rewrite (fastest; #UD catches the rest)");
+    true
 }

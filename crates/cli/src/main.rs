@@ -58,8 +58,9 @@ struct RunArgs {
 
 #[derive(Args, Debug)]
 struct VmArgs {
-    /// Backend: auto picks the best available (kvm).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm"])]
+    /// Backend: kvm (/dev/kvm), emu (software CPU), or auto: kvm when /dev/kvm is usable,
+    /// else emu.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "emu"])]
     backend: String,
     /// How the KVM backend traps hypercalls: auto, rewrite, ud or hwbp (docs/kvm-backend.md).
     #[arg(long, default_value = "auto", value_name = "STRATEGY")]

@@ -86,26 +86,61 @@ fn shadowing_a_standard_number_needs_override() {
 }
 
 #[test]
-fn without_kvm_the_error_says_why() {
-    let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
-        .args(["run", guest("demo")])
-        .env("VMCALL_NO_KVM", "1")
-        .output()
-        .unwrap();
+fn without_kvm_auto_falls_back_to_the_emulator_and_says_why() {
+    let run = |backend: &str| {
+        Command::new(env!("CARGO_BIN_EXE_vmcall"))
+            .args(["demo", "--backend", backend])
+            .env("VMCALL_NO_KVM", "1")
+            .output()
+            .unwrap()
+    };
+    let o = run("kvm");
     assert_eq!(o.status.code(), Some(125));
     assert!(text(&o).1.contains("KVM is disabled by VMCALL_NO_KVM"), "{}", text(&o).1);
+    let o = run("auto");
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("KVM is disabled by VMCALL_NO_KVM; using the software CPU backend"),
+        "{err}"
+    );
+    assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{out}");
 }
 
 #[test]
+fn the_emulator_runs_guests_anywhere() {
+    let o = vmcall(&[
+        "run",
+        guest("modes"),
+        "--backend",
+        "emu",
+        "--hypercall",
+        "20=echo",
+        "--hypercall",
+        "21=const:7",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("emu backend: unicorn"), "{err}");
+    assert!(out.contains("cpl3 vmcall nr=20 ret=-1"), "{out}");
+    let o = vmcall(&["run", guest("bad"), "--backend", "emu", "--timeout", "1s", "--", "loop"]);
+    assert_eq!(o.status.code(), Some(124), "{:?}", text(&o));
+}
+
+/// On the best backend here (`--backend auto`): KVM, or the software CPU without /dev/kvm.
+#[test]
 fn runs_guests_and_passes_their_status_through() {
-    if !kvm_available("runs_guests_and_passes_their_status_through") {
-        return;
-    }
     let o = vmcall(&["demo", "--stats", "--timeout", "60s"]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
     assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{out}");
-    assert!(err.contains("trap=rewrite") && err.contains("KVM_HC_VAPIC_POLL_IRQ"), "{err}");
+    assert!(err.contains("KVM_HC_VAPIC_POLL_IRQ") && err.contains("my_vmcall"), "{err}");
+    let backend = if kvm_available("runs_guests_and_passes_their_status_through on kvm") {
+        "kvm backend: trap=rewrite"
+    } else {
+        "emu backend: unicorn"
+    };
+    assert!(err.contains(backend), "{err}");
 
     let o =
         vmcall(&["run", guest("calls"), "--hypercall", "20=const:0x100000000", "--", "5", "20"]);

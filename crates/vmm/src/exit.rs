@@ -92,16 +92,21 @@ fn handle_io(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunErro
             Ok(Flow::Continue)
         }
         VcpuExit::IoIn { port, size } => {
-            let value = match port {
-                // Line status: transmitter empty, so polling guests never wait.
-                p if p == ports::COM1 + 5 => 0x60,
-                p if (ports::COM1..=ports::COM1_END).contains(&p) => 0,
-                _ => u32::MAX >> (32 - 8 * u32::from(size.clamp(1, 4))),
-            };
-            ctx.vcpu.complete_io_in(value).map_err(backend(ctx.vcpu_id))?;
+            ctx.vcpu.complete_io_in(port_in(port, size)).map_err(backend(ctx.vcpu_id))?;
             Ok(Flow::Continue)
         }
         _ => unreachable!("dispatched by reason"),
+    }
+}
+
+/// What a port read returns: COM1's line status says "transmitter empty" (so polling guests
+/// never wait), its other registers read 0, and unclaimed ports read all ones as on a PC.
+/// Backends that must answer a read synchronously (the emulator) call this too.
+pub fn port_in(port: u16, size: u8) -> u32 {
+    match port {
+        p if p == ports::COM1 + 5 => 0x60,
+        p if (ports::COM1..=ports::COM1_END).contains(&p) => 0,
+        _ => u32::MAX >> (32 - 8 * u32::from(size.clamp(1, 4))),
     }
 }
 

@@ -1,0 +1,64 @@
+//! vmcall's software-CPU backend: one unicorn engine (QEMU's TCG) per vCPU, all over the same
+//! guest RAM, behind the same backend trait as KVM.
+//!
+//! VMCALL and VMMCALL are trapped exactly where they execute, with no rewriting: unicorn raises
+//! an invalid-instruction event for both, at any CPL and in any mode; this backend reports it
+//! as a hypercall exit and the VMM's one dispatcher answers it. See `docs/emu-backend.md`.
+//!
+//! This crate links the unicorn engine and is therefore GPL-2.0; the rest of vmcall is not.
+
+mod uc;
+mod vcpu;
+
+use std::sync::Arc;
+
+use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, Vcpu, VmBackend};
+use vmcall_vmm::boot::VcpuInit;
+use vmcall_vmm::memory::GuestRam;
+
+/// The software-CPU backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EmuHypervisor;
+
+impl EmuHypervisor {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// The version of the unicorn engine built in, e.g. "2.1.3".
+pub fn unicorn_version() -> String {
+    use unicorn_engine::unicorn_const::{VERSION_MAJOR, VERSION_MINOR, VERSION_PATCH};
+    format!("{VERSION_MAJOR}.{VERSION_MINOR}.{VERSION_PATCH}")
+}
+
+struct EmuVm {
+    ram: Arc<GuestRam>,
+}
+
+impl Hypervisor for EmuHypervisor {
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn create_vm(
+        &self,
+        ram: Arc<GuestRam>,
+        _guest: &GuestInfo,
+    ) -> Result<Box<dyn VmBackend>, BackendError> {
+        Ok(Box::new(EmuVm { ram }))
+    }
+}
+
+impl VmBackend for EmuVm {
+    fn create_vcpu(&self, _id: u32, init: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError> {
+        Ok(Box::new(vcpu::EmuVcpu::new(self.ram.clone(), *init)))
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "unicorn {} software CPU (VMCALL/VMMCALL trapped where they execute, no rewriting)",
+            unicorn_version()
+        )
+    }
+}

@@ -1,0 +1,106 @@
+//! The few unicorn calls the safe binding gets wrong, done through its C API with the right
+//! structs. (In unicorn-engine 2.1.5 `reg_write(MSR/GDTR, u64)` hands C an 8-byte value where
+//! it reads a 16- or 24-byte struct, and `reg_read_long(GDTR)` under-allocates.)
+
+use core::ffi::c_void;
+
+use unicorn_engine::{
+    uc_error, uc_reg_read, uc_reg_write, uc_x86_mmr, uc_x86_msr, RegisterX86, Unicorn,
+};
+
+/// Write a descriptor-table or segment register (GDTR, IDTR, TR, LDTR).
+pub fn write_mmr<D>(
+    uc: &mut Unicorn<'_, D>,
+    reg: RegisterX86,
+    mmr: uc_x86_mmr,
+) -> Result<(), uc_error> {
+    let ptr = &mmr as *const uc_x86_mmr as *const c_void;
+    // SAFETY: for these registers uc_reg_write reads exactly one uc_x86_mmr from `ptr`, which
+    // points at a live local; the handle is this engine's own.
+    unsafe { uc_reg_write(uc.get_handle(), reg as i32, ptr) }.into()
+}
+
+/// Read a descriptor-table register (GDTR, IDTR).
+pub fn read_mmr<D>(uc: &Unicorn<'_, D>, reg: RegisterX86) -> Result<uc_x86_mmr, uc_error> {
+    let mut mmr = uc_x86_mmr { selector: 0, base: 0, limit: 0, flags: 0 };
+    let ptr = &mut mmr as *mut uc_x86_mmr as *mut c_void;
+    // SAFETY: uc_reg_read writes exactly one uc_x86_mmr to `ptr`, a live local.
+    unsafe { uc_reg_read(uc.get_handle(), reg as i32, ptr) }.and(Ok(mmr))
+}
+
+/// Write a model-specific register.
+pub fn write_msr<D>(uc: &mut Unicorn<'_, D>, index: u32, value: u64) -> Result<(), uc_error> {
+    let msr = uc_x86_msr { rid: index, value };
+    let ptr = &msr as *const uc_x86_msr as *const c_void;
+    // SAFETY: for RegisterX86::MSR uc_reg_write reads one uc_x86_msr from `ptr`, a live local.
+    unsafe { uc_reg_write(uc.get_handle(), RegisterX86::MSR as i32, ptr) }.into()
+}
+
+/// Read a model-specific register.
+pub fn read_msr<D>(uc: &Unicorn<'_, D>, index: u32) -> Result<u64, uc_error> {
+    let mut msr = uc_x86_msr { rid: index, value: 0 };
+    let ptr = &mut msr as *mut uc_x86_msr as *mut c_void;
+    // SAFETY: for RegisterX86::MSR uc_reg_read reads `rid` and writes `value` of the one
+    // uc_x86_msr at `ptr`, a live local.
+    unsafe { uc_reg_read(uc.get_handle(), RegisterX86::MSR as i32, ptr) }.and(Ok(msr.value))
+}
+
+/// Answer the guest's CPUID for the leaves that must match the KVM backend, so that a guest
+/// behaves the same on both: leaf 0 gives the host's vendor (which picks VMCALL or VMMCALL),
+/// leaves 0x40000000/1 the KVM signature. Other leaves are the emulated CPU's own, which
+/// describe what it can actually run (so leaf 1's initial APIC id is 0 on every vCPU here:
+/// guests learn their id from `BootInfo::vcpu_id`).
+///
+/// Registered through the C API because the binding's `add_insn_sys_hook` gives the callback no
+/// return value, while unicorn reads one (non-zero: "the hook answered, skip CPUID").
+pub fn add_cpuid_hook<D>(uc: &mut Unicorn<'_, D>) -> Result<(), uc_error> {
+    let mut hook: unicorn_engine::uc_hook = 0;
+    // SAFETY: `on_cpuid` has the C signature unicorn calls CPUID hooks with
+    // (`uc_cb_insn_cpuid_t`) and ignores its user data; the range 1..0 means "every address";
+    // the variadic argument names the instruction, as uc_hook_add requires for UC_HOOK_INSN.
+    unsafe {
+        unicorn_engine::uc_hook_add(
+            uc.get_handle(),
+            &mut hook,
+            unicorn_engine::unicorn_const::HookType::INSN.0 as i32,
+            on_cpuid as *mut c_void,
+            core::ptr::null_mut(),
+            1,
+            0,
+            unicorn_engine::unicorn_const::X86Insn::CPUID as u32,
+        )
+    }
+    .into()
+}
+
+extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, _user_data: *mut c_void) -> i32 {
+    let read = |reg: RegisterX86| {
+        let mut v = 0u64;
+        // SAFETY: `uc` is the engine calling this hook; a GPR read writes one u64.
+        unsafe { uc_reg_read(uc, reg as i32, (&mut v as *mut u64).cast()) };
+        v as u32
+    };
+    let (leaf, _subleaf) = (read(RegisterX86::EAX), read(RegisterX86::ECX));
+    let answer: [u32; 4] = match leaf {
+        0 => {
+            let host = std::arch::x86_64::__cpuid(0);
+            // Keep the emulated CPU's own maximum leaf, with the host's vendor string.
+            [0xd, host.ebx, host.ecx, host.edx]
+        }
+        vmcall_abi::cpuid::KVM_CPUID_SIGNATURE => {
+            let [b, c, d] = vmcall_abi::cpuid::KVM_SIGNATURE;
+            [vmcall_abi::cpuid::KVM_CPUID_FEATURES, b, c, d]
+        }
+        vmcall_abi::cpuid::KVM_CPUID_FEATURES => [0, 0, 0, 0],
+        _ => return 0,
+    };
+    for (reg, v) in [RegisterX86::RAX, RegisterX86::RBX, RegisterX86::RCX, RegisterX86::RDX]
+        .into_iter()
+        .zip(answer)
+    {
+        let v = u64::from(v);
+        // SAFETY: `uc` is the engine calling this hook; a GPR write reads one u64.
+        unsafe { uc_reg_write(uc, reg as i32, (&v as *const u64).cast()) };
+    }
+    1
+}

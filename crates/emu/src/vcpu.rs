@@ -1,0 +1,356 @@
+//! One emulated vCPU: a unicorn engine over the shared guest RAM, whose hooks turn what the
+//! guest does into vmcall's neutral exits.
+//!
+//! Unicorn stops only at the end of a translation block, so a hook may fire more than once
+//! before `emu_start` returns: hooks queue exits in order, and `run` hands them out one at a
+//! time. Hooks stop the engine for what needs an answer or ends the run (hypercalls, faults,
+//! the exit port); console writes are only queued (up to [`QUEUE_STOP`]) and reach the VMM at
+//! the next stop, in order.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use unicorn_engine::unicorn_const::{uc_error, Arch, HookType, MemType, Mode, Prot};
+use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
+use vmcall_abi::{insn, ports};
+use vmcall_vmm::backend::{BackendError, GuestFault, Interrupter, Vcpu, VcpuExit};
+use vmcall_vmm::boot::{self, VcpuInit};
+use vmcall_vmm::exit::port_in;
+use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
+use vmcall_vmm::memory::GuestRam;
+use vmcall_vmm::regs::{CpuMode, DescriptorTable, Regs};
+
+use crate::uc::{add_cpuid_hook, read_mmr, read_msr, write_mmr, write_msr};
+
+const MSR_EFER: u32 = 0xc000_0080;
+const MSR_TSC: u32 = 0x10;
+/// QEMU's cached TR flags for a present, available 64-bit TSS (what `ltr` leaves there).
+const TR_FLAGS_TSS64: u32 = (1 << 15) | (0x9 << 8);
+/// Stop the engine once this many exits are queued, so output flows even from a guest that
+/// never stops for anything else.
+const QUEUE_STOP: usize = 256;
+
+/// What the hooks share with `run`.
+struct HookState {
+    ram: Arc<GuestRam>,
+    queue: VecDeque<VcpuExit>,
+    /// A hook asked the engine to stop (the queue ends with the reason).
+    stopped_by_hook: bool,
+}
+
+impl HookState {
+    /// Queue the exit that stops the engine.
+    fn stop_with(&mut self, exit: VcpuExit) {
+        self.queue.push_back(exit);
+        self.stopped_by_hook = true;
+    }
+}
+
+type Engine<'a> = Unicorn<'a, HookState>;
+
+/// The engine handle, for stopping it from another thread.
+struct StopHandle(*mut uc_engine);
+
+// SAFETY: the handle is only passed to `uc_emu_stop`, which unicorn documents as callable
+// from another thread while the engine runs (its own timeout thread does exactly this); the
+// engine outlives every use because `EmuVcpu` clears the handle before dropping the engine.
+unsafe impl Send for StopHandle {}
+
+struct StopState {
+    handle: Mutex<Option<StopHandle>>,
+    /// Set by `interrupt`; a stop that lands before `emu_start` begins is lost inside unicorn,
+    /// so `run` checks this flag too.
+    requested: AtomicBool,
+}
+
+struct EmuInterrupter(Arc<StopState>);
+
+impl Interrupter for EmuInterrupter {
+    fn interrupt(&self) {
+        self.0.requested.store(true, Ordering::SeqCst);
+        let handle = self.0.handle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = handle.as_ref() {
+            // SAFETY: see `StopHandle`: the engine is alive while the handle is installed.
+            unsafe { unicorn_engine::uc_emu_stop(h.0) };
+        }
+    }
+}
+
+pub(crate) struct EmuVcpu {
+    /// Created on the vCPU's own thread at the first `run`, since unicorn engines are not
+    /// `Send`; declared first so it is dropped before RAM.
+    engine: Option<Engine<'static>>,
+    ram: Arc<GuestRam>,
+    init: VcpuInit,
+    stop: Arc<StopState>,
+    /// RIP of the hypercall being answered.
+    pending_hypercall: Option<u64>,
+}
+
+// SAFETY: an `EmuVcpu` is moved to its vCPU thread before any method is called (the VMM's
+// contract for `Vcpu`), and the engine — the only non-`Send` part — is created there, at the
+// first `run`, and never leaves that thread.
+unsafe impl Send for EmuVcpu {}
+
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        *self.stop.handle.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+fn uc_err(what: &'static str) -> impl FnOnce(uc_error) -> BackendError {
+    move |e| BackendError::new(format!("unicorn: {what}: {e:?}"))
+}
+
+impl EmuVcpu {
+    pub(crate) fn new(ram: Arc<GuestRam>, init: VcpuInit) -> Self {
+        let stop =
+            Arc::new(StopState { handle: Mutex::new(None), requested: AtomicBool::new(false) });
+        Self { engine: None, ram, init, stop, pending_hypercall: None }
+    }
+
+    /// The next queued exit, running the engine when none is queued.
+    fn next_exit(&mut self) -> Result<VcpuExit, BackendError> {
+        let stop = self.stop.clone();
+        let uc = self.engine()?;
+        if let Some(exit) = uc.get_data_mut().queue.pop_front() {
+            return Ok(exit);
+        }
+        if stop.requested.swap(false, Ordering::SeqCst) {
+            return Ok(VcpuExit::Interrupted);
+        }
+        let start = uc.reg_read(R::RIP).map_err(uc_err("RIP"))?;
+        uc.get_data_mut().stopped_by_hook = false;
+        let result = uc.emu_start(start, 0, 0, 0);
+        if !uc.get_data().stopped_by_hook {
+            // Nothing of ours stopped it: a HLT, an interrupt from another thread, or an error.
+            let rip = uc.reg_read(R::RIP).unwrap_or(0);
+            let mut last = [0u8; 1];
+            let after_hlt =
+                uc.get_data().ram.read(rip.wrapping_sub(1), &mut last).is_ok() && last[0] == 0xf4;
+            let end = match result {
+                Err(e) => VcpuExit::Unknown(format!("emulator error {e:?} at RIP {rip:#x}")),
+                Ok(()) if after_hlt => VcpuExit::Hlt,
+                Ok(()) if stop.requested.swap(false, Ordering::SeqCst) => VcpuExit::Interrupted,
+                Ok(()) => VcpuExit::Unknown(format!(
+                    "emulator stopped for no known reason at RIP {rip:#x}"
+                )),
+            };
+            uc.get_data_mut().queue.push_back(end);
+        }
+        Ok(uc.get_data_mut().queue.pop_front().expect("an exit was queued"))
+    }
+
+    fn engine(&mut self) -> Result<&mut Engine<'static>, BackendError> {
+        if self.engine.is_none() {
+            let engine = create_engine(&self.ram, &self.init)?;
+            *self.stop.handle.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(StopHandle(engine.get_handle()));
+            self.engine = Some(engine);
+        }
+        Ok(self.engine.as_mut().expect("just created"))
+    }
+}
+
+fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>, BackendError> {
+    let state = HookState { ram: ram.clone(), queue: VecDeque::new(), stopped_by_hook: false };
+    let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, state).map_err(uc_err("open"))?;
+    let (host, len) = ram.host_mapping();
+    // SAFETY: `host..host+len` is guest RAM's live mapping, and the engine never outlives it:
+    // `EmuVcpu` holds the `Arc<GuestRam>` and drops the engine first.
+    unsafe { uc.mem_map_ptr(0, len as u64, Prot::ALL, host.cast()) }
+        .map_err(uc_err("map guest RAM"))?;
+
+    let s = &init.sregs;
+    let mmr = |base: u64, limit: u32, selector: u16, flags: u32| uc_x86_mmr {
+        selector,
+        base,
+        limit,
+        flags,
+    };
+    write_mmr(&mut uc, R::GDTR, mmr(s.gdt.base, u32::from(s.gdt.limit), 0, 0))
+        .map_err(uc_err("GDTR"))?;
+    write_mmr(&mut uc, R::IDTR, mmr(s.idt.base, u32::from(s.idt.limit), 0, 0))
+        .map_err(uc_err("IDTR"))?;
+    // PAE before paging, paging before the segment loads that read the GDT through it.
+    uc.reg_write(R::CR4, s.cr4).map_err(uc_err("CR4"))?;
+    write_msr(&mut uc, MSR_EFER, s.efer).map_err(uc_err("EFER"))?;
+    uc.reg_write(R::CR3, s.cr3).map_err(uc_err("CR3"))?;
+    uc.reg_write(R::CR0, s.cr0).map_err(uc_err("CR0"))?;
+    for (reg, seg) in
+        [(R::CS, s.cs), (R::SS, s.ss), (R::DS, s.ds), (R::ES, s.es), (R::FS, s.fs), (R::GS, s.gs)]
+    {
+        uc.reg_write(reg, u64::from(seg.selector)).map_err(uc_err("segment"))?;
+    }
+    write_mmr(&mut uc, R::TR, mmr(s.tr.base, s.tr.limit, s.tr.selector, TR_FLAGS_TSS64))
+        .map_err(uc_err("TR"))?;
+    write_regs(&mut uc, &init.regs).map_err(uc_err("registers"))?;
+
+    add_cpuid_hook(&mut uc).map_err(uc_err("CPUID hook"))?;
+    uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
+    uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
+        let stop = port == u32::from(ports::PORT_EXIT);
+        let state = uc.get_data_mut();
+        state.queue.push_back(VcpuExit::IoOut { port: port as u16, size: size as u8, data: value });
+        if stop || state.queue.len() >= QUEUE_STOP {
+            state.stopped_by_hook = true;
+            let _ = uc.emu_stop();
+        }
+    })
+    .map_err(uc_err("hook"))?;
+    uc.add_insn_in_hook(|_: &mut Engine<'_>, port: u32, size: usize| {
+        port_in(port as u16, size as u8)
+    })
+    .map_err(uc_err("hook"))?;
+    uc.add_intr_hook(on_exception).map_err(uc_err("hook"))?;
+    uc.add_mem_hook(
+        HookType::MEM_UNMAPPED,
+        1,
+        0,
+        |uc: &mut Engine<'_>, kind: MemType, addr: u64, size: usize, _| {
+            let write = matches!(kind, MemType::WRITE_UNMAPPED);
+            uc.get_data_mut().stop_with(VcpuExit::Mmio { gpa: addr, write, len: size as u8 });
+            let _ = uc.emu_stop();
+            false
+        },
+    )
+    .map_err(uc_err("hook"))?;
+    Ok(uc)
+}
+
+macro_rules! gpr_list {
+    ($m:ident) => {
+        $m!(RAX rax, RBX rbx, RCX rcx, RDX rdx, RSI rsi, RDI rdi, RSP rsp, RBP rbp, R8 r8, R9 r9,
+            R10 r10, R11 r11, R12 r12, R13 r13, R14 r14, R15 r15, RIP rip, RFLAGS rflags)
+    };
+}
+
+fn write_regs(uc: &mut Engine<'_>, r: &Regs) -> Result<(), uc_error> {
+    macro_rules! write {
+        ($($reg:ident $field:ident),*) => { $(uc.reg_write(R::$reg, r.$field)?;)* };
+    }
+    gpr_list!(write);
+    Ok(())
+}
+
+fn read_regs(uc: &Engine<'_>) -> Result<Regs, uc_error> {
+    let mut r = Regs::default();
+    macro_rules! read {
+        ($($reg:ident $field:ident),*) => { $(r.$field = uc.reg_read(R::$reg)?;)* };
+    }
+    gpr_list!(read);
+    Ok(r)
+}
+
+/// The mode of code running with the current CS, from its descriptor in the guest's GDT
+/// (unicorn does not expose the descriptor cache).
+fn current_mode(uc: &Engine<'_>, ram: &GuestRam, cs: u16) -> CpuMode {
+    let Ok(gdtr) = read_mmr(uc, R::GDTR) else { return CpuMode::Long64 };
+    let gdt = DescriptorTable { base: gdtr.base, limit: gdtr.limit as u16 };
+    let efer = read_msr(uc, MSR_EFER).unwrap_or(boot::EFER_LMA);
+    let cr0 = uc.reg_read(R::CR0).unwrap_or(boot::CR0_PE);
+    boot::code_segment(ram, gdt, cs)
+        .map_or(CpuMode::Long64, |seg| CpuMode::from_cs(&seg, efer, cr0))
+}
+
+/// VMCALL and VMMCALL are invalid instructions to the emulator, at any CPL and in any mode.
+fn on_invalid(uc: &mut Engine<'_>) -> bool {
+    let rip = uc.reg_read(R::RIP).unwrap_or(0);
+    let cs = uc.reg_read(R::CS).unwrap_or(0) as u16;
+    let ram = uc.get_data().ram.clone();
+    let mut bytes = [0u8; 3];
+    let exit = if ram.read(rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes) {
+        let reg = |r: R| uc.reg_read(r).unwrap_or(0);
+        VcpuExit::Hypercall(HypercallExit {
+            nr: reg(R::RAX),
+            args: [reg(R::RBX), reg(R::RCX), reg(R::RDX), reg(R::RSI)],
+            cpl: (cs & 3) as u8,
+            mode: current_mode(uc, &ram, cs),
+            rip,
+            insn: if bytes == insn::VMCALL {
+                HypercallInsn::Vmcall
+            } else {
+                HypercallInsn::Vmmcall
+            },
+        })
+    } else {
+        VcpuExit::Fault(GuestFault {
+            vector: boot::UD_VECTOR,
+            error_code: None,
+            rip,
+            cs,
+            cr2: None,
+        })
+    };
+    uc.get_data_mut().stop_with(exit);
+    let _ = uc.emu_stop();
+    true
+}
+
+/// Unicorn reports CPU exceptions here instead of delivering them through the guest's IDT.
+/// Delivery is modelled as far as the outcome goes: with no present gate for the vector the
+/// CPU would escalate to a triple fault; with one (the VMM's stubs), the exception is a guest
+/// fault that ends the run, as on KVM.
+fn on_exception(uc: &mut Engine<'_>, intno: u32) {
+    let mut rip = uc.reg_read(R::RIP).unwrap_or(0);
+    let cs = uc.reg_read(R::CS).unwrap_or(0) as u16;
+    let ram = uc.get_data().ram.clone();
+    let vector = intno as u8;
+    if vector == 3 {
+        // A trap: RIP is already past `int3` (0xcc) or `int 3` (0xcd 0x03).
+        let mut b = [0u8; 1];
+        let one_byte = ram.read(rip.wrapping_sub(1), &mut b).is_ok() && b[0] == 0xcc;
+        rip = rip.wrapping_sub(if one_byte { 1 } else { 2 });
+    }
+    let gate_present = read_mmr(uc, R::IDTR).ok().is_some_and(|idtr| {
+        let at = u64::from(vector) * 16;
+        at + 15 <= u64::from(idtr.limit)
+            && ram.read_u64(idtr.base + at).is_ok_and(|low| low & (1 << 47) != 0)
+    });
+    let exit = if !gate_present || intno > 255 {
+        VcpuExit::Shutdown { rip }
+    } else {
+        let cr2 = (vector == 14).then(|| uc.reg_read(R::CR2).unwrap_or(0));
+        VcpuExit::Fault(GuestFault { vector, error_code: None, rip, cs, cr2 })
+    };
+    uc.get_data_mut().stop_with(exit);
+    let _ = uc.emu_stop();
+}
+
+impl Vcpu for EmuVcpu {
+    fn run(&mut self) -> Result<VcpuExit, BackendError> {
+        let exit = self.next_exit()?;
+        self.pending_hypercall = match &exit {
+            VcpuExit::Hypercall(hc) => Some(hc.rip),
+            _ => None,
+        };
+        Ok(exit)
+    }
+
+    fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError> {
+        let rip = self
+            .pending_hypercall
+            .take()
+            .ok_or_else(|| BackendError::new("no hypercall to complete"))?;
+        let uc = self.engine()?;
+        uc.reg_write(R::RAX, rax).map_err(uc_err("RAX"))?;
+        uc.reg_write(R::RIP, rip + insn::HYPERCALL_LEN).map_err(uc_err("RIP"))
+    }
+
+    fn complete_io_in(&mut self, _data: u32) -> Result<(), BackendError> {
+        Err(BackendError::new("the emulator answers port reads itself; no read is pending"))
+    }
+
+    fn regs(&mut self) -> Result<Regs, BackendError> {
+        read_regs(self.engine()?).map_err(uc_err("registers"))
+    }
+
+    fn guest_tsc(&mut self) -> u64 {
+        self.engine().ok().and_then(|uc| read_msr(uc, MSR_TSC).ok()).unwrap_or(0)
+    }
+
+    fn interrupter(&self) -> Arc<dyn Interrupter> {
+        Arc::new(EmuInterrupter(self.stop.clone()))
+    }
+}

@@ -1,0 +1,68 @@
+//! The same guest binaries on every backend give byte-identical console output, the same
+//! hypercall results and counts, and the same end.
+
+use std::sync::Arc;
+
+use vmcall_conformance::{backends, run, visible, Outcome};
+use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::hypercall::Call;
+use vmcall_vmm::table::{HypercallResult, HypercallTable};
+
+fn table() -> Arc<HypercallTable> {
+    let t = Arc::new(HypercallTable::new());
+    t.register(20, "echo", Builtin::Echo).unwrap();
+    t.register(21, "weighted", |c: &Call<'_>| {
+        Ok(c.args[0] + 10 * c.args[1] + 100 * c.args[2] + 1000 * c.args[3])
+    })
+    .unwrap();
+    t.register(30, "mem", |c: &Call<'_>| -> HypercallResult {
+        let v = c.mem.read_u64(c.args[0])?;
+        c.mem.write_u64(c.args[0] + 8, v + 1)?;
+        Ok(v)
+    })
+    .unwrap();
+    t
+}
+
+/// What must be identical between backends: console bytes, how the run ended, and (where
+/// the backend sees every call) the number of calls per hypercall number.
+fn fingerprint(o: &Outcome, counts: bool) -> (String, String, Option<Vec<(u64, u64)>>) {
+    let counts = counts.then(|| o.stats.hypercalls.iter().map(|(nr, l)| (*nr, l.count)).collect());
+    (o.console.clone(), format!("{:?}", o.result), counts)
+}
+
+#[test]
+fn every_backend_gives_identical_results() {
+    let all = backends("every_backend_gives_identical_results");
+    if all.len() < 2 {
+        visible("SKIP every_backend_gives_identical_results: fewer than two backends to compare");
+    }
+    for (guest, cmdline) in [
+        ("demo", ""),
+        ("conformance", ""),
+        ("modes", ""),
+        ("memory", ""),
+        ("calls", "300 20"),
+        ("c-seed", ""),
+        ("c-hello", ""),
+    ] {
+        type Fingerprint = (String, String, Option<Vec<(u64, u64)>>);
+        let mut reference: Option<(String, Fingerprint)> = None;
+        for b in &all {
+            let out = run(b.hv.as_ref(), guest, cmdline, table());
+            assert!(out.result.is_ok(), "{guest} on {}: {:?}\n{}", b.name, out.result, out.console);
+            let fp = fingerprint(&out, true);
+            match &reference {
+                None => reference = Some((b.name.clone(), fp)),
+                Some((ref_name, ref_fp)) => {
+                    let (fp, ref_fp) = if b.sees_every_call {
+                        (fp, ref_fp.clone())
+                    } else {
+                        (fingerprint(&out, false), (ref_fp.0.clone(), ref_fp.1.clone(), None))
+                    };
+                    assert_eq!(fp, ref_fp, "{guest}: {} differs from {ref_name}", b.name);
+                }
+            }
+        }
+    }
+}
