@@ -1,11 +1,11 @@
 //! One emulated vCPU: a unicorn engine over the shared guest RAM, whose hooks turn what the
 //! guest does into vmcall's neutral exits.
 //!
-//! Unicorn stops only at the end of a translation block, so a hook may fire more than once
-//! before `emu_start` returns: hooks queue exits in order, and `run` hands them out one at a
-//! time. Hooks stop the engine for what needs an answer or ends the run (hypercalls, faults,
-//! the exit port); console writes are only queued (up to [`QUEUE_STOP`]) and reach the VMM at
-//! the next stop, in order.
+//! Hypercalls and port writes are handled inside the hooks through the VMM's [`InlineExits`]
+//! (the same code that handles them as exits on KVM), so the engine runs on. Hooks stop it
+//! only for what ends the run or needs the vCPU loop: faults, the exit port, unbacked memory.
+//! Unicorn stops at the end of a translation block, so more than one such exit can be queued
+//! before `emu_start` returns; `run` hands them out in order.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use unicorn_engine::unicorn_const::{uc_error, Arch, HookType, MemType, Mode, Prot};
 use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
-use vmcall_abi::{insn, ports};
-use vmcall_vmm::backend::{BackendError, GuestFault, Interrupter, Vcpu, VcpuExit};
+use vmcall_abi::insn;
+use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot::{self, VcpuInit};
 use vmcall_vmm::exit::port_in;
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
@@ -27,9 +27,6 @@ const MSR_EFER: u32 = 0xc000_0080;
 const MSR_TSC: u32 = 0x10;
 /// QEMU's cached TR flags for a present, available 64-bit TSS (what `ltr` leaves there).
 const TR_FLAGS_TSS64: u32 = (1 << 15) | (0x9 << 8);
-/// Stop the engine once this many exits are queued, so output flows even from a guest that
-/// never stops for anything else.
-const QUEUE_STOP: usize = 256;
 
 /// What the hooks share with `run`.
 struct HookState {
@@ -37,7 +34,15 @@ struct HookState {
     queue: VecDeque<VcpuExit>,
     /// A hook asked the engine to stop (the queue ends with the reason).
     stopped_by_hook: bool,
+    /// The VMM's inline exit handler of the `run` in progress; set only while `emu_start`
+    /// runs.
+    sink: Option<SinkPtr>,
 }
+
+/// The `&mut dyn InlineExits` of the current `run`, with its lifetime erased so that the
+/// engine's `'static` hooks can hold it.
+#[derive(Clone, Copy)]
+struct SinkPtr(*mut (dyn InlineExits + 'static));
 
 impl HookState {
     /// Queue the exit that stops the engine.
@@ -111,7 +116,7 @@ impl EmuVcpu {
     }
 
     /// The next queued exit, running the engine when none is queued.
-    fn next_exit(&mut self) -> Result<VcpuExit, BackendError> {
+    fn next_exit(&mut self, sink: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
         let stop = self.stop.clone();
         let uc = self.engine()?;
         if let Some(exit) = uc.get_data_mut().queue.pop_front() {
@@ -122,7 +127,16 @@ impl EmuVcpu {
         }
         let start = uc.reg_read(R::RIP).map_err(uc_err("RIP"))?;
         uc.get_data_mut().stopped_by_hook = false;
+        // SAFETY (of the later dereference in `on_invalid`): the pointer is installed only
+        // for the duration of this `emu_start`, during which `sink` stays mutably borrowed by
+        // this call and is used by nothing else; hooks run only inside `emu_start`.
+        let sink: *mut (dyn InlineExits + '_) = sink;
+        // SAFETY: only the trait object's lifetime changes; see above for why it never
+        // outlives the borrow.
+        let sink: *mut (dyn InlineExits + 'static) = unsafe { std::mem::transmute(sink) };
+        uc.get_data_mut().sink = Some(SinkPtr(sink));
         let result = uc.emu_start(start, 0, 0, 0);
+        uc.get_data_mut().sink = None;
         if !uc.get_data().stopped_by_hook {
             // Nothing of ours stopped it: a HLT, an interrupt from another thread, or an error.
             let rip = uc.reg_read(R::RIP).unwrap_or(0);
@@ -154,7 +168,8 @@ impl EmuVcpu {
 }
 
 fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>, BackendError> {
-    let state = HookState { ram: ram.clone(), queue: VecDeque::new(), stopped_by_hook: false };
+    let state =
+        HookState { ram: ram.clone(), queue: VecDeque::new(), stopped_by_hook: false, sink: None };
     let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, state).map_err(uc_err("open"))?;
     let (host, len) = ram.host_mapping();
     // SAFETY: `host..host+len` is guest RAM's live mapping, and the engine never outlives it:
@@ -190,11 +205,17 @@ fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>
     add_cpuid_hook(&mut uc).map_err(uc_err("CPUID hook"))?;
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
-        let stop = port == u32::from(ports::PORT_EXIT);
+        let (port, size) = (port as u16, size as u8);
         let state = uc.get_data_mut();
-        state.queue.push_back(VcpuExit::IoOut { port: port as u16, size: size as u8, data: value });
-        if stop || state.queue.len() >= QUEUE_STOP {
-            state.stopped_by_hook = true;
+        let needs_loop = match state.sink {
+            // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there).
+            Some(SinkPtr(sink)) => unsafe { &mut *sink }.port_out(port, size, value),
+            None => true,
+        };
+        if needs_loop {
+            // Only for what ends the run: unicorn stops at the end of the block, and registers
+            // are not guaranteed exact when it stops from an out hook.
+            state.stop_with(VcpuExit::IoOut { port, size, data: value });
             let _ = uc.emu_stop();
         }
     })
@@ -255,36 +276,41 @@ fn current_mode(uc: &Engine<'_>, ram: &GuestRam, cs: u16) -> CpuMode {
 }
 
 /// VMCALL and VMMCALL are invalid instructions to the emulator, at any CPL and in any mode.
+/// They are answered right here through the VMM's sink, without stopping the engine.
 fn on_invalid(uc: &mut Engine<'_>) -> bool {
     let rip = uc.reg_read(R::RIP).unwrap_or(0);
     let cs = uc.reg_read(R::CS).unwrap_or(0) as u16;
     let ram = uc.get_data().ram.clone();
     let mut bytes = [0u8; 3];
-    let exit = if ram.read(rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes) {
-        let reg = |r: R| uc.reg_read(r).unwrap_or(0);
-        VcpuExit::Hypercall(HypercallExit {
-            nr: reg(R::RAX),
-            args: [reg(R::RBX), reg(R::RCX), reg(R::RDX), reg(R::RSI)],
-            cpl: (cs & 3) as u8,
-            mode: current_mode(uc, &ram, cs),
-            rip,
-            insn: if bytes == insn::VMCALL {
-                HypercallInsn::Vmcall
-            } else {
-                HypercallInsn::Vmmcall
-            },
-        })
-    } else {
-        VcpuExit::Fault(GuestFault {
-            vector: boot::UD_VECTOR,
-            error_code: None,
-            rip,
-            cs,
-            cr2: None,
-        })
+    if !(ram.read(rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes)) {
+        let fault = GuestFault { vector: boot::UD_VECTOR, error_code: None, rip, cs, cr2: None };
+        uc.get_data_mut().stop_with(VcpuExit::Fault(fault));
+        let _ = uc.emu_stop();
+        return true;
+    }
+    let reg = |r: R| uc.reg_read(r).unwrap_or(0);
+    let call = HypercallExit {
+        nr: reg(R::RAX),
+        args: [reg(R::RBX), reg(R::RCX), reg(R::RDX), reg(R::RSI)],
+        cpl: (cs & 3) as u8,
+        mode: current_mode(uc, &ram, cs),
+        rip,
+        insn: if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall },
     };
-    uc.get_data_mut().stop_with(exit);
-    let _ = uc.emu_stop();
+    match uc.get_data().sink {
+        Some(SinkPtr(sink)) => {
+            // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there); no
+            // other reference to the sink exists while a hook runs.
+            let sink = unsafe { &mut *sink };
+            let rax = sink.hypercall(&call, &mut || read_msr(uc, MSR_TSC).unwrap_or(0));
+            let _ = uc.reg_write(R::RAX, rax);
+            let _ = uc.reg_write(R::RIP, rip + insn::HYPERCALL_LEN);
+        }
+        None => {
+            uc.get_data_mut().stop_with(VcpuExit::Hypercall(call));
+            let _ = uc.emu_stop();
+        }
+    }
     true
 }
 
@@ -319,8 +345,8 @@ fn on_exception(uc: &mut Engine<'_>, intno: u32) {
 }
 
 impl Vcpu for EmuVcpu {
-    fn run(&mut self) -> Result<VcpuExit, BackendError> {
-        let exit = self.next_exit()?;
+    fn run(&mut self, sink: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
+        let exit = self.next_exit(sink)?;
         self.pending_hypercall = match &exit {
             VcpuExit::Hypercall(hc) => Some(hc.rip),
             _ => None,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 use vmcall_abi::{insn, ports};
-use vmcall_vmm::backend::{BackendError, GuestFault, Interrupter, Vcpu, VcpuExit};
+use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot::{self, read_trap_frame};
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
@@ -203,7 +203,7 @@ fn err(what: &str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError + 
 }
 
 impl Vcpu for KvmVcpu {
-    fn run(&mut self) -> Result<VcpuExit, BackendError> {
+    fn run(&mut self, _: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
         self.pending = Pending::None;
         let exit = match self.fd.run() {
             Ok(exit) => exit,

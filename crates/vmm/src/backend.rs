@@ -92,10 +92,24 @@ pub trait Interrupter: Send + Sync {
     fn interrupt(&self);
 }
 
-/// One virtual CPU. Lives on its own thread.
+/// Handles exits without leaving the backend's run loop, for a backend that can do so from
+/// inside it (the emulator's hooks). The VMM hands one to every [`Vcpu::run`]; it is backed by
+/// the very code that handles the corresponding [`VcpuExit`]s, so both paths give the same
+/// answers, statistics, traces and console output.
+pub trait InlineExits {
+    /// Answer a hypercall and return the value for RAX; the backend then writes RAX and moves
+    /// RIP past the instruction itself. `guest_tsc` reads the calling vCPU's TSC, if needed.
+    fn hypercall(&mut self, call: &HypercallExit, guest_tsc: &mut dyn FnMut() -> u64) -> u64;
+    /// Perform a port write. Returns true if the write needs the vCPU loop (it ends the run):
+    /// the backend must then stop and report it as a [`VcpuExit::IoOut`] instead.
+    fn port_out(&mut self, port: u16, size: u8, data: u32) -> bool;
+}
+
+/// One virtual CPU. The VMM moves it to its own thread before calling any method.
 pub trait Vcpu: Send {
-    /// Run until the next exit.
-    fn run(&mut self) -> Result<VcpuExit, BackendError>;
+    /// Run until the next exit. A backend may handle hypercalls and port writes through
+    /// `inline` on the way instead of returning them as exits.
+    fn run(&mut self, inline: &mut dyn InlineExits) -> Result<VcpuExit, BackendError>;
     /// Finish the hypercall of the last exit: RAX = `rax`, RIP past the instruction.
     fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError>;
     /// Finish the `in` of the last exit with `data`.

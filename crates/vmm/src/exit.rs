@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use vmcall_abi::{ports, ExitReason};
 
-use crate::backend::{BackendError, Vcpu, VcpuExit};
-use crate::hypercall::{emulate, Platform};
+use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
+use crate::hypercall::{emulate, HypercallExit, Platform};
 use crate::stats::VcpuStats;
 use crate::vm::{RunError, Shared};
 
@@ -68,34 +68,45 @@ fn backend(vcpu: u32) -> impl FnOnce(BackendError) -> RunError {
 
 fn handle_io(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     match *exit {
-        VcpuExit::IoOut { port: ports::COM1, data, .. } => {
-            ctx.line.push(data as u8);
-            if data as u8 == b'\n' || ctx.line.len() >= CONSOLE_LINE_MAX {
-                ctx.shared.console_write(ctx.line);
-                ctx.line.clear();
-            }
-            Ok(Flow::Continue)
-        }
-        VcpuExit::IoOut { port: ports::PORT_EXIT, data, size } => {
-            let status = if size >= 4 { data } else { data & ((1 << (8 * u32::from(size))) - 1) };
-            Ok(Flow::Exit(status))
-        }
         VcpuExit::IoOut { port, size, data } => {
-            // An ordinary port write nobody listens to, as on a PC with nothing at that port.
-            tracing::debug!(
-                vcpu = ctx.vcpu_id,
-                port,
-                size,
-                data,
-                "write to an unclaimed port ignored"
-            );
-            Ok(Flow::Continue)
+            Ok(port_out(ctx.vcpu_id, ctx.shared, ctx.line, port, size, data))
         }
         VcpuExit::IoIn { port, size } => {
             ctx.vcpu.complete_io_in(port_in(port, size)).map_err(backend(ctx.vcpu_id))?;
             Ok(Flow::Continue)
         }
         _ => unreachable!("dispatched by reason"),
+    }
+}
+
+/// What a port write does: COM1 adds to the vCPU's console line, the exit port ends the run,
+/// anything else is ignored as on a PC with nothing at that port. The one device model for
+/// port writes, whether they arrive as exits or inline ([`InlineExits`]).
+fn port_out(
+    vcpu_id: u32,
+    shared: &Shared,
+    line: &mut Vec<u8>,
+    port: u16,
+    size: u8,
+    data: u32,
+) -> Flow {
+    match port {
+        ports::COM1 => {
+            line.push(data as u8);
+            if data as u8 == b'\n' || line.len() >= CONSOLE_LINE_MAX {
+                shared.console_write(line);
+                line.clear();
+            }
+            Flow::Continue
+        }
+        ports::PORT_EXIT => {
+            let status = if size >= 4 { data } else { data & ((1 << (8 * u32::from(size))) - 1) };
+            Flow::Exit(status)
+        }
+        _ => {
+            tracing::debug!(vcpu = vcpu_id, port, size, data, "write to an unclaimed port ignored");
+            Flow::Continue
+        }
     }
 }
 
@@ -114,10 +125,10 @@ fn handle_hlt(_: &mut ExitContext<'_>, _: &VcpuExit) -> Result<Flow, RunError> {
     Ok(Flow::Halt)
 }
 
-/// The [`Platform`] a hypercall sees: the shared VM state plus this vCPU.
+/// The [`Platform`] a hypercall sees: the shared VM state plus this vCPU's TSC.
 struct VcpuPlatform<'a> {
     shared: &'a Shared,
-    vcpu: RefCell<&'a mut dyn Vcpu>,
+    guest_tsc: RefCell<&'a mut dyn FnMut() -> u64>,
 }
 
 impl Platform for VcpuPlatform<'_> {
@@ -131,20 +142,26 @@ impl Platform for VcpuPlatform<'_> {
         std::thread::yield_now();
     }
     fn guest_tsc(&self) -> u64 {
-        self.vcpu.borrow_mut().guest_tsc()
+        (self.guest_tsc.borrow_mut())()
     }
 }
 
-fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
-    let VcpuExit::Hypercall(hc) = exit else { unreachable!("dispatched by reason") };
+/// Answer one hypercall: emulate it, count it, trace it. The one path for hypercall exits
+/// and for hypercalls a backend answers inline ([`InlineExits`]).
+fn answer_hypercall(
+    vcpu_id: u32,
+    shared: &Shared,
+    stats: &mut VcpuStats,
+    hc: &HypercallExit,
+    guest_tsc: &mut dyn FnMut() -> u64,
+) -> u64 {
     let start = Instant::now();
-    let platform = VcpuPlatform { shared: ctx.shared, vcpu: RefCell::new(&mut *ctx.vcpu) };
-    let done = emulate(&ctx.shared.table, hc, ctx.vcpu_id, &ctx.shared.ram, &platform);
-    ctx.vcpu.complete_hypercall(done.rax).map_err(backend(ctx.vcpu_id))?;
-    ctx.stats.hypercall(done.nr, start.elapsed());
+    let platform = VcpuPlatform { shared, guest_tsc: RefCell::new(guest_tsc) };
+    let done = emulate(&shared.table, hc, vcpu_id, &shared.ram, &platform);
+    stats.hypercall(done.nr, start, start.elapsed());
     tracing::trace!(
         target: "vmcall::hypercall",
-        vcpu = ctx.vcpu_id,
+        vcpu = vcpu_id,
         nr = done.nr,
         a0 = done.args[0],
         a1 = done.args[1],
@@ -157,7 +174,41 @@ fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, 
         by = ?done.answered_by,
         "hypercall"
     );
+    done.rax
+}
+
+fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
+    let VcpuExit::Hypercall(hc) = exit else { unreachable!("dispatched by reason") };
+    let vcpu = &mut *ctx.vcpu;
+    let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, hc, &mut || vcpu.guest_tsc());
+    ctx.vcpu.complete_hypercall(rax).map_err(backend(ctx.vcpu_id))?;
     Ok(Flow::Continue)
+}
+
+/// The [`InlineExits`] the vCPU loop hands to each `run`.
+pub(crate) struct Inline<'a> {
+    pub vcpu_id: u32,
+    pub shared: &'a Shared,
+    pub stats: &'a mut VcpuStats,
+    pub line: &'a mut Vec<u8>,
+}
+
+impl InlineExits for Inline<'_> {
+    fn hypercall(&mut self, call: &HypercallExit, guest_tsc: &mut dyn FnMut() -> u64) -> u64 {
+        self.stats.exit(ExitReason::Hypercall);
+        answer_hypercall(self.vcpu_id, self.shared, self.stats, call, guest_tsc)
+    }
+
+    fn port_out(&mut self, port: u16, size: u8, data: u32) -> bool {
+        match port_out(self.vcpu_id, self.shared, self.line, port, size, data) {
+            Flow::Continue => {
+                self.stats.exit(ExitReason::Io);
+                false
+            }
+            // Anything else must reach the vCPU loop: the backend reports it as an exit.
+            _ => true,
+        }
+    }
 }
 
 fn handle_shutdown(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {

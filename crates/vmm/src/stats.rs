@@ -5,7 +5,7 @@
 //! next to exact count, min, max and sum.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmcall_abi::ExitReason;
 
@@ -91,7 +91,13 @@ impl Latency {
 #[derive(Debug, Clone, Default)]
 pub struct VcpuStats {
     pub exits: [u64; ExitReason::COUNT],
+    /// Host handling time per hypercall number.
     pub hypercalls: BTreeMap<u64, Latency>,
+    /// Round trip: time from one hypercall's arrival at the host to the next one's on the same
+    /// vCPU — the resume, the guest's code in between and the next exit. In a guest that only
+    /// makes hypercalls this is the full cost of one call.
+    pub round_trip: Latency,
+    last_arrival: Option<Instant>,
 }
 
 impl VcpuStats {
@@ -99,8 +105,12 @@ impl VcpuStats {
         self.exits[reason as usize] += 1;
     }
 
-    pub fn hypercall(&mut self, nr: u64, took: Duration) {
+    /// Count a hypercall that arrived at `arrived` and took `took` to answer.
+    pub fn hypercall(&mut self, nr: u64, arrived: Instant, took: Duration) {
         self.hypercalls.entry(nr).or_default().record(took.as_nanos() as u64);
+        if let Some(prev) = self.last_arrival.replace(arrived) {
+            self.round_trip.record(arrived.saturating_duration_since(prev).as_nanos() as u64);
+        }
     }
 
     pub fn merge(&mut self, other: &VcpuStats) {
@@ -110,6 +120,7 @@ impl VcpuStats {
         for (nr, l) in &other.hypercalls {
             self.hypercalls.entry(*nr).or_default().merge(l);
         }
+        self.round_trip.merge(&other.round_trip);
     }
 
     pub fn total_hypercalls(&self) -> u64 {
@@ -188,14 +199,16 @@ mod tests {
     fn merge_adds_up() {
         let mut a = VcpuStats::default();
         let mut b = VcpuStats::default();
-        a.hypercall(1, Duration::from_nanos(10));
-        b.hypercall(1, Duration::from_nanos(30));
-        b.hypercall(20, Duration::from_nanos(5));
+        let t0 = Instant::now();
+        a.hypercall(1, t0, Duration::from_nanos(10));
+        b.hypercall(1, t0, Duration::from_nanos(30));
+        b.hypercall(20, t0 + Duration::from_micros(2), Duration::from_nanos(5));
         b.exit(ExitReason::Hlt);
         a.merge(&b);
         assert_eq!(a.hypercalls[&1].count, 2);
         assert_eq!(a.hypercalls[&1].min_ns, 10);
         assert_eq!(a.total_hypercalls(), 3);
+        assert_eq!((a.round_trip.count, a.round_trip.min_ns), (1, 2000), "one gap, on b's vCPU");
         assert!(a.table(None).contains("KVM_HC_VAPIC_POLL_IRQ"));
         let t = crate::table::HypercallTable::new();
         t.register(20, "my-handler", |_: &crate::hypercall::Call<'_>| Ok(0)).unwrap();

@@ -11,7 +11,7 @@ use crate::backend::{
     BackendError, GuestFault, GuestInfo, Hypervisor, Interrupter, Vcpu, VmBackend,
 };
 use crate::boot::{self, BootParams, VcpuInit};
-use crate::exit::{handle_exit, ExitContext, Flow};
+use crate::exit::{handle_exit, ExitContext, Flow, Inline};
 use crate::loader::{ElfError, ElfImage};
 use crate::memory::{GuestRam, RamError};
 use crate::stats::VcpuStats;
@@ -440,7 +440,8 @@ fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
     let mut stats = VcpuStats::default();
     let mut line = Vec::new();
     while !shared.stopping() {
-        let exit = match vcpu.run() {
+        let mut inline = Inline { vcpu_id: id, shared, stats: &mut stats, line: &mut line };
+        let exit = match vcpu.run(&mut inline) {
             Ok(exit) => exit,
             Err(source) => {
                 shared.finish(Err(RunError::Backend { vcpu: id, source }));
