@@ -103,3 +103,21 @@ fn every_vcpu_runs_and_the_vm_ends_when_all_halt() {
         assert_eq!(out.stats.total_hypercalls(), 3 * 5, "{}", b.name);
     }
 }
+
+#[test]
+fn long_console_output_arrives_intact() {
+    for b in backends("long_console_output_arrives_intact") {
+        let out = run(b.hv.as_ref(), "console", "400", Arc::new(HypercallTable::new()));
+        out.expect_status(RunStatus::AllHalted, &b.name);
+        let want: String = (0..400)
+            .map(|i| format!("line {i} of 400: the quick brown fox jumps over the lazy dog\n"))
+            .collect();
+        assert!(
+            out.console == want,
+            "{}: console differs ({} bytes, want {})",
+            b.name,
+            out.console.len(),
+            want.len()
+        );
+    }
+}
