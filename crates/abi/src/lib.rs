@@ -33,6 +33,15 @@ pub mod hc {
     /// The canonical example of a custom hypercall (the one the seed patch adds to the kernel).
     pub const KVM_HC_MY_VMCALL: u64 = 20;
 
+    /// First of vmcall's own hypercall numbers ("VC" << 16), clear of Linux's and of the small
+    /// numbers custom hypercalls use, and inside 32 bits so compatibility-mode code can call them.
+    pub const VMCALL_HC_BASE: u64 = 0x5643_0000;
+    /// Run a batch of hypercalls: a0 = guest-physical address of an array of
+    /// [`crate::BatchEntry`], a1 = their count (at most [`crate::VMCALL_BATCH_MAX`]). Each entry
+    /// is answered as a single call from the same caller would be, its result written to its
+    /// `ret`; the batch returns the number of entries processed (docs/hypercalls.md).
+    pub const VMCALL_HC_BATCH: u64 = VMCALL_HC_BASE + 1;
+
     /// Linux's name for a standard number, if it has one.
     pub const fn name(nr: u64) -> Option<&'static str> {
         Some(match nr {
@@ -48,6 +57,7 @@ pub mod hc {
             KVM_HC_SEND_IPI => "KVM_HC_SEND_IPI",
             KVM_HC_SCHED_YIELD => "KVM_HC_SCHED_YIELD",
             KVM_HC_MAP_GPA_RANGE => "KVM_HC_MAP_GPA_RANGE",
+            VMCALL_HC_BATCH => "VMCALL_HC_BATCH",
             _ => return None,
         })
     }
@@ -159,6 +169,22 @@ pub struct KvmClockPairing {
     pub pad: [u32; 9],
 }
 const _: () = assert!(core::mem::size_of::<KvmClockPairing>() == 64);
+
+/// One call of a [`hc::VMCALL_HC_BATCH`] batch (Xen's multicall, for KVM hypercalls).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// Hypercall number (what RAX would hold).
+    pub nr: u64,
+    /// a0..a3 (what RBX, RCX, RDX, RSI would hold).
+    pub args: [u64; 4],
+    /// Written by the host: what RAX would have returned.
+    pub ret: u64,
+}
+const _: () = assert!(core::mem::size_of::<BatchEntry>() == 48);
+
+/// Most entries one batch may hold; a larger count is refused with -KVM_E2BIG.
+pub const VMCALL_BATCH_MAX: u64 = 4096;
 
 /// Clock type for `KVM_HC_CLOCK_PAIRING`.
 pub const KVM_CLOCK_PAIRING_WALLCLOCK: u64 = 0;

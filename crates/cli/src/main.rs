@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod backends;
+mod bench;
 mod parse;
 
 use std::path::PathBuf;
@@ -43,6 +44,9 @@ enum Command {
     Demo(VmArgs),
     /// Show what this host offers: /dev/kvm, capabilities, CPU vendor, working trap strategies.
     Info,
+    /// Measure what a hypercall costs through each path, against the kernel's own path and a
+    /// bare exit, in one interleaved run (docs/bench.md).
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -54,6 +58,22 @@ struct RunArgs {
     /// Command line passed to the guest (after `--`).
     #[arg(last = true)]
     cmdline: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Hypercalls per KVM run.
+    #[arg(long, default_value_t = 2000)]
+    calls: u64,
+    /// Hypercalls per software-CPU run.
+    #[arg(long, default_value_t = 200_000)]
+    emu_calls: u64,
+    /// Rounds: every measurement runs once per round, in turn.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +122,7 @@ fn main() -> ExitCode {
             backends::print_info();
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|msg| {
         eprintln!("vmcall: error: {msg}");
@@ -122,7 +143,7 @@ fn demo_table() -> HypercallTable {
 }
 
 /// An error and each of its sources, one per line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(cause) = src {
@@ -169,7 +190,7 @@ fn run(
         );
     }
     match report.result {
-        Ok(RunStatus::AllHalted) => Ok(ExitCode::SUCCESS),
+        Ok(RunStatus::AllHalted | RunStatus::Stopped) => Ok(ExitCode::SUCCESS),
         Ok(RunStatus::Exited(s)) => Ok(ExitCode::from(s.min(255) as u8)),
         Err(e @ RunError::Timeout(_)) => {
             eprintln!("vmcall: error: {e}");

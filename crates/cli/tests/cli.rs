@@ -178,3 +178,51 @@ fn runs_guests_and_passes_their_status_through() {
         "trace: {err}"
     );
 }
+
+/// `vmcall bench` measures every line and writes them as JSON (figures are not asserted:
+/// speed is for the benchmark to report, not for tests to judge).
+#[test]
+fn bench_reports_every_line_as_json() {
+    let json = std::env::temp_dir().join(format!("vmcall-bench-{}.json", std::process::id()));
+    let o = vmcall(&[
+        "bench",
+        "--rounds",
+        "1",
+        "--calls",
+        "50",
+        "--emu-calls",
+        "2000",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    for key in [
+        "kernel",
+        "bare-exit",
+        "vmcall-emu",
+        "emu-raw",
+        "batch64-emu",
+        "cold-raw",
+        "cold-emu",
+        "targets",
+    ] {
+        assert!(out.contains(key), "no {key} in\n{out}");
+    }
+    let doc = std::fs::read_to_string(&json).unwrap();
+    let _ = std::fs::remove_file(&json);
+    for key in [
+        "\"per_call\"",
+        "\"cold_start\"",
+        "\"memory\"",
+        "\"targets\"",
+        "\"median_ns\"",
+        "\"ratio_to_line2\"",
+    ] {
+        assert!(doc.contains(key), "no {key} in {doc}");
+    }
+    // The software CPU runs everywhere, so its lines always have figures.
+    let emu_line = out.lines().find(|l| l.starts_with("vmcall-emu ")).unwrap();
+    let median = emu_line.split_whitespace().nth(1).unwrap();
+    assert!(median.ends_with("ns") || median.ends_with("µs"), "{emu_line}");
+}

@@ -7,6 +7,7 @@
 //!
 //! This crate links the unicorn engine and is therefore GPL-2.0; the rest of vmcall is not.
 
+pub mod baseline;
 mod uc;
 mod vcpu;
 

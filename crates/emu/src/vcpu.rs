@@ -104,7 +104,7 @@ impl Drop for EmuVcpu {
     }
 }
 
-fn uc_err(what: &'static str) -> impl FnOnce(uc_error) -> BackendError {
+pub(crate) fn uc_err(what: &'static str) -> impl FnOnce(uc_error) -> BackendError {
     move |e| BackendError::new(format!("unicorn: {what}: {e:?}"))
 }
 
@@ -167,13 +167,16 @@ impl EmuVcpu {
     }
 }
 
-fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>, BackendError> {
-    let state =
-        HookState { ram: ram.clone(), queue: VecDeque::new(), stopped_by_hook: false, sink: None };
-    let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, state).map_err(uc_err("open"))?;
+/// An engine over `ram` in the state `init`, with only the CPUID hook.
+pub(crate) fn new_engine<D: 'static>(
+    ram: &Arc<GuestRam>,
+    init: &VcpuInit,
+    data: D,
+) -> Result<Unicorn<'static, D>, BackendError> {
+    let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, data).map_err(uc_err("open"))?;
     let (host, len) = ram.host_mapping();
     // SAFETY: `host..host+len` is guest RAM's live mapping, and the engine never outlives it:
-    // `EmuVcpu` holds the `Arc<GuestRam>` and drops the engine first.
+    // its owners (`EmuVcpu`, the baseline) hold the `Arc<GuestRam>` and drop the engine first.
     unsafe { uc.mem_map_ptr(0, len as u64, Prot::ALL, host.cast()) }
         .map_err(uc_err("map guest RAM"))?;
 
@@ -201,8 +204,14 @@ fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>
     write_mmr(&mut uc, R::TR, mmr(s.tr.base, s.tr.limit, s.tr.selector, TR_FLAGS_TSS64))
         .map_err(uc_err("TR"))?;
     write_regs(&mut uc, &init.regs).map_err(uc_err("registers"))?;
-
     add_cpuid_hook(&mut uc).map_err(uc_err("CPUID hook"))?;
+    Ok(uc)
+}
+
+fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>, BackendError> {
+    let state =
+        HookState { ram: ram.clone(), queue: VecDeque::new(), stopped_by_hook: false, sink: None };
+    let mut uc = new_engine(ram, init, state)?;
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
         let (port, size) = (port as u16, size as u8);
@@ -247,7 +256,7 @@ macro_rules! gpr_list {
     };
 }
 
-fn write_regs(uc: &mut Engine<'_>, r: &Regs) -> Result<(), uc_error> {
+fn write_regs<D>(uc: &mut Unicorn<'_, D>, r: &Regs) -> Result<(), uc_error> {
     macro_rules! write {
         ($($reg:ident $field:ident),*) => { $(uc.reg_write(R::$reg, r.$field)?;)* };
     }

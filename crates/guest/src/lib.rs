@@ -10,7 +10,7 @@ use core::fmt as core_fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 pub use vmcall_abi as abi;
-pub use vmcall_abi::{errno, hc, BootInfo};
+pub use vmcall_abi::{errno, hc, BatchEntry, BootInfo};
 
 static USE_VMMCALL: AtomicBool = AtomicBool::new(false);
 
@@ -81,6 +81,15 @@ pub fn hypercall3(nr: u64, a0: u64, a1: u64, a2: u64) -> i64 {
 #[inline]
 pub fn hypercall4(nr: u64, a0: u64, a1: u64, a2: u64, a3: u64) -> i64 {
     hypercall_asm!(nr, a0, a1, a2, a3)
+}
+
+/// Run every call in `entries` with one hypercall (`VMCALL_HC_BATCH`): each entry's `ret`
+/// gets what that call alone would have returned. Returns the number of entries processed, or
+/// a negative KVM error (-KVM_E2BIG beyond `VMCALL_BATCH_MAX` entries).
+pub fn hypercall_batch(entries: &mut [BatchEntry]) -> i64 {
+    // The hypercall's asm is not `nomem`, so the compiler assumes it reads and writes the
+    // array, whose address it is given.
+    hypercall2(hc::VMCALL_HC_BATCH, entries.as_mut_ptr() as u64, entries.len() as u64)
 }
 
 /// Write one byte to an I/O port.

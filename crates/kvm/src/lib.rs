@@ -14,6 +14,7 @@
 //! The #UD path is installed under every strategy as the catch-all for sites a rewrite missed.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod baseline;
 mod rewrite;
 mod signal;
 mod vcpu;

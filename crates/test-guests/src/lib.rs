@@ -6,6 +6,9 @@ include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 /// The demo guest's image, embedded so that `vmcall demo` works from any directory.
 pub static DEMO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rust/release/demo"));
 
+/// The benchmark guest's image, embedded for `vmcall bench`.
+pub static BENCH_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rust/release/bench"));
+
 /// The path of the guest called `name`.
 pub fn path(name: &str) -> Option<&'static str> {
     ALL.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)

@@ -8,11 +8,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use vmcall_abi::errno::{KVM_EINVAL, KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EPERM};
 use vmcall_abi::hc::*;
-use vmcall_abi::{KvmClockPairing, KVM_CLOCK_PAIRING_WALLCLOCK};
+use vmcall_abi::{BatchEntry, KvmClockPairing, KVM_CLOCK_PAIRING_WALLCLOCK, VMCALL_BATCH_MAX};
 
 use crate::memory::GuestRam;
 use crate::regs::CpuMode;
-use crate::table::{HypercallError, HypercallTable};
+use crate::table::HypercallTable;
 
 /// Which instruction made the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,32 +98,90 @@ pub fn emulate(
     let trunc = |v: u64| if op_64_bit { v } else { v & 0xffff_ffff };
     let nr = trunc(exit.nr);
     let args = exit.args.map(trunc);
-
     let (ret, answered_by) = if exit.cpl != 0 {
         (neg(KVM_EPERM), AnsweredBy::NotPrivileged)
     } else {
         let call = Call { nr, args, vcpu_id, mode: exit.mode, mem };
-        table.with(nr, |entry| match entry {
-            Some(e) => {
-                if nr == KVM_HC_MAP_GPA_RANGE && !e.overrides_standard {
-                    if let Err(err) = check_map_gpa_range(args) {
-                        return (err, AnsweredBy::Custom);
-                    }
-                }
-                match catch_unwind(AssertUnwindSafe(|| e.handler.call(&call))) {
-                    Ok(Ok(v)) => (v, AnsweredBy::Custom),
-                    Ok(Err(err)) => (err.to_rax(), AnsweredBy::Custom),
-                    Err(_) => {
-                        tracing::error!(nr, handler = %e.name, "hypercall handler panicked; the guest gets -KVM_EFAULT");
-                        (HypercallError::Errno(vmcall_abi::errno::KVM_EFAULT).to_rax(), AnsweredBy::Panicked)
-                    }
+        dispatch(table, &call, platform, Nesting::Allowed)
+    };
+    Emulated { nr, args, rax: trunc(ret), answered_by }
+}
+
+/// Whether a call may start a batch (a batch's own entries may not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    Allowed,
+    InBatch,
+}
+
+/// Step 7 of docs/hypercalls.md for a call that passed the CPL check: the table's handler if
+/// it has one, else KVM's (or vmcall's) own behaviour.
+fn dispatch(
+    table: &HypercallTable,
+    call: &Call<'_>,
+    platform: &dyn Platform,
+    nesting: Nesting,
+) -> (u64, AnsweredBy) {
+    let nr = call.nr;
+    table.with(nr, |entry| match entry {
+        Some(e) => {
+            if nr == KVM_HC_MAP_GPA_RANGE && !e.overrides_standard {
+                if let Err(err) = check_map_gpa_range(call.args) {
+                    return (err, AnsweredBy::Custom);
                 }
             }
-            None => (standard(&call, platform, op_64_bit), AnsweredBy::Standard),
-        })
-    };
-    let rax = if op_64_bit { ret } else { ret & 0xffff_ffff };
-    Emulated { nr, args, rax, answered_by }
+            match catch_unwind(AssertUnwindSafe(|| e.handler.call(call))) {
+                Ok(Ok(v)) => (v, AnsweredBy::Custom),
+                Ok(Err(err)) => (err.to_rax(), AnsweredBy::Custom),
+                Err(_) => {
+                    tracing::error!(nr, handler = %e.name, "hypercall handler panicked; the guest gets -KVM_EFAULT");
+                    (neg(vmcall_abi::errno::KVM_EFAULT), AnsweredBy::Panicked)
+                }
+            }
+        }
+        None if nr == VMCALL_HC_BATCH => match nesting {
+            Nesting::Allowed => (batch(table, call, platform), AnsweredBy::Standard),
+            Nesting::InBatch => (neg(KVM_EINVAL), AnsweredBy::Standard),
+        },
+        None => (standard(call, platform, call.mode.is_64bit()), AnsweredBy::Standard),
+    })
+}
+
+/// `VMCALL_HC_BATCH`: answer each entry of the array at a0 (a1 entries) as a single call
+/// from the same caller would be answered, writing each result to its `ret`. Every entry is
+/// copied out of guest memory once before it is answered, so another vCPU rewriting the array
+/// mid-batch changes what later entries say, never how one entry is handled. Returns the number
+/// of entries processed: an entry outside guest RAM ends the batch there (-KVM_EFAULT if it is
+/// the first), more than `VMCALL_BATCH_MAX` entries is -KVM_E2BIG, a nested batch -KVM_EINVAL.
+fn batch(table: &HypercallTable, call: &Call<'_>, platform: &dyn Platform) -> u64 {
+    const ENTRY: u64 = core::mem::size_of::<BatchEntry>() as u64;
+    let [base, count, ..] = call.args;
+    if count > VMCALL_BATCH_MAX {
+        return neg(vmcall_abi::errno::KVM_E2BIG);
+    }
+    let trunc = |v: u64| if call.mode.is_64bit() { v } else { v & 0xffff_ffff };
+    for i in 0..count {
+        let Some(at) = i.checked_mul(ENTRY).and_then(|off| base.checked_add(off)) else {
+            return if i == 0 { neg(vmcall_abi::errno::KVM_EFAULT) } else { i };
+        };
+        let mut raw = [0u8; ENTRY as usize];
+        if call.mem.read(at, &mut raw).is_err() {
+            return if i == 0 { neg(vmcall_abi::errno::KVM_EFAULT) } else { i };
+        }
+        let word =
+            |k: usize| u64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+        let entry = Call {
+            nr: trunc(word(0)),
+            args: [word(1), word(2), word(3), word(4)].map(trunc),
+            vcpu_id: call.vcpu_id,
+            mode: call.mode,
+            mem: call.mem,
+        };
+        let (ret, _) = dispatch(table, &entry, platform, Nesting::InBatch);
+        // The entry was readable, so its `ret` slot (inside the same 48 bytes) is writable.
+        let _ = call.mem.write_u64(at + 40, trunc(ret));
+    }
+    count
 }
 
 fn neg(code: i64) -> u64 {
@@ -219,6 +277,7 @@ fn send_ipi(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::HypercallError;
     use std::cell::RefCell;
 
     #[derive(Default)]
@@ -323,6 +382,63 @@ mod tests {
             emulate(&t, &call(9, [u64::MAX - 8, 0, 0, 0], 0, M64), 0, &ram, &m).rax,
             neg(14)
         );
+    }
+
+    #[test]
+    fn batches_answer_each_entry_like_a_single_call() {
+        let t = HypercallTable::new();
+        t.register(20, "double", |c: &Call<'_>| Ok(c.args[0] * 2)).unwrap();
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let m = Mock::default();
+        let entries: [(u64, u64); 4] = [(20, 21), (1, 0), (999, 0), (VMCALL_HC_BATCH, 0)];
+        for (i, (nr, a0)) in entries.iter().enumerate() {
+            ram.write_u64(0x8000 + 48 * i as u64, *nr).unwrap();
+            ram.write_u64(0x8008 + 48 * i as u64, *a0).unwrap();
+        }
+        let r = emulate(&t, &call(VMCALL_HC_BATCH, [0x8000, 4, 0, 0], 0, M64), 0, &ram, &m);
+        assert_eq!(r.rax, 4);
+        let rets: Vec<u64> = (0..4).map(|i| ram.read_u64(0x8000 + 48 * i + 40).unwrap()).collect();
+        assert_eq!(rets, vec![42, 0, ENOSYS64, neg(KVM_EINVAL)], "nested batches are refused");
+        // The end of RAM cuts a batch short; a batch that starts outside RAM is -KVM_EFAULT.
+        let end = ram.size();
+        assert_eq!(
+            emulate(&t, &call(VMCALL_HC_BATCH, [end - 96, 3, 0, 0], 0, M64), 0, &ram, &m).rax,
+            2
+        );
+        assert_eq!(
+            emulate(&t, &call(VMCALL_HC_BATCH, [u64::MAX - 40, 3, 0, 0], 0, M64), 0, &ram, &m).rax,
+            neg(14)
+        );
+        assert_eq!(
+            emulate(&t, &call(VMCALL_HC_BATCH, [0x8000, 1 << 40, 0, 0], 0, M64), 0, &ram, &m).rax,
+            neg(7)
+        );
+        assert_eq!(
+            emulate(&t, &call(VMCALL_HC_BATCH, [0x8000, 0, 0, 0], 0, M64), 0, &ram, &m).rax,
+            0
+        );
+        // From CPL 3 the whole batch is refused and no entry is touched.
+        ram.write_u64(0x8000 + 40, 0x55).unwrap();
+        assert_eq!(
+            emulate(&t, &call(VMCALL_HC_BATCH, [0x8000, 1, 0, 0], 3, M64), 0, &ram, &m).rax,
+            u64::MAX
+        );
+        assert_eq!(ram.read_u64(0x8000 + 40).unwrap(), 0x55);
+        // Outside 64-bit mode entries are truncated like single calls.
+        ram.write_u64(0x8000, 0xdead_0000_0000_0014).unwrap();
+        ram.write_u64(0x8008, 0x1_0000_0005).unwrap();
+        assert_eq!(
+            emulate(
+                &t,
+                &call(VMCALL_HC_BATCH, [0x8000, 1, 0, 0], 0, CpuMode::Compat32),
+                0,
+                &ram,
+                &m
+            )
+            .rax,
+            1
+        );
+        assert_eq!(ram.read_u64(0x8000 + 40).unwrap(), 10);
     }
 
     #[test]

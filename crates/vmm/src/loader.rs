@@ -186,6 +186,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_images_at_any_alignment() {
+        let elf = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
+        for shift in 0..8 {
+            let mut buf = vec![0u8; shift];
+            buf.extend_from_slice(&elf);
+            let img = ElfImage::parse(&buf[shift..], 0x10_0000, 0x40_0000);
+            assert_eq!(img.map(|i| i.entry), Ok(0x20_0000), "offset {shift}");
+        }
+    }
+
+    #[test]
     fn refuses_bad_images() {
         let p = |d: &[u8]| ElfImage::parse(d, 0x10_0000, 0x40_0000);
         assert_eq!(p(b"hello"), Err(ElfError::NotElf));

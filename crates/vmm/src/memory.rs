@@ -48,6 +48,17 @@ impl GuestRam {
         Ok(Self { mem, size })
     }
 
+    /// `size` bytes (a multiple of 4 KiB) of zeroed memory at guest-physical 0, without the
+    /// limits a vmcall VM's RAM has: for raw baselines and tests.
+    pub fn anonymous(size: usize) -> Result<Self, RamError> {
+        if size == 0 || !size.is_multiple_of(4096) {
+            return Err(RamError::BadSize(size as u64));
+        }
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(RamError::Mmap)?;
+        Ok(Self { mem, size: size as u64 })
+    }
+
     /// Bytes of RAM.
     pub fn size(&self) -> u64 {
         self.size

@@ -74,13 +74,15 @@ pub enum RunStatus {
     AllHalted,
     /// The guest called `exit(status)`.
     Exited(u32),
+    /// The host stopped it through a [`VmStopper`].
+    Stopped,
 }
 
 impl RunStatus {
     /// The process exit status this maps to.
     pub fn code(self) -> u32 {
         match self {
-            RunStatus::AllHalted => 0,
+            RunStatus::AllHalted | RunStatus::Stopped => 0,
             RunStatus::Exited(s) => s,
         }
     }
@@ -159,37 +161,52 @@ impl VmBuilder {
 
     /// Check everything, load the image, set up boot state and create the VM on `hv`.
     pub fn build(self, hv: &dyn Hypervisor) -> Result<Vm, BuildError> {
-        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
-            return Err(BuildError::VcpuCount(self.vcpus));
-        }
-        if self.cmdline.len() as u64 > CMDLINE_MAX {
-            return Err(BuildError::CmdlineTooLong(self.cmdline.len()));
-        }
-        let ram = Arc::new(GuestRam::new(self.memory)?);
-        let limit = boot::load_limit(ram.size(), self.vcpus);
-        let image = ElfImage::parse(&self.image, GUEST_LOAD_MIN, limit)?;
-        image.load(&self.image, &ram)?;
-        let params = BootParams {
-            entry: image.entry,
-            image_end: image.end(),
-            vcpus: self.vcpus,
-            cmdline: &self.cmdline,
-            amd: host_is_amd(),
-        };
-        let inits = boot::setup(&ram, &params)?;
-        let guest = GuestInfo { vcpus: self.vcpus, entry: image.entry, segments: image.segments };
+        let prepared = prepare_guest(&self.image, self.memory, self.vcpus, &self.cmdline)?;
         let backend = hv
-            .create_vm(ram.clone(), &guest)
+            .create_vm(prepared.ram.clone(), &prepared.guest)
             .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
         let console = self.console.unwrap_or_else(|| Box::new(std::io::stdout()));
         Ok(Vm {
             backend,
-            inits,
+            inits: prepared.inits,
             timeout: self.timeout,
-            shared: Arc::new(Shared::new(ram, self.table, console, self.vcpus)),
+            shared: Arc::new(Shared::new(prepared.ram, self.table, console, self.vcpus)),
             backend_name: hv.name(),
         })
     }
+}
+
+/// Guest RAM with an image loaded and every vCPU's boot state set up, before any backend.
+#[derive(Debug)]
+pub struct PreparedGuest {
+    pub ram: Arc<GuestRam>,
+    pub guest: GuestInfo,
+    pub inits: Vec<VcpuInit>,
+}
+
+/// Check the settings and the image, allocate RAM, load the image and write the boot
+/// structures: everything [`VmBuilder::build`] does before it asks a backend for a VM.
+pub fn prepare_guest(
+    image: &[u8],
+    memory: u64,
+    vcpus: u32,
+    cmdline: &[u8],
+) -> Result<PreparedGuest, BuildError> {
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(BuildError::VcpuCount(vcpus));
+    }
+    if cmdline.len() as u64 > CMDLINE_MAX {
+        return Err(BuildError::CmdlineTooLong(cmdline.len()));
+    }
+    let ram = Arc::new(GuestRam::new(memory)?);
+    let limit = boot::load_limit(ram.size(), vcpus);
+    let elf = ElfImage::parse(image, GUEST_LOAD_MIN, limit)?;
+    elf.load(image, &ram)?;
+    let params =
+        BootParams { entry: elf.entry, image_end: elf.end(), vcpus, cmdline, amd: host_is_amd() };
+    let inits = boot::setup(&ram, &params)?;
+    let guest = GuestInfo { vcpus, entry: elf.entry, segments: elf.segments };
+    Ok(PreparedGuest { ram, guest, inits })
 }
 
 /// Whether the host CPU is AMD or Hygon (its native hypercall instruction is VMMCALL).
@@ -306,6 +323,23 @@ impl Shared {
     }
 }
 
+/// Stops a running VM from another thread: [`Vm::run`] then returns [`RunStatus::Stopped`]
+/// (unless the run had already ended some other way).
+#[derive(Clone)]
+pub struct VmStopper(Arc<Shared>);
+
+impl std::fmt::Debug for VmStopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VmStopper")
+    }
+}
+
+impl VmStopper {
+    pub fn stop(&self) {
+        self.0.finish(Ok(RunStatus::Stopped));
+    }
+}
+
 /// A VM ready to run.
 pub struct Vm {
     backend: Box<dyn VmBackend>,
@@ -336,6 +370,11 @@ impl Vm {
     /// The hypercall table this VM dispatches through.
     pub fn table(&self) -> &Arc<HypercallTable> {
         &self.shared.table
+    }
+
+    /// A handle that stops this VM from any thread while it runs.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.shared.clone())
     }
 
     /// How this VM traps hypercalls.

@@ -1,0 +1,673 @@
+//! `vmcall bench`: what a hypercall costs through each path, against the baselines that matter,
+//! measured in one run with the measurements interleaved (round-robin, `--rounds` times) so
+//! that machine noise hits all alike. See docs/bench.md for what each line measures.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmcall_vmm::backend::Hypervisor;
+use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::hypercall::Call;
+use vmcall_vmm::stats::{fmt_ns, Latency};
+use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::vm::{prepare_guest, RunStatus, VmBuilder};
+
+use crate::BenchArgs;
+
+/// The custom hypercall every vmcall path makes; its handler answers 0.
+const BENCH_NR: u64 = 20;
+const RAM: u64 = 4 << 20;
+/// How long the in-kernel VMCALL baseline may take before it is declared hung.
+const KERNEL_LIMIT: Duration = Duration::from_secs(2);
+const BATCH_SIZES: [u64; 4] = [1, 8, 64, 512];
+
+/// One measured path.
+#[derive(Debug, Default)]
+struct Series {
+    key: String,
+    what: String,
+    lat: Latency,
+    /// Set when only a mean per call can be measured (the kernel's own path).
+    mean_ns: Option<f64>,
+    /// Calls per round trip (batch size) — the figures are per call.
+    per: u64,
+    unavailable: Option<String>,
+}
+
+impl Series {
+    fn new(key: &str, what: &str) -> Self {
+        Self { key: key.into(), what: what.into(), per: 1, ..Default::default() }
+    }
+    /// Run one measurement into this series; a failure marks it unavailable, with the reason.
+    fn measure(&mut self, f: impl FnOnce(&mut Latency) -> Result<(), String>) {
+        if let Err(why) = f(&mut self.lat) {
+            self.unavailable.get_or_insert(why);
+        }
+    }
+
+    fn median(&self) -> Option<f64> {
+        if self.unavailable.is_some() {
+            return None;
+        }
+        self.mean_ns.or_else(|| {
+            (self.lat.count > 0).then(|| self.lat.quantile_ns(0.5) as f64 / self.per as f64)
+        })
+    }
+    fn p99(&self) -> Option<f64> {
+        (self.unavailable.is_none() && self.mean_ns.is_none() && self.lat.count > 0)
+            .then(|| self.lat.quantile_ns(0.99) as f64 / self.per as f64)
+    }
+}
+
+fn image() -> &'static [u8] {
+    vmcall_test_guests::BENCH_ELF
+}
+
+fn table() -> Arc<HypercallTable> {
+    let t = Arc::new(HypercallTable::new());
+    t.register(BENCH_NR, "bench", Builtin::Const(0)).expect("empty table");
+    t
+}
+
+/// Run the bench guest with `cmdline` on `hv`; its round trips go into `lat`.
+fn vmcall_run(hv: &dyn Hypervisor, cmdline: &str, lat: &mut Latency) -> Result<(), String> {
+    let vm = VmBuilder::new(image().to_vec())
+        .memory(RAM)
+        .cmdline(cmdline)
+        .table(table())
+        .timeout(Some(Duration::from_secs(120)))
+        .console(Box::new(std::io::sink()))
+        .build(hv)
+        .map_err(|e| e.to_string())?;
+    let report = vm.run();
+    match report.result {
+        Ok(RunStatus::Exited(0)) => {
+            lat.merge(&report.stats.round_trip);
+            Ok(())
+        }
+        other => Err(format!("bench guest ended with {other:?}")),
+    }
+}
+
+/// Everything a run measures, in the order of docs/bench.md.
+struct Bench {
+    series: Vec<Series>,
+    cold: Vec<Series>,
+    memory: Vec<(String, Result<f64, String>)>,
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), String> {
+    let kvm = kvm_backends();
+    let emu = emu_backend();
+    let mut bench = Bench { series: Vec::new(), cold: Vec::new(), memory: Vec::new() };
+    let n = args.calls;
+    let ne = args.emu_calls;
+
+    // Line 1: the kernel's own VMCALL path (probe first: on some KVMs it never returns).
+    let mut kernel =
+        Series::new("kernel", "VMCALL answered inside the host kernel (unknown nr, -1000)");
+    match &kvm {
+        Err(why) => kernel.unavailable = Some(why.clone()),
+        Ok(_) => match kernel_mean(10) {
+            Ok(_) => {}
+            Err(why) => kernel.unavailable = Some(why),
+        },
+    }
+    let mut bare = Series::new(
+        "bare-exit",
+        "bare user-space exit: guest `out` loop, host loop does only KVM_RUN",
+    );
+    if let Err(why) = &kvm {
+        bare.unavailable = Some(why.clone());
+    }
+    let mut kvm_series: Vec<Series> = match &kvm {
+        Ok(list) => list
+            .iter()
+            .map(|(name, _)| {
+                Series::new(&format!("vmcall-{name}"), &format!("vmcall custom hypercall, {name}"))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut emu_raw = Series::new(
+        "emu-raw",
+        "raw unicorn loop: invalid-instruction hook answers VMCALL, nothing else",
+    );
+    let mut emu_vmcall = Series::new("vmcall-emu", "vmcall custom hypercall, software CPU");
+    let mut batches: Vec<(Series, Series)> = BATCH_SIZES
+        .iter()
+        .map(|s| {
+            let mut k = Series::new(
+                &format!("batch{s}-kvm"),
+                &format!("batched, {s} calls per hypercall, kvm"),
+            );
+            let mut e = Series::new(
+                &format!("batch{s}-emu"),
+                &format!("batched, {s} calls per hypercall, emu"),
+            );
+            k.per = *s;
+            e.per = *s;
+            (k, e)
+        })
+        .collect();
+    if let Err(why) = &emu {
+        emu_raw.unavailable = Some(why.clone());
+        emu_vmcall.unavailable = Some(why.clone());
+    }
+
+    eprintln!("vmcall bench: {} rounds; {n} calls per KVM run, {ne} per emulator run", args.rounds);
+    for round in 0..args.rounds {
+        eprint!("  round {}/{}\r", round + 1, args.rounds);
+        if let Ok(list) = &kvm {
+            if kernel.unavailable.is_none() {
+                match kernel_mean(n) {
+                    Ok(mean) => {
+                        let prev = kernel.mean_ns.unwrap_or(mean);
+                        kernel.mean_ns = Some((prev * round as f64 + mean) / (round as f64 + 1.0));
+                    }
+                    Err(why) => kernel.unavailable = Some(why),
+                }
+            }
+            bare.measure(|lat| raw_out(n, lat));
+            for ((_, hv), s) in list.iter().zip(kvm_series.iter_mut()) {
+                s.measure(|lat| vmcall_run(hv.as_ref(), &format!("hc {n} {BENCH_NR}"), lat));
+            }
+            let rewrite = &list[0].1;
+            for (size, (k, _)) in BATCH_SIZES.iter().zip(batches.iter_mut()) {
+                let calls = (n / size).max(20);
+                k.measure(|lat| {
+                    vmcall_run(rewrite.as_ref(), &format!("batch {calls} {size} {BENCH_NR}"), lat)
+                });
+            }
+        }
+        if let Ok(hv) = &emu {
+            emu_raw.measure(|lat| emu_raw_loop(ne, lat));
+            emu_vmcall.measure(|lat| vmcall_run(hv.as_ref(), &format!("hc {ne} {BENCH_NR}"), lat));
+            for (size, (_, e)) in BATCH_SIZES.iter().zip(batches.iter_mut()) {
+                let calls = (ne / size).max(20);
+                e.measure(|lat| {
+                    vmcall_run(hv.as_ref(), &format!("batch {calls} {size} {BENCH_NR}"), lat)
+                });
+            }
+        }
+    }
+    eprintln!();
+    if kvm.is_err() {
+        for (k, _) in &mut batches {
+            k.unavailable = kvm.as_ref().err().cloned();
+        }
+    }
+    if emu.is_err() {
+        for (_, e) in &mut batches {
+            e.unavailable = emu.as_ref().err().cloned();
+        }
+    }
+    bench.series.push(kernel);
+    bench.series.push(bare);
+    bench.series.extend(kvm_series);
+    bench.series.push(emu_raw);
+    bench.series.push(emu_vmcall);
+    for (k, e) in batches {
+        bench.series.push(k);
+        bench.series.push(e);
+    }
+
+    cold_start(&mut bench, &kvm, &emu, args.rounds.max(10));
+    memory(&mut bench, &kvm, &emu);
+
+    let report = render(&bench);
+    print!("{report}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, json(&bench))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("vmcall bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+type Backends = Result<Vec<(String, Box<dyn Hypervisor>)>, String>;
+
+#[cfg(feature = "kvm")]
+fn kvm_backends() -> Backends {
+    use vmcall_kvm::{KvmHypervisor, Trap};
+    let mut out: Vec<(String, Box<dyn Hypervisor>)> = Vec::new();
+    for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp] {
+        match KvmHypervisor::open(trap) {
+            Ok(hv) => out.push((format!("kvm/{}", trap.name()), Box::new(hv))),
+            Err(e) => return Err(format!("KVM unavailable: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "kvm"))]
+fn kvm_backends() -> Backends {
+    Err("built without the kvm feature".into())
+}
+
+#[cfg(feature = "emu")]
+fn emu_backend() -> Result<Box<dyn Hypervisor>, String> {
+    Ok(Box::new(vmcall_emu::EmuHypervisor::new()))
+}
+
+#[cfg(not(feature = "emu"))]
+fn emu_backend() -> Result<Box<dyn Hypervisor>, String> {
+    Err("built without the emu feature".into())
+}
+
+/// Mean cost of one VMCALL the host kernel answers itself (line 1).
+#[cfg(feature = "kvm")]
+fn kernel_mean(n: u64) -> Result<f64, String> {
+    let g = prepare_guest(image(), RAM, 1, format!("kernel {n}").as_bytes())
+        .map_err(|e| crate::chain(&e))?;
+    let mut vm =
+        vmcall_kvm::baseline::RawVm::new(g.ram, &g.inits[0], true).map_err(|e| e.to_string())?;
+    match vm.run_to_exit(KERNEL_LIMIT).map_err(|e| e.to_string())? {
+        Some(t) => Ok(t.as_nanos() as f64 / n as f64),
+        None => Err(format!(
+            "unavailable: KVM_RUN did not return within {KERNEL_LIMIT:?} — this kernel's own VMCALL path hangs (kvm_pvm)"
+        )),
+    }
+}
+
+#[cfg(not(feature = "kvm"))]
+fn kernel_mean(_: u64) -> Result<f64, String> {
+    Err("built without the kvm feature".into())
+}
+
+/// Line 2: a raw KVM loop over the `out` guest (the same instructions as the hypercall loop).
+#[cfg(feature = "kvm")]
+fn raw_out(n: u64, lat: &mut Latency) -> Result<(), String> {
+    let g = prepare_guest(image(), RAM, 1, format!("out {n} {BENCH_NR}").as_bytes())
+        .map_err(|e| crate::chain(&e))?;
+    let mut vm =
+        vmcall_kvm::baseline::RawVm::new(g.ram, &g.inits[0], false).map_err(|e| e.to_string())?;
+    vm.out_round_trips(0x80, lat).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "kvm"))]
+fn raw_out(_: u64, _: &mut Latency) -> Result<(), String> {
+    Err("built without the kvm feature".into())
+}
+
+/// The raw unicorn baseline of line 4, over the hypercall loop.
+#[cfg(feature = "emu")]
+fn emu_raw_loop(n: u64, lat: &mut Latency) -> Result<(), String> {
+    let g = prepare_guest(image(), RAM, 1, format!("hc {n} {BENCH_NR}").as_bytes())
+        .map_err(|e| crate::chain(&e))?;
+    vmcall_emu::baseline::raw_hypercall_round_trips(&g.ram, &g.inits[0], lat)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "emu"))]
+fn emu_raw_loop(_: u64, _: &mut Latency) -> Result<(), String> {
+    Err("built without the emu feature".into())
+}
+
+/// Line 5: from nothing to the guest's first hypercall and back to exit.
+fn cold_start(
+    b: &mut Bench,
+    kvm: &Backends,
+    emu: &Result<Box<dyn Hypervisor>, String>,
+    rounds: u32,
+) {
+    let mut raw =
+        Series::new("cold-raw", "raw KVM: open, create VM, one slot, one vCPU, run to first exit");
+    let mut vk = Series::new(
+        "cold-kvm",
+        "vmcall on kvm: ELF, boot setup, VM, vCPU thread, first hypercall, exit",
+    );
+    let mut ve = Series::new("cold-emu", "vmcall on emu: the same on the software CPU");
+    for _ in 0..rounds {
+        match kvm {
+            Ok(list) => {
+                raw.measure(|lat| cold_raw().map(|t| lat.record(t.as_nanos() as u64)));
+                vk.measure(|lat| {
+                    cold_vmcall(list[0].1.as_ref()).map(|t| lat.record(t.as_nanos() as u64))
+                });
+            }
+            Err(why) => {
+                raw.unavailable = Some(why.clone());
+                vk.unavailable = Some(why.clone());
+            }
+        }
+        match emu {
+            Ok(hv) => {
+                ve.measure(|lat| cold_vmcall(hv.as_ref()).map(|t| lat.record(t.as_nanos() as u64)))
+            }
+            Err(why) => ve.unavailable = Some(why.clone()),
+        }
+    }
+    b.cold = vec![raw, vk, ve];
+}
+
+#[cfg(feature = "kvm")]
+fn cold_raw() -> Result<Duration, String> {
+    vmcall_kvm::baseline::cold_start_minimal().map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "kvm"))]
+fn cold_raw() -> Result<Duration, String> {
+    Err("built without the kvm feature".into())
+}
+
+fn cold_vmcall(hv: &dyn Hypervisor) -> Result<Duration, String> {
+    let start = Instant::now();
+    let vm = VmBuilder::new(image().to_vec())
+        .memory(RAM)
+        .cmdline(format!("cold {BENCH_NR}"))
+        .table(table())
+        .timeout(Some(Duration::from_secs(60)))
+        .console(Box::new(std::io::sink()))
+        .build(hv)
+        .map_err(|e| e.to_string())?;
+    match vm.run().result {
+        Ok(RunStatus::Exited(0)) => Ok(start.elapsed()),
+        other => Err(format!("bench guest ended with {other:?}")),
+    }
+}
+
+/// Line 6: host RSS of one idle VM beyond its guest RAM, per backend.
+fn memory(b: &mut Bench, kvm: &Backends, emu: &Result<Box<dyn Hypervisor>, String>) {
+    let kvm_result =
+        kvm.as_ref().map_err(Clone::clone).and_then(|l| idle_overhead_kib(l[0].1.as_ref()));
+    b.memory.push(("kvm".into(), kvm_result));
+    let emu_result =
+        emu.as_ref().map_err(Clone::clone).and_then(|hv| idle_overhead_kib(hv.as_ref()));
+    b.memory.push(("emu".into(), emu_result));
+}
+
+/// RSS added by a running, idle VM, minus the resident part of its guest RAM, in KiB.
+fn idle_overhead_kib(hv: &dyn Hypervisor) -> Result<f64, String> {
+    let ready = Arc::new(AtomicBool::new(false));
+    let table = Arc::new(HypercallTable::new());
+    let flag = ready.clone();
+    table
+        .register(BENCH_NR, "ready", move |_: &Call<'_>| {
+            flag.store(true, Ordering::SeqCst);
+            Ok(0)
+        })
+        .expect("empty table");
+    let before = rss_kib()?;
+    let vm = VmBuilder::new(image().to_vec())
+        .memory(RAM)
+        .cmdline(format!("idle {BENCH_NR}"))
+        .table(table)
+        .timeout(Some(Duration::from_secs(60)))
+        .console(Box::new(std::io::sink()))
+        .build(hv)
+        .map_err(|e| e.to_string())?;
+    let (ram_addr, _) = vm.ram().host_mapping();
+    let ram_addr = ram_addr as usize;
+    let stopper = vm.stopper();
+    let runner = std::thread::spawn(move || vm.run());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let during = rss_kib();
+    let ram = mapping_rss_kib(ram_addr);
+    stopper.stop();
+    let _ = runner.join();
+    if !ready.load(Ordering::SeqCst) {
+        return Err("the idle guest never came up".into());
+    }
+    Ok(during? as f64 - before as f64 - ram? as f64)
+}
+
+fn rss_kib() -> Result<u64, String> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS in /proc/self/status".into())
+}
+
+/// Resident KiB of the mapping that contains `addr` (/proc/self/smaps).
+fn mapping_rss_kib(addr: usize) -> Result<u64, String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|e| e.to_string())?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((lo, hi)) = range.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                return v
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .map_err(|_| "bad smaps".to_string());
+            }
+        }
+    }
+    Err("guest RAM mapping not found in /proc/self/smaps".into())
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "—".into())
+}
+
+fn ns(v: f64) -> String {
+    fmt_ns(v.round() as u64)
+}
+
+/// A target: its description, the measured value, the limit, and whether lower is better.
+struct Target {
+    what: String,
+    value: Option<f64>,
+    limit: f64,
+    at_most: bool,
+}
+
+impl Target {
+    fn verdict(&self) -> &'static str {
+        match self.value {
+            None => "n/a",
+            Some(v) if (self.at_most && v <= self.limit) || (!self.at_most && v >= self.limit) => {
+                "met"
+            }
+            Some(_) => "MISSED",
+        }
+    }
+}
+
+fn find<'a>(b: &'a Bench, key: &str) -> Option<&'a Series> {
+    b.series.iter().chain(&b.cold).find(|s| s.key == key)
+}
+
+fn median_of(b: &Bench, key: &str) -> Option<f64> {
+    find(b, key).and_then(Series::median)
+}
+
+fn targets(b: &Bench) -> Vec<Target> {
+    let bare = median_of(b, "bare-exit");
+    let best_kvm = ["vmcall-kvm/rewrite", "vmcall-kvm/ud", "vmcall-kvm/hwbp"]
+        .iter()
+        .filter_map(|k| median_of(b, k))
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
+    let single_kvm = median_of(b, "vmcall-kvm/rewrite");
+    let single_emu = median_of(b, "vmcall-emu");
+    let memory = |name: &str| {
+        b.memory.iter().find(|(n, _)| n == name).and_then(|(_, r)| r.as_ref().ok().copied())
+    };
+    vec![
+        Target {
+            what: "kvm: best strategy / bare exit".into(),
+            value: ratio(best_kvm, bare),
+            limit: 1.25,
+            at_most: true,
+        },
+        Target {
+            what: "kvm: vmcall's own work over the raw out loop (rewrite / bare exit - 1)".into(),
+            value: ratio(single_kvm, bare).map(|r| r - 1.0),
+            limit: 0.10,
+            at_most: true,
+        },
+        Target {
+            what: "emu: vmcall rate / raw unicorn loop rate".into(),
+            value: ratio(median_of(b, "emu-raw"), single_emu),
+            limit: 0.9,
+            at_most: false,
+        },
+        Target {
+            what: "cold start: vmcall on kvm / raw KVM".into(),
+            value: ratio(median_of(b, "cold-kvm"), median_of(b, "cold-raw")),
+            limit: 1.5,
+            at_most: true,
+        },
+        Target {
+            what: "memory: kvm VM overhead (MiB)".into(),
+            value: memory("kvm").map(|k| k / 1024.0),
+            limit: 5.0,
+            at_most: true,
+        },
+        Target {
+            what: "memory: emu VM overhead (MiB)".into(),
+            value: memory("emu").map(|k| k / 1024.0),
+            limit: 5.0,
+            at_most: true,
+        },
+        Target {
+            what: "kvm: batch-64 per call / single custom hypercall".into(),
+            value: ratio(median_of(b, "batch64-kvm"), single_kvm),
+            limit: 1.0 / 20.0,
+            at_most: true,
+        },
+        Target {
+            what: "emu: batch-64 per call / single custom hypercall".into(),
+            value: ratio(median_of(b, "batch64-emu"), single_emu),
+            limit: 1.0 / 20.0,
+            at_most: true,
+        },
+        Target {
+            what: "kvm: batch-64 per call / in-kernel VMCALL".into(),
+            value: ratio(median_of(b, "batch64-kvm"), median_of(b, "kernel")),
+            limit: 1.0,
+            at_most: true,
+        },
+    ]
+}
+
+fn render(b: &Bench) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let base1 = median_of(b, "kernel");
+    let base2 = median_of(b, "bare-exit");
+    let _ = writeln!(
+        o,
+        "per call (round trip)            median        p99      calls/s   ×line1  ×line2"
+    );
+    for s in &b.series {
+        let med = s.median();
+        let _ = writeln!(
+            o,
+            "{:<28} {:>10} {:>10} {:>12} {:>8} {:>7}   {}",
+            s.key,
+            opt(med, ns),
+            opt(s.p99(), ns),
+            opt(med, |m| format!("{:.0}", 1e9 / m)),
+            opt(ratio(med, base1), |r| format!("{r:.2}")),
+            opt(ratio(med, base2), |r| format!("{r:.2}")),
+            s.unavailable.as_deref().unwrap_or(&s.what),
+        );
+    }
+    let _ = writeln!(
+        o,
+        "
+cold start                      median        p99"
+    );
+    for s in &b.cold {
+        let _ = writeln!(
+            o,
+            "{:<28} {:>10} {:>10}   {}",
+            s.key,
+            opt(s.median(), ns),
+            opt(s.p99(), ns),
+            s.unavailable.as_deref().unwrap_or(&s.what)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "
+memory: host RSS of one idle VM beyond its guest RAM"
+    );
+    for (name, r) in &b.memory {
+        let _ = match r {
+            Ok(kib) => writeln!(o, "{name:<28} {:>10.2} MiB", kib / 1024.0),
+            Err(e) => writeln!(o, "{name:<28} unavailable: {e}"),
+        };
+    }
+    let _ = writeln!(
+        o,
+        "
+targets"
+    );
+    for t in targets(b) {
+        let _ = writeln!(
+            o,
+            "{:<70} {:>8} {} {:<6} {}",
+            t.what,
+            opt(t.value, |v| format!("{v:.3}")),
+            if t.at_most { "≤" } else { "≥" },
+            format!("{:.3}", t.limit),
+            t.verdict()
+        );
+    }
+    o
+}
+
+fn json(b: &Bench) -> String {
+    let series = |list: &[Series]| -> Vec<serde_json::Value> {
+        list.iter()
+            .map(|s| {
+                serde_json::json!({
+                    "key": s.key,
+                    "what": s.what,
+                    "median_ns": s.median(),
+                    "p99_ns": s.p99(),
+                    "calls_per_round_trip": s.per,
+                    "samples": s.lat.count,
+                    "ratio_to_line1": ratio(s.median(), median_of(b, "kernel")),
+                    "ratio_to_line2": ratio(s.median(), median_of(b, "bare-exit")),
+                    "unavailable": s.unavailable,
+                })
+            })
+            .collect()
+    };
+    let memory: Vec<_> = b
+        .memory
+        .iter()
+        .map(|(n, r)| serde_json::json!({"backend": n, "overhead_kib": r.as_ref().ok(), "unavailable": r.as_ref().err()}))
+        .collect();
+    let targets: Vec<_> = targets(b)
+        .iter()
+        .map(|t| serde_json::json!({"what": t.what, "value": t.value, "limit": t.limit, "at_most": t.at_most, "verdict": t.verdict()}))
+        .collect();
+    let doc = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "per_call": series(&b.series),
+        "cold_start": series(&b.cold),
+        "memory": memory,
+        "targets": targets,
+    });
+    serde_json::to_string_pretty(&doc).expect("serialisable") + "\n"
+}
