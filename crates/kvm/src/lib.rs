@@ -112,6 +112,9 @@ pub struct KvmHypervisor {
     kvm: Kvm,
     trap: Trap,
     caps: KvmCapabilities,
+    /// KVM_GET_SUPPORTED_CPUID, fetched once: it never changes and costs more than creating
+    /// a VM does.
+    cpuid: std::sync::OnceLock<CpuId>,
 }
 
 impl std::fmt::Debug for KvmHypervisor {
@@ -136,7 +139,7 @@ impl KvmHypervisor {
             return Err(OpenError::NoSyncRegs);
         }
         signal::install_handler();
-        Ok(Self { kvm, trap, caps })
+        Ok(Self { kvm, trap, caps, cpuid: std::sync::OnceLock::new() })
     }
 
     pub fn capabilities(&self) -> &KvmCapabilities {
@@ -145,6 +148,17 @@ impl KvmHypervisor {
 
     pub fn trap(&self) -> Trap {
         self.trap
+    }
+
+    fn supported_cpuid(&self) -> Result<CpuId, BackendError> {
+        if let Some(c) = self.cpuid.get() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| BackendError::with("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(self.cpuid.get_or_init(|| c).clone())
     }
 }
 
@@ -255,14 +269,12 @@ impl Hypervisor for KvmHypervisor {
             }
             _ => format!("trap=ud ({catch_all})"),
         };
-        if u64::try_from(len).is_ok_and(|l| l <= 0xfffb_d000) {
-            // Needed only for real-mode emulation on old Intel CPUs; harmless elsewhere.
+        if !vmcall_vmm::vm::host_is_amd() && u64::try_from(len).is_ok_and(|l| l <= 0xfffb_d000) {
+            // Intel only: VMX needs it for real-mode emulation on CPUs without unrestricted
+            // guest support (a new vCPU starts in real mode).
             let _ = vm.set_tss_address(0xfffb_d000);
         }
-        let cpuid = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| BackendError::with("KVM_GET_SUPPORTED_CPUID", e))?;
+        let cpuid = self.supported_cpuid()?;
         Ok(Box::new(KvmVm {
             vm,
             ram,
@@ -303,9 +315,8 @@ impl VmBackend for KvmVm {
         fd.set_sregs(&sregs).map_err(|e| BackendError::with("KVM_SET_SREGS", e))?;
         fd.set_regs(&vcpu::regs_to_kvm(&init.regs))
             .map_err(|e| BackendError::with("KVM_SET_REGS", e))?;
-        let mut fpu = kvm_bindings::kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        fpu.ftwx = 0;
-        fd.set_fpu(&fpu).map_err(|e| BackendError::with("KVM_SET_FPU", e))?;
+        // The FPU/SSE state KVM gives a new vCPU (FCW 0x37f, MXCSR 0x1f80) is what guests
+        // expect; setting it again would be one more ioctl on every VM's start.
         if !self.breakpoints.is_empty() {
             let mut dbg = kvm_guest_debug {
                 control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,

@@ -61,11 +61,13 @@ pub fn load_limit(ram_size: u64, vcpus: u32) -> u64 {
     ram_size.saturating_sub(u64::from(vcpus) * STACK_SIZE)
 }
 
-/// Write every boot structure into `ram` and return each vCPU's initial state.
+/// Write every boot structure into `ram` (fresh, zeroed RAM) and return each vCPU's initial
+/// state.
 pub fn setup(ram: &GuestRam, p: &BootParams) -> Result<Vec<VcpuInit>, OutOfBounds> {
     assert!(p.vcpus >= 1 && p.vcpus <= MAX_VCPUS, "vCPU count checked by the builder");
     assert!(p.cmdline.len() as u64 <= CMDLINE_MAX, "command line length checked by the builder");
-    ram.zero(0, GUEST_LOAD_MIN)?;
+    // RAM comes zeroed from the kernel (anonymous mapping); writing zeroes here would only
+    // fault in the whole VMM area for nothing.
     write_gdt(ram, p.vcpus)?;
     write_idt(ram)?;
     write_tss(ram, p.vcpus)?;

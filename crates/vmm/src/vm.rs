@@ -358,6 +358,42 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// Counts the vCPU threads still running, so the VM can wait for them without polling.
+struct Running {
+    left: Mutex<usize>,
+    cv: Condvar,
+}
+
+/// Marks one vCPU thread finished when dropped (also when the thread panics).
+struct RunningGuard<'a>(&'a Running);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.left.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.cv.notify_all();
+    }
+}
+
+impl Running {
+    fn new(n: usize) -> Self {
+        Self { left: Mutex::new(n), cv: Condvar::new() }
+    }
+
+    fn guard(&self) -> RunningGuard<'_> {
+        RunningGuard(self)
+    }
+
+    /// Wait up to `timeout` for every thread to finish; whether they all have.
+    fn wait_all(&self, timeout: Duration) -> bool {
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let (left, _) = self
+            .cv
+            .wait_timeout_while(left, timeout, |left| *left > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *left == 0
+    }
+}
+
 /// How often a stopping VM re-sends interrupts to vCPUs that are still inside the backend.
 const INTERRUPT_RETRY: Duration = Duration::from_millis(5);
 
@@ -401,6 +437,7 @@ impl Vm {
             }
         }
         let interrupters: Arc<Mutex<Vec<Arc<dyn Interrupter>>>> = Arc::default();
+        let running = Running::new(vcpus.len());
         let mut stats = VcpuStats::default();
         std::thread::scope(|scope| {
             let handles: Vec<_> = vcpus
@@ -409,9 +446,11 @@ impl Vm {
                 .map(|(id, vcpu)| {
                     let shared = &self.shared;
                     let interrupters = interrupters.clone();
+                    let running = &running;
                     std::thread::Builder::new()
                         .name(format!("vcpu{id}"))
                         .spawn_scoped(scope, move || {
+                            let _done = running.guard();
                             interrupters
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -424,11 +463,11 @@ impl Vm {
             self.wait_for_end(start);
             // Stop every vCPU still inside the backend; repeat, since an interrupt that lands
             // just before a vCPU re-enters the backend can be missed.
-            while handles.iter().any(|h| !h.is_finished()) {
+            while !running.wait_all(Duration::ZERO) {
                 for i in interrupters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
                     i.interrupt();
                 }
-                std::thread::sleep(INTERRUPT_RETRY);
+                running.wait_all(INTERRUPT_RETRY);
             }
             for h in handles {
                 match h.join() {
