@@ -274,14 +274,20 @@ fn read_regs(uc: &Engine<'_>) -> Result<Regs, uc_error> {
 }
 
 /// The mode of code running with the current CS, from its descriptor in the guest's GDT
-/// (unicorn does not expose the descriptor cache).
-fn current_mode(uc: &Engine<'_>, ram: &GuestRam, cs: u16) -> CpuMode {
+/// (unicorn does not expose the descriptor cache). A descriptor with L = 1 means 64-bit mode
+/// (L is only valid in long mode); only for others are EFER and CR0 read.
+fn current_mode<D>(uc: &Unicorn<'_, D>, ram: &GuestRam, cs: u16) -> CpuMode {
     let Ok(gdtr) = read_mmr(uc, R::GDTR) else { return CpuMode::Long64 };
     let gdt = DescriptorTable { base: gdtr.base, limit: gdtr.limit as u16 };
-    let efer = read_msr(uc, MSR_EFER).unwrap_or(boot::EFER_LMA);
-    let cr0 = uc.reg_read(R::CR0).unwrap_or(boot::CR0_PE);
-    boot::code_segment(ram, gdt, cs)
-        .map_or(CpuMode::Long64, |seg| CpuMode::from_cs(&seg, efer, cr0))
+    match boot::code_segment(ram, gdt, cs) {
+        Some(seg) if seg.l => CpuMode::Long64,
+        Some(seg) => {
+            let efer = read_msr(uc, MSR_EFER).unwrap_or(boot::EFER_LMA);
+            let cr0 = uc.reg_read(R::CR0).unwrap_or(boot::CR0_PE);
+            CpuMode::from_cs(&seg, efer, cr0)
+        }
+        None => CpuMode::Long64,
+    }
 }
 
 /// VMCALL and VMMCALL are invalid instructions to the emulator, at any CPL and in any mode.
@@ -289,8 +295,8 @@ fn current_mode(uc: &Engine<'_>, ram: &GuestRam, cs: u16) -> CpuMode {
 fn on_invalid(uc: &mut Engine<'_>) -> bool {
     let rip = uc.reg_read(R::RIP).unwrap_or(0);
     let cs = uc.reg_read(R::CS).unwrap_or(0) as u16;
-    let ram = uc.get_data().ram.clone();
     let mut bytes = [0u8; 3];
+    let ram = &uc.get_data().ram;
     if !(ram.read(rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes)) {
         let fault = GuestFault { vector: boot::UD_VECTOR, error_code: None, rip, cs, cr2: None };
         uc.get_data_mut().stop_with(VcpuExit::Fault(fault));
@@ -302,7 +308,7 @@ fn on_invalid(uc: &mut Engine<'_>) -> bool {
         nr: reg(R::RAX),
         args: [reg(R::RBX), reg(R::RCX), reg(R::RDX), reg(R::RSI)],
         cpl: (cs & 3) as u8,
-        mode: current_mode(uc, &ram, cs),
+        mode: current_mode(uc, &uc.get_data().ram, cs),
         rip,
         insn: if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall },
     };

@@ -12,7 +12,7 @@ use vmcall_abi::{BatchEntry, KvmClockPairing, KVM_CLOCK_PAIRING_WALLCLOCK, VMCAL
 
 use crate::memory::GuestRam;
 use crate::regs::CpuMode;
-use crate::table::HypercallTable;
+use crate::table::{Entry, HypercallTable};
 
 /// Which instruction made the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,28 +102,29 @@ pub fn emulate(
         (neg(KVM_EPERM), AnsweredBy::NotPrivileged)
     } else {
         let call = Call { nr, args, vcpu_id, mode: exit.mode, mem };
-        dispatch(table, &call, platform, Nesting::Allowed)
+        table.with(nr, |entry| dispatch(entry, &call, platform, Nesting::Allowed(table)))
     };
     Emulated { nr, args, rax: trunc(ret), answered_by }
 }
 
-/// Whether a call may start a batch (a batch's own entries may not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Nesting {
-    Allowed,
+/// Whether a call may start a batch (a batch's own entries may not), and the table a batch
+/// takes its snapshot of.
+#[derive(Clone, Copy)]
+enum Nesting<'a> {
+    Allowed(&'a HypercallTable),
     InBatch,
 }
 
-/// Step 7 of docs/hypercalls.md for a call that passed the CPL check: the table's handler if
-/// it has one, else KVM's (or vmcall's) own behaviour.
+/// Step 7 of docs/hypercalls.md for a call that passed the CPL check: `entry`, the table's
+/// handler for its number, if there is one, else KVM's (or vmcall's) own behaviour.
 fn dispatch(
-    table: &HypercallTable,
+    entry: Option<&Entry>,
     call: &Call<'_>,
     platform: &dyn Platform,
-    nesting: Nesting,
+    nesting: Nesting<'_>,
 ) -> (u64, AnsweredBy) {
     let nr = call.nr;
-    table.with(nr, |entry| match entry {
+    match entry {
         Some(e) => {
             if nr == KVM_HC_MAP_GPA_RANGE && !e.overrides_standard {
                 if let Err(err) = check_map_gpa_range(call.args) {
@@ -140,46 +141,62 @@ fn dispatch(
             }
         }
         None if nr == VMCALL_HC_BATCH => match nesting {
-            Nesting::Allowed => (batch(table, call, platform), AnsweredBy::Standard),
+            Nesting::Allowed(table) => (batch(table, call, platform), AnsweredBy::Standard),
             Nesting::InBatch => (neg(KVM_EINVAL), AnsweredBy::Standard),
         },
         None => (standard(call, platform, call.mode.is_64bit()), AnsweredBy::Standard),
-    })
+    }
 }
 
 /// `VMCALL_HC_BATCH`: answer each entry of the array at a0 (a1 entries) as a single call
-/// from the same caller would be answered, writing each result to its `ret`. Every entry is
-/// copied out of guest memory once before it is answered, so another vCPU rewriting the array
-/// mid-batch changes what later entries say, never how one entry is handled. Returns the number
-/// of entries processed: an entry outside guest RAM ends the batch there (-KVM_EFAULT if it is
-/// the first), more than `VMCALL_BATCH_MAX` entries is -KVM_E2BIG, a nested batch -KVM_EINVAL.
+/// from the same caller would be answered, writing each result to its `ret`. Each entry is
+/// copied out of guest memory once (64 at a time) before it is answered, and all are looked up
+/// in one snapshot of the table: another vCPU rewriting the array mid-batch can change what a
+/// later entry says, never how one entry is handled. Returns the number of entries processed: the end of guest RAM cuts a batch short
+/// (-KVM_EFAULT if not even the first entry is inside it), more than `VMCALL_BATCH_MAX` entries
+/// is -KVM_E2BIG, and a nested batch entry gets -KVM_EINVAL.
 fn batch(table: &HypercallTable, call: &Call<'_>, platform: &dyn Platform) -> u64 {
     const ENTRY: u64 = core::mem::size_of::<BatchEntry>() as u64;
     let [base, count, ..] = call.args;
     if count > VMCALL_BATCH_MAX {
         return neg(vmcall_abi::errno::KVM_E2BIG);
     }
+    if count == 0 {
+        return 0;
+    }
+    let in_ram = call.mem.size().checked_sub(base).map_or(0, |room| room / ENTRY);
+    let count = count.min(in_ram);
+    if count == 0 {
+        return neg(vmcall_abi::errno::KVM_EFAULT);
+    }
+    let Ok(view) = call.mem.view(base, count * ENTRY) else {
+        return neg(vmcall_abi::errno::KVM_EFAULT);
+    };
     let trunc = |v: u64| if call.mode.is_64bit() { v } else { v & 0xffff_ffff };
-    for i in 0..count {
-        let Some(at) = i.checked_mul(ENTRY).and_then(|off| base.checked_add(off)) else {
-            return if i == 0 { neg(vmcall_abi::errno::KVM_EFAULT) } else { i };
-        };
-        let mut raw = [0u8; ENTRY as usize];
-        if call.mem.read(at, &mut raw).is_err() {
-            return if i == 0 { neg(vmcall_abi::errno::KVM_EFAULT) } else { i };
+    let snapshot = table.snapshot();
+    // Entries are copied out a chunk at a time, each before any of it is answered.
+    const CHUNK: usize = 64;
+    let mut raw = [0u8; CHUNK * ENTRY as usize];
+    for first in (0..count as usize).step_by(CHUNK) {
+        let n = CHUNK.min(count as usize - first);
+        let chunk = &mut raw[..n * ENTRY as usize];
+        if view.read(first * ENTRY as usize, chunk).is_err() {
+            return first as u64;
         }
-        let word =
-            |k: usize| u64::from_le_bytes(raw[8 * k..8 * k + 8].try_into().expect("8 bytes"));
-        let entry = Call {
-            nr: trunc(word(0)),
-            args: [word(1), word(2), word(3), word(4)].map(trunc),
-            vcpu_id: call.vcpu_id,
-            mode: call.mode,
-            mem: call.mem,
-        };
-        let (ret, _) = dispatch(table, &entry, platform, Nesting::InBatch);
-        // The entry was readable, so its `ret` slot (inside the same 48 bytes) is writable.
-        let _ = call.mem.write_u64(at + 40, trunc(ret));
+        for (k, bytes) in chunk.chunks_exact(ENTRY as usize).enumerate() {
+            let word =
+                |w: usize| u64::from_le_bytes(bytes[8 * w..8 * w + 8].try_into().expect("8 bytes"));
+            let entry = Call {
+                nr: trunc(word(0)),
+                args: [word(1), word(2), word(3), word(4)].map(trunc),
+                vcpu_id: call.vcpu_id,
+                mode: call.mode,
+                mem: call.mem,
+            };
+            let (ret, _) = dispatch(snapshot.get(entry.nr), &entry, platform, Nesting::InBatch);
+            // Inside the view: this entry was just read from it.
+            let _ = view.write_u64((first + k) * ENTRY as usize + 40, trunc(ret));
+        }
     }
     count
 }

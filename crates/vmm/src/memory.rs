@@ -109,6 +109,17 @@ impl GuestRam {
         Ok(())
     }
 
+    /// A checked view of `gpa..gpa+len`, for many small accesses inside it at the cost of one
+    /// bounds check (a batch of hypercalls).
+    pub fn view(&self, gpa: u64, len: u64) -> Result<RamView<'_>, OutOfBounds> {
+        self.check(gpa, len)?;
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(gpa), len as usize)
+            .map_err(|_| self.oob(gpa, len as usize))?;
+        Ok(RamView { slice, gpa, ram_size: self.size })
+    }
+
     /// Host address of guest-physical 0 and the RAM length, for a backend that maps RAM into a
     /// hypervisor or emulator. The pointer stays valid as long as `self` lives.
     pub fn host_mapping(&self) -> (*mut u8, usize) {
@@ -122,6 +133,35 @@ impl GuestRam {
 
     fn oob(&self, gpa: u64, len: usize) -> OutOfBounds {
         OutOfBounds { gpa, len: len as u64, ram_size: self.size }
+    }
+}
+
+/// A bounds-checked window of guest RAM (see [`GuestRam::view`]); offsets are relative to
+/// its start and checked against its length.
+#[derive(Debug)]
+pub struct RamView<'a> {
+    slice: vm_memory::VolatileSlice<'a, ()>,
+    gpa: u64,
+    ram_size: u64,
+}
+
+impl RamView<'_> {
+    fn oob(&self, off: usize, len: usize) -> OutOfBounds {
+        OutOfBounds {
+            gpa: self.gpa.wrapping_add(off as u64),
+            len: len as u64,
+            ram_size: self.ram_size,
+        }
+    }
+
+    /// Copy bytes at `off` into `buf`.
+    pub fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), OutOfBounds> {
+        self.slice.read_slice(buf, off).map_err(|_| self.oob(off, buf.len()))
+    }
+
+    /// Write a little-endian u64 at `off`.
+    pub fn write_u64(&self, off: usize, value: u64) -> Result<(), OutOfBounds> {
+        self.slice.write_obj(value.to_le(), off).map_err(|_| self.oob(off, 8))
     }
 }
 
@@ -143,6 +183,20 @@ mod tests {
         assert!(ram.read_u64(u64::MAX - 3).is_err(), "address overflow must not wrap");
         let mut big = vec![0u8; 16];
         assert!(ram.read(end, &mut big).is_err());
+    }
+
+    #[test]
+    fn views_are_bounded_too() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        assert!(ram.view(ram.size() - 8, 16).is_err());
+        let v = ram.view(0x1000, 16).unwrap();
+        v.write_u64(8, 0xabcd).unwrap();
+        assert_eq!(ram.read_u64(0x1008).unwrap(), 0xabcd);
+        assert!(v.write_u64(9, 1).is_err(), "past the view's end");
+        let mut b = [0u8; 16];
+        v.read(0, &mut b).unwrap();
+        assert_eq!(b[8], 0xcd);
+        assert!(v.read(1, &mut b).is_err());
     }
 
     #[test]

@@ -91,7 +91,43 @@ pub fn is_standard(nr: u64) -> bool {
     hc::name(nr).is_some() && nr != hc::KVM_HC_MAP_GPA_RANGE
 }
 
-type Snapshot = HashMap<u64, Entry>;
+/// Hypercall numbers are small, caller-chosen integers; a multiplicative hash is plenty and
+/// costs a fraction of SipHash on the per-call lookup. (The table is not exposed to untrusted
+/// key floods: only the host adds keys.)
+#[derive(Default, Clone, Copy)]
+pub(crate) struct NrHasher(u64);
+
+impl std::hash::Hasher for NrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type Snapshot = HashMap<u64, Entry, std::hash::BuildHasherDefault<NrHasher>>;
+
+/// One version of the table, unaffected by later changes.
+#[derive(Clone)]
+pub struct TableSnapshot(Arc<Snapshot>);
+
+impl std::fmt::Debug for TableSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.0.iter()).finish()
+    }
+}
+
+impl TableSnapshot {
+    pub fn get(&self, nr: u64) -> Option<&Entry> {
+        self.0.get(&nr)
+    }
+}
 
 /// The table. Cheap to share: wrap it in an `Arc` and keep a clone to change it at run time.
 #[derive(Default)]
@@ -120,6 +156,12 @@ impl HypercallTable {
     pub fn with<R>(&self, nr: u64, f: impl FnOnce(Option<&Entry>) -> R) -> R {
         let snap = self.current.load();
         f(snap.get(&nr))
+    }
+
+    /// The current snapshot, for looking up many numbers at once (a batch): every lookup in
+    /// it sees the same table.
+    pub fn snapshot(&self) -> TableSnapshot {
+        TableSnapshot(self.current.load_full())
     }
 
     /// Numbers that have a handler, sorted.
