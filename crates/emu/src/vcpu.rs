@@ -37,6 +37,11 @@ struct HookState {
     /// The VMM's inline exit handler of the `run` in progress; set only while `emu_start`
     /// runs.
     sink: Option<SinkPtr>,
+    /// The mode last worked out for a (CS selector, GDT base, GDT limit): looking the
+    /// descriptor up again on every hypercall costs as much as the rest of the call. Like the
+    /// CPU's own descriptor cache, it goes stale only if the guest rewrites its GDT entry and
+    /// reloads the same selector from the same GDT.
+    mode_cache: Option<(u16, u64, u32, CpuMode)>,
 }
 
 /// The `&mut dyn InlineExits` of the current `run`, with its lifetime erased so that the
@@ -209,8 +214,13 @@ pub(crate) fn new_engine<D: 'static>(
 }
 
 fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>, BackendError> {
-    let state =
-        HookState { ram: ram.clone(), queue: VecDeque::new(), stopped_by_hook: false, sink: None };
+    let state = HookState {
+        ram: ram.clone(),
+        queue: VecDeque::new(),
+        stopped_by_hook: false,
+        sink: None,
+        mode_cache: None,
+    };
     let mut uc = new_engine(ram, init, state)?;
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
@@ -276,10 +286,15 @@ fn read_regs(uc: &Engine<'_>) -> Result<Regs, uc_error> {
 /// The mode of code running with the current CS, from its descriptor in the guest's GDT
 /// (unicorn does not expose the descriptor cache). A descriptor with L = 1 means 64-bit mode
 /// (L is only valid in long mode); only for others are EFER and CR0 read.
-fn current_mode<D>(uc: &Unicorn<'_, D>, ram: &GuestRam, cs: u16) -> CpuMode {
+fn current_mode(uc: &mut Engine<'_>, cs: u16) -> CpuMode {
     let Ok(gdtr) = read_mmr(uc, R::GDTR) else { return CpuMode::Long64 };
+    if let Some((c, base, limit, mode)) = uc.get_data().mode_cache {
+        if (c, base, limit) == (cs, gdtr.base, gdtr.limit) {
+            return mode;
+        }
+    }
     let gdt = DescriptorTable { base: gdtr.base, limit: gdtr.limit as u16 };
-    match boot::code_segment(ram, gdt, cs) {
+    let mode = match boot::code_segment(&uc.get_data().ram, gdt, cs) {
         Some(seg) if seg.l => CpuMode::Long64,
         Some(seg) => {
             let efer = read_msr(uc, MSR_EFER).unwrap_or(boot::EFER_LMA);
@@ -287,7 +302,9 @@ fn current_mode<D>(uc: &Unicorn<'_, D>, ram: &GuestRam, cs: u16) -> CpuMode {
             CpuMode::from_cs(&seg, efer, cr0)
         }
         None => CpuMode::Long64,
-    }
+    };
+    uc.get_data_mut().mode_cache = Some((cs, gdtr.base, gdtr.limit, mode));
+    mode
 }
 
 /// VMCALL and VMMCALL are invalid instructions to the emulator, at any CPL and in any mode.
@@ -303,12 +320,13 @@ fn on_invalid(uc: &mut Engine<'_>) -> bool {
         let _ = uc.emu_stop();
         return true;
     }
+    let mode = current_mode(uc, cs);
     let reg = |r: R| uc.reg_read(r).unwrap_or(0);
     let call = HypercallExit {
         nr: reg(R::RAX),
         args: [reg(R::RBX), reg(R::RCX), reg(R::RDX), reg(R::RSI)],
         cpl: (cs & 3) as u8,
-        mode: current_mode(uc, &uc.get_data().ram, cs),
+        mode,
         rip,
         insn: if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall },
     };
