@@ -1,9 +1,10 @@
 //! C guests written the Linux way: seed.c uses its own inline `vmcall` at several sites,
-//! hello.c the header's `kvm_hypercall0..4`. Both must get KVM's answers and the registered
-//! handler's result, on every backend.
+//! hello.c the header's `kvm_hypercall0..4`, batch.c the header's `vmcall_hypercall_batch`. All
+//! must get KVM's answers and the registered handler's result, on every backend.
 
 use std::sync::Arc;
 
+use vmcall_abi::hc::VMCALL_HC_BATCH;
 use vmcall_conformance::{backends, run};
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::table::HypercallTable;
@@ -49,5 +50,30 @@ fn c_guest_using_kvm_hypercall_n() {
                 out.console
             );
         }
+    }
+}
+
+#[test]
+fn c_guest_batches() {
+    for b in backends("c_guest_batches") {
+        let out = run(b.hv.as_ref(), "c-batch", "", table());
+        out.expect_status(RunStatus::AllHalted, &b.name);
+        let nested = format!("entry 4 nr={VMCALL_HC_BATCH} ret=-22");
+        let lines: Vec<&str> = out.console.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "batch ret=5",
+                "entry 0 nr=20 ret=3",
+                "entry 1 nr=20 ret=5",
+                "entry 2 nr=1 ret=0",
+                "entry 3 nr=999 ret=-1000",
+                nested.as_str(),
+                "toobig ret=-7",
+                "wild ret=-14",
+            ],
+            "{}",
+            b.name
+        );
     }
 }

@@ -12,6 +12,9 @@ fn expectations() -> Vec<(&'static str, u64)> {
         v.push((hc::name(nr).unwrap(), nr));
     }
     v.push(("KVM_HC_MY_VMCALL", hc::KVM_HC_MY_VMCALL));
+    v.push(("VMCALL_HC_BASE", hc::VMCALL_HC_BASE));
+    v.push(("VMCALL_HC_BATCH", hc::VMCALL_HC_BATCH));
+    v.push(("VMCALL_BATCH_MAX", vmcall_abi::VMCALL_BATCH_MAX));
     let errno_names =
         ["KVM_ENOSYS", "KVM_EFAULT", "KVM_EINVAL", "KVM_E2BIG", "KVM_EPERM", "KVM_EOPNOTSUPP"];
     for (c_name, (_, value)) in errno_names.iter().zip(errno::ALL) {
@@ -80,7 +83,15 @@ fn expectations() -> Vec<(&'static str, u64)> {
             "offsetof(struct kvm_clock_pairing, flags)",
             std::mem::offset_of!(vmcall_abi::KvmClockPairing, flags) as u64,
         ),
+        ("sizeof(struct vmcall_batch_entry)", std::mem::size_of::<vmcall_abi::BatchEntry>() as u64),
     ]);
+    macro_rules! batch_entry_offsets {
+        ($($f:ident),*) => {
+            $(v.push((concat!("offsetof(struct vmcall_batch_entry, ", stringify!($f), ")"),
+                std::mem::offset_of!(vmcall_abi::BatchEntry, $f) as u64));)*
+        };
+    }
+    batch_entry_offsets!(nr, args, ret);
     macro_rules! boot_info_offsets {
         ($($f:ident),*) => {
             $(v.push((concat!("offsetof(struct vmcall_boot_info, ", stringify!($f), ")"),

@@ -121,3 +121,33 @@ fn long_console_output_arrives_intact() {
         );
     }
 }
+
+#[test]
+fn kick_cpu_wakes_halted_vcpus() {
+    for b in backends("kick_cpu_wakes_halted_vcpus") {
+        let out = vmcall_conformance::run_image(
+            b.hv.as_ref(),
+            vmcall_conformance::guest("kick"),
+            "",
+            Arc::new(HypercallTable::new()),
+            |v| v.vcpus(4),
+        );
+        out.expect_status(RunStatus::AllHalted, &b.name);
+        let mut lines: Vec<&str> = out.console.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                "kicked 1 ret=0",
+                "kicked 1000 ret=0",
+                "kicked 2 ret=0",
+                "kicked 3 ret=0",
+                "vCPU 1 woke",
+                "vCPU 2 woke",
+                "vCPU 3 woke"
+            ],
+            "{}",
+            b.name
+        );
+    }
+}

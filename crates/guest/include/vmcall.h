@@ -38,6 +38,16 @@
 #define KVM_HC_MY_VMCALL		20
 #endif
 
+/*
+ * First of vmcall's own hypercall numbers, "VC" << 16 (crates/abi hc::VMCALL_HC_BASE): clear of
+ * Linux's and of the small numbers custom hypercalls use, and inside 32 bits.
+ */
+#define VMCALL_HC_BASE			0x56430000
+/* Run a batch of hypercalls (crates/abi hc::VMCALL_HC_BATCH); see vmcall_hypercall_batch. */
+#define VMCALL_HC_BATCH			0x56430001	/* VMCALL_HC_BASE + 1 */
+/* Most entries one batch may hold (crates/abi VMCALL_BATCH_MAX); more is -KVM_E2BIG. */
+#define VMCALL_BATCH_MAX		4096
+
 /* crates/abi KVM_CLOCK_PAIRING_WALLCLOCK is KVM_CLOCK_PAIRING_WALLCLOCK (asm/kvm_para.h). */
 
 /* crates/abi cpuid::KVM_SIGNATURE: "KVMKVMKVM\0\0\0" as EBX, ECX, EDX of leaf 0x40000000. */
@@ -135,6 +145,33 @@ static inline const char *vmcall_cmdline(const struct vmcall_boot_info *bi, unsi
 {
 	*len = (unsigned long)bi->cmdline_len;
 	return (const char *)(unsigned long)bi->cmdline_gpa;
+}
+
+/* ---- Batches of hypercalls (crates/abi BatchEntry, hc::VMCALL_HC_BATCH) --------------------- */
+
+/* One call of a VMCALL_HC_BATCH batch (Xen's multicall, for KVM hypercalls). */
+struct vmcall_batch_entry {
+	unsigned long long nr;		/* hypercall number (what RAX would hold) */
+	unsigned long long args[4];	/* a0..a3 (what RBX, RCX, RDX, RSI would hold) */
+	unsigned long long ret;		/* written by the host: what RAX would have returned */
+};
+VMCALL_STATIC_ASSERT(sizeof(struct vmcall_batch_entry) == 48, "BatchEntry is 48 bytes");
+VMCALL_STATIC_ASSERT(__builtin_offsetof(struct vmcall_batch_entry, nr) == 0, "BatchEntry");
+VMCALL_STATIC_ASSERT(__builtin_offsetof(struct vmcall_batch_entry, args) == 8, "BatchEntry");
+VMCALL_STATIC_ASSERT(__builtin_offsetof(struct vmcall_batch_entry, ret) == 40, "BatchEntry");
+
+/*
+ * Runs every call in entries[0..count) with one hypercall: each entry is answered as that call
+ * alone (from this caller) would be, its result written to its ret. Returns the number of entries
+ * processed (the end of guest RAM cuts a batch short), -KVM_E2BIG for count > VMCALL_BATCH_MAX,
+ * -KVM_EFAULT if the array starts outside guest RAM; a nested VMCALL_HC_BATCH entry gets
+ * -KVM_EINVAL. entries is a guest-physical address, which equals the virtual one in vmcall's
+ * identity-mapped guests. The hypercall's asm clobbers "memory" and is given the array's address,
+ * so the compiler treats the array as read and written by it: no barrier is needed around it.
+ */
+static inline long vmcall_hypercall_batch(struct vmcall_batch_entry *entries, unsigned long count)
+{
+	return kvm_hypercall2(VMCALL_HC_BATCH, (unsigned long)entries, count);
 }
 
 /* ---- Port I/O (CPL 3 may use COM1 and the exit port: the TSS I/O bitmap allows them) -------- */
