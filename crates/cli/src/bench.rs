@@ -11,7 +11,7 @@ use vmcall_vmm::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::stats::{fmt_ns, Latency};
 use vmcall_vmm::table::HypercallTable;
-use vmcall_vmm::vm::{prepare_guest, RunStatus, VmBuilder};
+use vmcall_vmm::vm::{prepare_guest, RunStatus, Vm, VmBuilder};
 
 use crate::BenchArgs;
 
@@ -70,17 +70,26 @@ fn table() -> Arc<HypercallTable> {
     t
 }
 
-/// Run the bench guest with `cmdline` on `hv`; its round trips go into `lat`.
-fn vmcall_run(hv: &dyn Hypervisor, cmdline: &str, lat: &mut Latency) -> Result<(), String> {
-    let vm = VmBuilder::new(image().to_vec())
+/// A VM for `image` with `cmdline` and `table` on `hv`, its console discarded.
+fn bench_vm(
+    hv: &dyn Hypervisor,
+    image: Vec<u8>,
+    cmdline: &str,
+    table: Arc<HypercallTable>,
+) -> Result<Vm, String> {
+    VmBuilder::new(image)
         .memory(RAM)
         .cmdline(cmdline)
-        .table(table())
+        .table(table)
         .timeout(Some(Duration::from_secs(120)))
         .console(Box::new(std::io::sink()))
         .build(hv)
-        .map_err(|e| e.to_string())?;
-    let report = vm.run();
+        .map_err(|e| crate::chain(&e))
+}
+
+/// Run the bench guest with `cmdline` on `hv`; its round trips go into `lat`.
+fn vmcall_run(hv: &dyn Hypervisor, cmdline: &str, lat: &mut Latency) -> Result<(), String> {
+    let report = bench_vm(hv, image().to_vec(), cmdline, table())?.run();
     match report.result {
         Ok(RunStatus::Exited(0)) => {
             lat.merge(&report.stats.round_trip);
@@ -368,14 +377,7 @@ fn cold_guest() -> Vec<u8> {
 fn cold_vmcall(hv: &dyn Hypervisor) -> Result<Duration, String> {
     let image = cold_guest();
     let start = Instant::now();
-    let vm = VmBuilder::new(image)
-        .memory(RAM)
-        .table(table())
-        .timeout(Some(Duration::from_secs(60)))
-        .console(Box::new(std::io::sink()))
-        .build(hv)
-        .map_err(|e| e.to_string())?;
-    match vm.run().result {
+    match bench_vm(hv, image, "", table())?.run().result {
         Ok(RunStatus::Exited(0)) => Ok(start.elapsed()),
         other => Err(format!("bench guest ended with {other:?}")),
     }
@@ -403,14 +405,7 @@ fn idle_overhead_kib(hv: &dyn Hypervisor) -> Result<f64, String> {
         })
         .expect("empty table");
     let before = rss_kib()?;
-    let vm = VmBuilder::new(image().to_vec())
-        .memory(RAM)
-        .cmdline(format!("idle {BENCH_NR}"))
-        .table(table)
-        .timeout(Some(Duration::from_secs(60)))
-        .console(Box::new(std::io::sink()))
-        .build(hv)
-        .map_err(|e| e.to_string())?;
+    let vm = bench_vm(hv, image().to_vec(), &format!("idle {BENCH_NR}"), table)?;
     let (ram_addr, _) = vm.ram().host_mapping();
     let ram_addr = ram_addr as usize;
     let stopper = vm.stopper();

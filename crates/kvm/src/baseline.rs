@@ -5,7 +5,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmcall_abi::ports;
 use vmcall_vmm::backend::{BackendError, Interrupter};
@@ -14,7 +14,7 @@ use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::stats::Latency;
 
 use crate::signal::{self, SignalInterrupter};
-use crate::{vcpu, KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_FIX_HYPERCALL_INSN};
+use crate::{disable_hypercall_quirk, map_guest_ram, vcpu};
 
 fn err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError {
     move |e| BackendError::with(what, e)
@@ -46,20 +46,11 @@ impl RawVm {
         signal::install_handler();
         let kvm = Kvm::new().map_err(err("open /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
-        let (host, len) = ram.host_mapping();
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: len as u64,
-            userspace_addr: host as u64,
-        };
-        // SAFETY: guest RAM's live mapping, kept alive by `_ram`, which outlives the VM fd.
-        unsafe { vm.set_user_memory_region(region) }.map_err(err("KVM_SET_USER_MEMORY_REGION"))?;
+        // SAFETY: `_ram` keeps the mapping alive and is declared after the fds, so it is
+        // dropped after them.
+        unsafe { map_guest_ram(&vm, &ram, 0) }?;
         if !kernel_hypercalls {
-            let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
-            cap.args[0] = KVM_X86_QUIRK_FIX_HYPERCALL_INSN;
-            vm.enable_cap(&cap).map_err(err("KVM_CAP_DISABLE_QUIRKS2"))?;
+            disable_hypercall_quirk(&vm)?;
         }
         let vcpu = vm.create_vcpu(0).map_err(err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm
@@ -143,16 +134,8 @@ fn minimal_vm_first_exit() -> Result<(), BackendError> {
     let ram = GuestRam::anonymous(PAGE).map_err(|e| BackendError::with("guest page", e))?;
     ram.write(0, &[0xe6, 0x80, 0xf4]).map_err(|e| BackendError::with("guest code", e))?; // out 0x80, al; hlt
     let vm = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
-    let (host, len) = ram.host_mapping();
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: CODE_AT,
-        memory_size: len as u64,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `ram` is a live mapping declared before `vm`, so it is dropped after it.
-    unsafe { vm.set_user_memory_region(region) }.map_err(err("KVM_SET_USER_MEMORY_REGION"))?;
+    // SAFETY: `ram` is declared before `vm`, so it is dropped after it.
+    unsafe { map_guest_ram(&vm, &ram, CODE_AT) }?;
     let mut vcpu = vm.create_vcpu(0).map_err(err("KVM_CREATE_VCPU"))?;
     let mut sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
     sregs.cs.base = 0;

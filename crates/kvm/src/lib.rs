@@ -205,24 +205,10 @@ impl Hypervisor for KvmHypervisor {
             )));
         }
         let vm = self.kvm.create_vm().map_err(|e| BackendError::with("KVM_CREATE_VM", e))?;
-        let (host, len) = ram.host_mapping();
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: len as u64,
-            userspace_addr: host as u64,
-        };
-        // SAFETY: `host..host+len` is guest RAM's live anonymous mapping; `KvmVm` keeps its
-        // `Arc<GuestRam>` and drops the VM fd first, so the mapping outlives the memory slot.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(|e| BackendError::with("KVM_SET_USER_MEMORY_REGION", e))?;
-
-        let quirk_off = self.caps.can_disable_hypercall_quirk && {
-            let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
-            cap.args[0] = KVM_X86_QUIRK_FIX_HYPERCALL_INSN;
-            vm.enable_cap(&cap).is_ok()
-        };
+        // SAFETY: `KvmVm` keeps the `Arc<GuestRam>` and drops the VM fd first.
+        unsafe { map_guest_ram(&vm, &ram, 0) }?;
+        let quirk_off =
+            self.caps.can_disable_hypercall_quirk && disable_hypercall_quirk(&vm).is_ok();
         let trap = match self.trap {
             Trap::Auto => Trap::Rewrite,
             Trap::Ud if !quirk_off => {
@@ -269,7 +255,7 @@ impl Hypervisor for KvmHypervisor {
             }
             _ => format!("trap=ud ({catch_all})"),
         };
-        if !vmcall_vmm::vm::host_is_amd() && u64::try_from(len).is_ok_and(|l| l <= 0xfffb_d000) {
+        if !vmcall_vmm::vm::host_is_amd() && ram.size() <= 0xfffb_d000 {
             // Intel only: VMX needs it for real-mode emulation on CPUs without unrestricted
             // guest support (a new vCPU starts in real mode).
             let _ = vm.set_tss_address(0xfffb_d000);
@@ -284,6 +270,34 @@ impl Hypervisor for KvmHypervisor {
             description,
         }))
     }
+}
+
+/// Register `ram` as memory slot 0 of `vm` at guest-physical `gpa`.
+///
+/// # Safety
+/// `ram`'s mapping must outlive `vm` (KVM keeps using the host addresses until the VM fd is
+/// closed): keep the `GuestRam` alive and drop the VM fd first.
+unsafe fn map_guest_ram(vm: &VmFd, ram: &GuestRam, gpa: u64) -> Result<(), BackendError> {
+    let (host, len) = ram.host_mapping();
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: gpa,
+        memory_size: len as u64,
+        userspace_addr: host as u64,
+    };
+    // SAFETY: `host..host+len` is the live mapping of `ram`, which the caller keeps alive for
+    // as long as the VM.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| BackendError::with("KVM_SET_USER_MEMORY_REGION", e))
+}
+
+/// Disable KVM_X86_QUIRK_FIX_HYPERCALL_INSN, so that a hypercall instruction the kernel does
+/// not handle raises #UD in the guest instead of being patched.
+fn disable_hypercall_quirk(vm: &VmFd) -> Result<(), BackendError> {
+    let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
+    cap.args[0] = KVM_X86_QUIRK_FIX_HYPERCALL_INSN;
+    vm.enable_cap(&cap).map_err(|e| BackendError::with("KVM_CAP_DISABLE_QUIRKS2", e))
 }
 
 fn scan(ram: &GuestRam, guest: &GuestInfo) -> Result<Vec<u64>, BackendError> {
