@@ -26,18 +26,20 @@ pub fn select(backend: &str, trap: &str) -> Result<Box<dyn Hypervisor>, String> 
     }
 }
 
+/// The software-CPU backend, if built in.
 #[cfg(feature = "emu")]
-fn emu() -> Result<Box<dyn Hypervisor>, String> {
+pub(crate) fn emu() -> Result<Box<dyn Hypervisor>, String> {
     Ok(Box::new(vmcall_emu::EmuHypervisor::new()))
 }
 
 #[cfg(not(feature = "emu"))]
-fn emu() -> Result<Box<dyn Hypervisor>, String> {
+pub(crate) fn emu() -> Result<Box<dyn Hypervisor>, String> {
     Err("this vmcall was built without the software CPU backend (feature 'emu')".into())
 }
 
+/// The KVM backend with the trap strategy named `trap`, if /dev/kvm is usable.
 #[cfg(feature = "kvm")]
-fn kvm(trap: &str) -> Result<Box<dyn Hypervisor>, String> {
+pub(crate) fn kvm(trap: &str) -> Result<Box<dyn Hypervisor>, String> {
     let trap: vmcall_kvm::Trap = trap.parse()?;
     let hv = vmcall_kvm::KvmHypervisor::open(trap)
         .map_err(|e| format!("KVM backend unavailable: {}", chain(&e)))?;
@@ -45,7 +47,7 @@ fn kvm(trap: &str) -> Result<Box<dyn Hypervisor>, String> {
 }
 
 #[cfg(not(feature = "kvm"))]
-fn kvm(_: &str) -> Result<Box<dyn Hypervisor>, String> {
+pub(crate) fn kvm(_: &str) -> Result<Box<dyn Hypervisor>, String> {
     Err("this vmcall was built without the kvm feature".into())
 }
 

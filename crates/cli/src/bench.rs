@@ -19,6 +19,7 @@ use crate::BenchArgs;
 const BENCH_NR: u64 = 20;
 const RAM: u64 = 4 << 20;
 /// How long the in-kernel VMCALL baseline may take before it is declared hung.
+#[cfg(feature = "kvm")]
 const KERNEL_LIMIT: Duration = Duration::from_secs(2);
 const BATCH_SIZES: [u64; 4] = [1, 8, 64, 512];
 
@@ -108,7 +109,7 @@ struct Bench {
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
     let kvm = kvm_backends();
-    let emu = emu_backend();
+    let emu = crate::backends::emu();
     let mut bench = Bench { series: Vec::new(), cold: Vec::new(), memory: Vec::new() };
     let n = args.calls;
     let ne = args.emu_calls;
@@ -237,32 +238,12 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
 
 type Backends = Result<Vec<(String, Box<dyn Hypervisor>)>, String>;
 
-#[cfg(feature = "kvm")]
+/// KVM with every trap strategy, or why not.
 fn kvm_backends() -> Backends {
-    use vmcall_kvm::{KvmHypervisor, Trap};
-    let mut out: Vec<(String, Box<dyn Hypervisor>)> = Vec::new();
-    for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp] {
-        match KvmHypervisor::open(trap) {
-            Ok(hv) => out.push((format!("kvm/{}", trap.name()), Box::new(hv))),
-            Err(e) => return Err(format!("KVM unavailable: {e}")),
-        }
-    }
-    Ok(out)
-}
-
-#[cfg(not(feature = "kvm"))]
-fn kvm_backends() -> Backends {
-    Err("built without the kvm feature".into())
-}
-
-#[cfg(feature = "emu")]
-fn emu_backend() -> Result<Box<dyn Hypervisor>, String> {
-    Ok(Box::new(vmcall_emu::EmuHypervisor::new()))
-}
-
-#[cfg(not(feature = "emu"))]
-fn emu_backend() -> Result<Box<dyn Hypervisor>, String> {
-    Err("built without the emu feature".into())
+    ["rewrite", "ud", "hwbp"]
+        .into_iter()
+        .map(|trap| crate::backends::kvm(trap).map(|hv| (format!("kvm/{trap}"), hv)))
+        .collect()
 }
 
 /// Mean cost of one VMCALL the host kernel answers itself (line 1).
