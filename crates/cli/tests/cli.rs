@@ -68,6 +68,8 @@ fn bad_input_gets_a_clear_error() {
         (&["run", "x", "--memory", "12Q"][..], "unknown size unit"),
         (&["run", "x", "--timeout", "soon"][..], "not a duration"),
         (&["run", "x", "--backend", "qemu"][..], "invalid value 'qemu'"),
+        (&["run", "x", "--trap", "int3"][..], "invalid value 'int3'"),
+        (&["run", "x", "--vcpus", "many"][..], "invalid value 'many'"),
         (&["run", "x", "--hypercall", "20=errno:EWHAT"][..], "unknown error name 'EWHAT'"),
         (&["frobnicate"][..], "unrecognized subcommand"),
     ] {
