@@ -150,8 +150,10 @@ impl EmuVcpu {
                 uc.get_data().ram.read(rip.wrapping_sub(1), &mut last).is_ok() && last[0] == 0xf4;
             let end = match result {
                 Err(e) => VcpuExit::Unknown(format!("emulator error {e:?} at RIP {rip:#x}")),
-                Ok(()) if after_hlt => VcpuExit::Hlt,
+                // An interrupt first: a stop can land right after any instruction, including
+                // one whose last byte happens to be 0xf4.
                 Ok(()) if stop.requested.swap(false, Ordering::SeqCst) => VcpuExit::Interrupted,
+                Ok(()) if after_hlt => VcpuExit::Hlt,
                 Ok(()) => VcpuExit::Unknown(format!(
                     "emulator stopped for no known reason at RIP {rip:#x}"
                 )),
