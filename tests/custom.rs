@@ -125,3 +125,25 @@ fn overrides_are_explicit_and_map_gpa_range_is_an_opt_in() {
         }
     }
 }
+
+#[test]
+fn a_batch_rewritten_mid_flight_is_still_answered() {
+    for b in backends("a_batch_rewritten_mid_flight_is_still_answered") {
+        let table = Arc::new(HypercallTable::new());
+        // A handler that dereferences whatever a0 says: the scribbler makes it wild.
+        table
+            .register(20, "deref", |c: &Call<'_>| -> HypercallResult {
+                Ok(c.mem.read_u64(c.args[0])?)
+            })
+            .unwrap();
+        let out = vmcall_conformance::run_image(
+            b.hv.as_ref(),
+            vmcall_conformance::guest("batchrace"),
+            "",
+            table,
+            |v| v.vcpus(2),
+        );
+        out.expect_status(RunStatus::Exited(0), &b.name);
+        assert_eq!(out.lines("batches whole"), vec!["batches whole: 200 of 200"], "{}", b.name);
+    }
+}
