@@ -1,8 +1,6 @@
 //! Built-in handler kinds, so people can experiment without writing Rust:
 //! `const:V`, `echo`, `add`, `log`, `errno:NAME`.
 
-use std::sync::Arc;
-
 use crate::hypercall::Call;
 use crate::table::{HypercallError, HypercallHandler, HypercallResult};
 
@@ -113,11 +111,6 @@ impl HypercallHandler for Builtin {
 pub fn parse_assignment(s: &str) -> Result<(u64, Builtin), SpecError> {
     let (nr, spec) = s.split_once('=').ok_or(SpecError::BadAssignment)?;
     Ok((parse_u64(nr.trim())?, spec.trim().parse()?))
-}
-
-/// A shareable handler from a built-in.
-pub fn shared(b: Builtin) -> Arc<dyn HypercallHandler> {
-    Arc::new(b)
 }
 
 #[cfg(test)]
