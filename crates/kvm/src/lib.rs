@@ -228,7 +228,11 @@ impl Hypervisor for KvmHypervisor {
                 Vec::new(),
             ),
             Trap::Hwbp => {
-                let mut all = scan(&ram, guest)?;
+                let mut all: Vec<u64> = rewrite::scan_segments(&ram, &guest.segments)
+                    .map_err(|e| BackendError::with("reading code", e))?
+                    .into_iter()
+                    .map(|(addr, _)| addr)
+                    .collect();
                 all.sort_unstable();
                 if all.len() > HW_BREAKPOINTS {
                     tracing::warn!(
@@ -298,16 +302,6 @@ fn disable_hypercall_quirk(vm: &VmFd) -> Result<(), BackendError> {
     let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
     cap.args[0] = KVM_X86_QUIRK_FIX_HYPERCALL_INSN;
     vm.enable_cap(&cap).map_err(|e| BackendError::with("KVM_CAP_DISABLE_QUIRKS2", e))
-}
-
-fn scan(ram: &GuestRam, guest: &GuestInfo) -> Result<Vec<u64>, BackendError> {
-    let mut out = Vec::new();
-    for seg in guest.segments.iter().filter(|s| s.executable) {
-        let mut code = vec![0u8; seg.filesz as usize];
-        ram.read(seg.paddr, &mut code).map_err(|e| BackendError::with("reading code", e))?;
-        out.extend(find_sites(&code, seg.paddr).into_iter().map(|(a, _)| a));
-    }
-    Ok(out)
 }
 
 impl VmBackend for KvmVm {

@@ -31,21 +31,30 @@ pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, HypercallInsn)> {
     sites
 }
 
+/// Every hypercall site in the executable segments loaded in `ram`, by address.
+pub fn scan_segments(
+    ram: &GuestRam,
+    segments: &[Segment],
+) -> Result<Vec<(u64, HypercallInsn)>, OutOfBounds> {
+    let mut all = Vec::new();
+    for seg in segments.iter().filter(|s| s.executable) {
+        let mut code = vec![0u8; seg.filesz as usize];
+        ram.read(seg.paddr, &mut code)?;
+        all.extend(find_sites(&code, seg.paddr));
+    }
+    Ok(all)
+}
+
 /// Scan the executable segments in `ram`, rewrite every site, and return them by address.
 pub fn rewrite_segments(
     ram: &GuestRam,
     segments: &[Segment],
 ) -> Result<HashMap<u64, HypercallInsn>, OutOfBounds> {
-    let mut all = HashMap::new();
-    for seg in segments.iter().filter(|s| s.executable) {
-        let mut code = vec![0u8; seg.filesz as usize];
-        ram.read(seg.paddr, &mut code)?;
-        for (addr, insn) in find_sites(&code, seg.paddr) {
-            ram.write(addr, &DOORBELL_SITE)?;
-            all.insert(addr, insn);
-        }
+    let sites = scan_segments(ram, segments)?;
+    for (addr, _) in &sites {
+        ram.write(*addr, &DOORBELL_SITE)?;
     }
-    Ok(all)
+    Ok(sites.into_iter().collect())
 }
 
 #[cfg(test)]
