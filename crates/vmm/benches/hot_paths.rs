@@ -5,24 +5,11 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use vmcall_vmm::handlers::Builtin;
-use vmcall_vmm::hypercall::{emulate, HypercallExit, HypercallInsn, Platform};
+use vmcall_vmm::hypercall::{emulate, DetachedPlatform, HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::regs::CpuMode;
 use vmcall_vmm::stats::VcpuStats;
 use vmcall_vmm::table::HypercallTable;
-
-struct NoPlatform;
-
-impl Platform for NoPlatform {
-    fn vcpu_count(&self) -> u32 {
-        1
-    }
-    fn kick_cpu(&self, _: u64) {}
-    fn yield_to(&self, _: u64) {}
-    fn guest_tsc(&self) -> u64 {
-        0
-    }
-}
 
 fn call(nr: u64, args: [u64; 4]) -> HypercallExit {
     HypercallExit {
@@ -45,15 +32,15 @@ fn hot_paths(c: &mut Criterion) {
 
     c.bench_function("emulate: custom hypercall (const handler)", |b| {
         let exit = call(20, [1, 2, 3, 4]);
-        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &NoPlatform))
+        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &DetachedPlatform { vcpus: 1 }))
     });
     c.bench_function("emulate: standard hypercall (VAPIC_POLL_IRQ)", |b| {
         let exit = call(1, [0; 4]);
-        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &NoPlatform))
+        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &DetachedPlatform { vcpus: 1 }))
     });
     c.bench_function("emulate: unknown number", |b| {
         let exit = call(0xdead, [0; 4]);
-        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &NoPlatform))
+        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &DetachedPlatform { vcpus: 1 }))
     });
 
     // A batch of 64 calls to the const handler, laid out in guest RAM.
@@ -62,7 +49,7 @@ fn hot_paths(c: &mut Criterion) {
     }
     c.bench_function("emulate: batch of 64 custom hypercalls", |b| {
         let exit = call(vmcall_abi::hc::VMCALL_HC_BATCH, [0x10_0000, 64, 0, 0]);
-        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &NoPlatform))
+        b.iter(|| emulate(&table, black_box(&exit), 0, &ram, &DetachedPlatform { vcpus: 1 }))
     });
 
     c.bench_function("stats: record one hypercall", |b| {

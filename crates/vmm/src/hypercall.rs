@@ -60,6 +60,24 @@ pub trait Platform {
     fn guest_tsc(&self) -> u64;
 }
 
+/// A [`Platform`] with no VM behind it: `vcpus` vCPUs that kicks and yields do not reach,
+/// and a TSC that reads 0. For driving [`emulate`] in tests, benchmarks and fuzzing.
+#[derive(Debug, Clone, Copy)]
+pub struct DetachedPlatform {
+    pub vcpus: u32,
+}
+
+impl Platform for DetachedPlatform {
+    fn vcpu_count(&self) -> u32 {
+        self.vcpus
+    }
+    fn kick_cpu(&self, _: u64) {}
+    fn yield_to(&self, _: u64) {}
+    fn guest_tsc(&self) -> u64 {
+        0
+    }
+}
+
 /// Who answered a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AnsweredBy {

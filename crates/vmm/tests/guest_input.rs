@@ -3,24 +3,11 @@
 
 use proptest::prelude::*;
 use vmcall_vmm::handlers::Builtin;
-use vmcall_vmm::hypercall::{emulate, Call, HypercallExit, HypercallInsn, Platform};
+use vmcall_vmm::hypercall::{emulate, Call, DetachedPlatform, HypercallExit, HypercallInsn};
 use vmcall_vmm::loader::{minimal_elf, ElfImage};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::regs::CpuMode;
 use vmcall_vmm::table::{HypercallResult, HypercallTable};
-
-struct NoPlatform;
-
-impl Platform for NoPlatform {
-    fn vcpu_count(&self) -> u32 {
-        2
-    }
-    fn kick_cpu(&self, _: u64) {}
-    fn yield_to(&self, _: u64) {}
-    fn guest_tsc(&self) -> u64 {
-        0
-    }
-}
 
 fn mode() -> impl Strategy<Value = CpuMode> {
     prop_oneof![
@@ -75,7 +62,7 @@ proptest! {
             ram.write_u64(0x1000 + 8 * i as u64, *v).unwrap();
         }
         let exit = HypercallExit { nr, args: [a0, a1, a2, a3], cpl, mode, rip: 0x20_0000, insn: HypercallInsn::Vmcall };
-        let done = emulate(&table(), &exit, 0, &ram, &NoPlatform);
+        let done = emulate(&table(), &exit, 0, &ram, &DetachedPlatform { vcpus: 2 });
         if !mode.is_64bit() {
             prop_assert_eq!(done.rax >> 32, 0, "results are 32-bit outside 64-bit mode");
             prop_assert_eq!(done.nr >> 32, 0);
@@ -105,7 +92,7 @@ proptest! {
             rip: 0x20_0000,
             insn: HypercallInsn::Vmcall,
         };
-        let r = emulate(&table(), &exit, 0, &ram, &NoPlatform).rax as i64;
+        let r = emulate(&table(), &exit, 0, &ram, &DetachedPlatform { vcpus: 2 }).rax as i64;
         prop_assert!(r == -7 || r == -14 || (0..=count.min(4096) as i64).contains(&r), "batch answered {r}");
     }
 
