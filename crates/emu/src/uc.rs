@@ -84,7 +84,7 @@ extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, _user_data: *mut c_vo
     let answer: [u32; 4] = match leaf {
         0 => {
             let host = std::arch::x86_64::__cpuid(0);
-            // Keep the emulated CPU's own maximum leaf, with the host's vendor string.
+            // The emulated CPU model's (qemu64's) maximum leaf, with the host's vendor string.
             [0xd, host.ebx, host.ecx, host.edx]
         }
         vmcall_abi::cpuid::KVM_CPUID_SIGNATURE => {
