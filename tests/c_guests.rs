@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vmcall_abi::hc::VMCALL_HC_BATCH;
 use vmcall_conformance::{backends, run};
 use vmcall_vmm::hypercall::Call;
-use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::vm::RunStatus;
 
 fn table() -> Arc<HypercallTable> {

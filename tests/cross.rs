@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use vmcall_conformance::{backends, run, visible, Outcome};
-use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
-use vmcall_vmm::table::{HypercallResult, HypercallTable};
+use vmcall_vmm::hypercall::{HypercallResult, HypercallTable};
 
 fn table() -> Arc<HypercallTable> {
     let t = Arc::new(HypercallTable::new());

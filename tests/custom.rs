@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmcall_conformance::{backends, run};
-use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
-use vmcall_vmm::table::{HypercallHandler, HypercallResult, HypercallTable};
+use vmcall_vmm::hypercall::{HypercallHandler, HypercallResult, HypercallTable};
 use vmcall_vmm::vm::RunStatus;
 
 /// A handler answering `(tag << 32) | a0` and counting its calls.

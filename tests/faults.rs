@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use vmcall_conformance::{backends, guest, run_image};
 use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, VmBackend};
-use vmcall_vmm::loader::{minimal_elf, ElfError};
+use vmcall_vmm::boot::elf::{minimal_elf, ElfError};
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::table::HypercallTable;
 use vmcall_vmm::vm::{BuildError, RunError, RunStatus, VmBuilder};
 
 fn bad(hv: &dyn Hypervisor, what: &str) -> vmcall_conformance::Outcome {

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use vmcall_conformance::{backends, run};
-use vmcall_vmm::handlers::Builtin;
-use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::hypercall::handlers::Builtin;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::vm::RunStatus;
 
 #[test]

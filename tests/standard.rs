@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vmcall_abi::hc;
 use vmcall_conformance::{backends, run};
-use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::vm::RunStatus;
 
 /// KVM's answer for each number the conformance guest calls with (a0..a3) = (0, 1, 0, 0).
@@ -65,7 +65,7 @@ fn demo_guest_answers() {
         table
             .register(20, "plus-one", |c: &vmcall_vmm::hypercall::Call<'_>| Ok(c.args[0] + 1))
             .unwrap();
-        table.register(21, "add", vmcall_vmm::handlers::Builtin::Add).unwrap();
+        table.register(21, "add", vmcall_vmm::hypercall::handlers::Builtin::Add).unwrap();
         let out = run(b.hv.as_ref(), "demo", "", table);
         out.expect_status(RunStatus::AllHalted, &b.name);
         for want in [

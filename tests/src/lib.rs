@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use vmcall_kvm::{KvmHypervisor, Trap};
 use vmcall_vmm::backend::Hypervisor;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::stats::VcpuStats;
-use vmcall_vmm::table::HypercallTable;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
 
 /// Every test VM stops after this long, so a hung guest fails a test instead of hanging CI.

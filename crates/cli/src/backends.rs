@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmcall_vmm::backend::Hypervisor;
-use vmcall_vmm::handlers::Builtin;
-use vmcall_vmm::loader::minimal_elf;
-use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::boot::elf::minimal_elf;
+use vmcall_vmm::hypercall::handlers::Builtin;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::vm::{RunStatus, VmBuilder};
 
 /// The backend named by `--backend` (and `--trap` for KVM). `auto` takes KVM whenever

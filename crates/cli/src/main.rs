@@ -11,9 +11,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use vmcall_vmm::handlers::{self, Builtin};
+use vmcall_vmm::hypercall::handlers::{self, Builtin};
 use vmcall_vmm::hypercall::Call;
-use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
 
 /// Exit status when the guest did not finish within --timeout (as timeout(1)).

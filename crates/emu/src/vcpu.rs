@@ -15,11 +15,12 @@ use unicorn_engine::unicorn_const::{uc_error, Arch, HookType, MemType, Mode, Pro
 use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
 use vmcall_abi::insn;
 use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
-use vmcall_vmm::boot::{self, VcpuInit};
-use vmcall_vmm::exit::port_in;
+use vmcall_vmm::boot::VcpuInit;
+use vmcall_vmm::devices::port_in;
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::regs::{CpuMode, DescriptorTable, Regs};
+use vmcall_vmm::x86::{descriptors, mode};
+use vmcall_vmm::x86::{CpuMode, DescriptorTable, Regs};
 
 use crate::uc::{add_cpuid_hook, read_mmr, read_msr, write_mmr, write_msr};
 
@@ -296,11 +297,11 @@ fn current_mode(uc: &mut Engine<'_>, cs: u16) -> CpuMode {
         }
     }
     let gdt = DescriptorTable { base: gdtr.base, limit: gdtr.limit as u16 };
-    let mode = match boot::code_segment(&uc.get_data().ram, gdt, cs) {
+    let mode = match descriptors::code_segment(&uc.get_data().ram, gdt, cs) {
         Some(seg) if seg.l => CpuMode::Long64,
         Some(seg) => {
-            let efer = read_msr(uc, MSR_EFER).unwrap_or(boot::EFER_LMA);
-            let cr0 = uc.reg_read(R::CR0).unwrap_or(boot::CR0_PE);
+            let efer = read_msr(uc, MSR_EFER).unwrap_or(mode::EFER_LMA);
+            let cr0 = uc.reg_read(R::CR0).unwrap_or(mode::CR0_PE);
             CpuMode::from_cs(&seg, efer, cr0)
         }
         None => CpuMode::Long64,
@@ -317,7 +318,8 @@ fn on_invalid(uc: &mut Engine<'_>) -> bool {
     let mut bytes = [0u8; 3];
     let ram = &uc.get_data().ram;
     if !(ram.read(rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes)) {
-        let fault = GuestFault { vector: boot::UD_VECTOR, error_code: None, rip, cs, cr2: None };
+        let fault =
+            GuestFault { vector: descriptors::UD_VECTOR, error_code: None, rip, cs, cr2: None };
         uc.get_data_mut().stop_with(VcpuExit::Fault(fault));
         let _ = uc.emu_stop();
         return true;

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use iced_x86::{Code, Decoder, DecoderOptions};
 use vmcall_abi::ports::PORT_DOORBELL;
+use vmcall_vmm::boot::elf::Segment;
 use vmcall_vmm::hypercall::HypercallInsn;
-use vmcall_vmm::loader::Segment;
 use vmcall_vmm::memory::{GuestRam, OutOfBounds};
 
 /// The bytes written over a site.

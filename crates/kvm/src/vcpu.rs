@@ -11,10 +11,11 @@ use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 use vmcall_abi::{insn, ports};
 use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
-use vmcall_vmm::boot::{self, read_trap_frame};
+use vmcall_vmm::boot;
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::regs::{CpuMode, DescriptorTable, Regs, Segment};
+use vmcall_vmm::x86::descriptors::{self, read_trap_frame};
+use vmcall_vmm::x86::{CpuMode, DescriptorTable, Regs, Segment};
 
 use crate::rewrite::DOORBELL_OUT_LEN;
 use crate::signal::SignalInterrupter;
@@ -102,11 +103,11 @@ impl KvmVcpu {
                     return self.hypercall(site, insn, cpl, mode);
                 }
             }
-            ports::PORT_HC_TRAP if from_stub(boot::UD_VECTOR) => {
-                return self.translate_trap(boot::UD_VECTOR)
+            ports::PORT_HC_TRAP if from_stub(descriptors::UD_VECTOR) => {
+                return self.translate_trap(descriptors::UD_VECTOR)
             }
-            ports::PORT_HC_TRAP if from_stub(boot::GP_VECTOR) => {
-                return self.translate_trap(boot::GP_VECTOR)
+            ports::PORT_HC_TRAP if from_stub(descriptors::GP_VECTOR) => {
+                return self.translate_trap(descriptors::GP_VECTOR)
             }
             ports::PORT_FAULT if data.len() == 1 && rip == boot::stub_gpa(data[0]) + 4 => {
                 return self.translate_fault(data[0]);
@@ -134,7 +135,8 @@ impl KvmVcpu {
         // A #GP is a refused hypercall only from CPL > 0 (with error code 0); at CPL 0 a
         // hypercall instruction never raises #GP, so the fault is genuine.
         let refused_hypercall = is_hypercall
-            && (vector == boot::UD_VECTOR || (frame.cs & 3 != 0 && frame.error_code == Some(0)));
+            && (vector == descriptors::UD_VECTOR
+                || (frame.cs & 3 != 0 && frame.error_code == Some(0)));
         if !refused_hypercall {
             return VcpuExit::Fault(GuestFault {
                 vector,
@@ -146,7 +148,7 @@ impl KvmVcpu {
         }
         let sregs = &self.fd.sync_regs().sregs;
         let gdt = DescriptorTable { base: sregs.gdt.base, limit: sregs.gdt.limit };
-        let mode = match boot::code_segment(&self.ram, gdt, frame.cs) {
+        let mode = match descriptors::code_segment(&self.ram, gdt, frame.cs) {
             Some(cs) => CpuMode::from_cs(&cs, sregs.efer, sregs.cr0),
             None => CpuMode::Long64,
         };
@@ -397,7 +399,7 @@ pub(crate) fn segment_from_kvm(s: &kvm_segment) -> Segment {
 }
 
 /// Apply vmcall's special registers on top of the vCPU's current ones.
-pub(crate) fn apply_sregs(k: &mut kvm_sregs, s: &vmcall_vmm::regs::SpecialRegs) {
+pub(crate) fn apply_sregs(k: &mut kvm_sregs, s: &vmcall_vmm::x86::SpecialRegs) {
     k.cs = segment_to_kvm(&s.cs);
     k.ds = segment_to_kvm(&s.ds);
     k.es = segment_to_kvm(&s.es);

@@ -4,12 +4,12 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::hypercall::handlers::Builtin;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::hypercall::{emulate, DetachedPlatform, HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::regs::CpuMode;
 use vmcall_vmm::stats::VcpuStats;
-use vmcall_vmm::table::HypercallTable;
+use vmcall_vmm::x86::CpuMode;
 
 fn call(nr: u64, args: [u64; 4]) -> HypercallExit {
     HypercallExit {

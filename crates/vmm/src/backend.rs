@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use vmcall_abi::ExitReason;
 
+use crate::boot::elf::Segment;
 use crate::boot::VcpuInit;
 use crate::hypercall::HypercallExit;
-use crate::loader::Segment;
 use crate::memory::GuestRam;
-use crate::regs::Regs;
+use crate::x86::Regs;
 
 /// An error inside a backend (an ioctl or emulator call failed).
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //! ```no_run
 //! # fn demo(hv: &dyn vmcall_vmm::backend::Hypervisor) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use vmcall_vmm::{table::HypercallTable, hypercall::Call, vm::VmBuilder};
+//! use vmcall_vmm::{hypercall::{Call, HypercallTable}, vm::VmBuilder};
 //!
 //! let table = Arc::new(HypercallTable::new());
 //! table.register(20, "double", |c: &Call<'_>| Ok(c.args[0] * 2))?;
@@ -13,18 +13,21 @@
 //! println!("{:?}\n{}", report.result, report.stats.table(Some(&table)));
 //! # Ok(()) }
 //! ```
+//!
+//! Layout: [`x86`] (architecture), [`memory`] (the one gate to guest RAM), [`boot`] (ELF and
+//! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
+//! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`stats`], and [`backend`],
+//! the thin trait KVM and the software CPU implement.
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod boot;
-pub mod exit;
-pub mod handlers;
+pub mod devices;
 pub mod hypercall;
-pub mod loader;
 pub mod memory;
-pub mod regs;
 pub mod stats;
-pub mod table;
+pub mod vcpu;
 pub mod vm;
+pub mod x86;
 
 pub use vmcall_abi as abi;

@@ -129,7 +129,7 @@ impl VcpuStats {
 
     /// A table in the style of `perf kvm stat`: number, name, count, share, latencies. Custom
     /// numbers are named after their handler in `custom`, if given.
-    pub fn table(&self, custom: Option<&crate::table::HypercallTable>) -> String {
+    pub fn table(&self, custom: Option<&crate::hypercall::HypercallTable>) -> String {
         use std::fmt::Write;
         let total = self.total_hypercalls().max(1);
         let mut out = String::new();
@@ -210,7 +210,7 @@ mod tests {
         assert_eq!(a.total_hypercalls(), 3);
         assert_eq!((a.round_trip.count, a.round_trip.min_ns), (1, 2000), "one gap, on b's vCPU");
         assert!(a.table(None).contains("KVM_HC_VAPIC_POLL_IRQ"));
-        let t = crate::table::HypercallTable::new();
+        let t = crate::hypercall::HypercallTable::new();
         t.register(20, "my-handler", |_: &crate::hypercall::Call<'_>| Ok(0)).unwrap();
         assert!(a.table(Some(&t)).contains("my-handler"));
     }

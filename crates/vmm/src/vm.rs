@@ -1,21 +1,19 @@
-//! The VM: builder, one thread per vCPU, HLT/kick coordination, timeout and the end of a run.
+//! The VM: builder, one thread per vCPU, timeout and the end of a run.
 
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmcall_abi::layout::{CMDLINE_MAX, GUEST_LOAD_MIN, MAX_VCPUS};
 
-use crate::backend::{
-    BackendError, GuestFault, GuestInfo, Hypervisor, Interrupter, Vcpu, VmBackend,
-};
+use crate::backend::{BackendError, GuestInfo, Hypervisor, Interrupter, VmBackend};
+use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::{self, BootParams, VcpuInit};
-use crate::exit::{handle_exit, ExitContext, Flow, Inline};
-use crate::loader::{ElfError, ElfImage};
+use crate::devices::{Console, ConsoleWriter};
+use crate::hypercall::HypercallTable;
 use crate::memory::{GuestRam, RamError};
 use crate::stats::VcpuStats;
-use crate::table::HypercallTable;
+use crate::vcpu::{vcpu_loop, Shared};
+pub use crate::vcpu::{RunError, RunStatus};
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 32 << 20;
@@ -37,57 +35,6 @@ pub enum BuildError {
     Backend { backend: &'static str, source: BackendError },
 }
 
-/// Why a run ended with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("guest triple fault on vCPU {vcpu} at RIP {rip:#x}")]
-    TripleFault { vcpu: u32, rip: u64 },
-    #[error("unhandled guest exception on vCPU {vcpu}: {}", describe_fault(fault))]
-    GuestFault { vcpu: u32, fault: GuestFault },
-    #[error("guest did not finish within {0:?} (--timeout)")]
-    Timeout(Duration),
-    #[error("vCPU {vcpu}: unhandled exit: {what}")]
-    Unhandled { vcpu: u32, what: String },
-    #[error("vCPU {vcpu}: backend failure")]
-    Backend { vcpu: u32, source: BackendError },
-}
-
-fn describe_fault(f: &GuestFault) -> String {
-    let mut s =
-        format!("{} (vector {}) at RIP {:#x}", boot::exception_name(f.vector), f.vector, f.rip);
-    if let Some(code) = f.error_code {
-        s += &format!(", error code {code:#x}");
-    }
-    if let Some(addr) = f.cr2 {
-        s += &format!(", address {addr:#x}");
-    }
-    if f.cs & 3 != 0 {
-        s += &format!(", in CPL {} code", f.cs & 3);
-    }
-    s
-}
-
-/// How a run ended without error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunStatus {
-    /// Every vCPU halted with nothing left to wake it: status 0.
-    AllHalted,
-    /// The guest called `exit(status)`.
-    Exited(u32),
-    /// The host stopped it through a [`VmStopper`].
-    Stopped,
-}
-
-impl RunStatus {
-    /// The process exit status this maps to.
-    pub fn code(self) -> u32 {
-        match self {
-            RunStatus::AllHalted | RunStatus::Stopped => 0,
-            RunStatus::Exited(s) => s,
-        }
-    }
-}
-
 /// The result of [`Vm::run`].
 #[derive(Debug)]
 pub struct RunReport {
@@ -95,9 +42,6 @@ pub struct RunReport {
     pub stats: VcpuStats,
     pub elapsed: Duration,
 }
-
-/// Where COM1 output goes.
-pub type Console = Box<dyn Write + Send>;
 
 /// Builds a [`Vm`].
 pub struct VmBuilder {
@@ -107,7 +51,7 @@ pub struct VmBuilder {
     cmdline: Vec<u8>,
     timeout: Option<Duration>,
     table: Arc<HypercallTable>,
-    console: Option<Console>,
+    console: Option<ConsoleWriter>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -154,7 +98,7 @@ impl VmBuilder {
         self.table = table;
         self
     }
-    pub fn console(mut self, console: Console) -> Self {
+    pub fn console(mut self, console: ConsoleWriter) -> Self {
         self.console = Some(console);
         self
     }
@@ -165,7 +109,7 @@ impl VmBuilder {
         let backend = hv
             .create_vm(prepared.ram.clone(), &prepared.guest)
             .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
-        let console = self.console.unwrap_or_else(|| Box::new(std::io::stdout()));
+        let console = Console::new(self.console.unwrap_or_else(|| Box::new(std::io::stdout())));
         Ok(Vm {
             backend,
             inits: prepared.inits,
@@ -213,114 +157,6 @@ pub fn prepare_guest(
 pub fn host_is_amd() -> bool {
     let ebx = std::arch::x86_64::__cpuid(0).ebx;
     ebx == vmcall_abi::cpuid::VENDOR_AMD_EBX || ebx == vmcall_abi::cpuid::VENDOR_HYGON_EBX
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HaltState {
-    Running,
-    Halted,
-}
-
-struct Halts {
-    state: Vec<HaltState>,
-    /// A kick that arrived while the vCPU was running: its next HLT returns at once.
-    pending_kick: Vec<bool>,
-    halted: u32,
-}
-
-/// State shared by all vCPU threads of one VM.
-#[allow(missing_debug_implementations)]
-pub struct Shared {
-    pub ram: Arc<GuestRam>,
-    pub table: Arc<HypercallTable>,
-    pub vcpu_count: u32,
-    console: Mutex<Console>,
-    halts: Mutex<Halts>,
-    halt_cv: Condvar,
-    stop: AtomicBool,
-    end: Mutex<Option<Result<RunStatus, RunError>>>,
-    end_cv: Condvar,
-}
-
-impl Shared {
-    fn new(ram: Arc<GuestRam>, table: Arc<HypercallTable>, console: Console, n: u32) -> Self {
-        Self {
-            ram,
-            table,
-            vcpu_count: n,
-            console: Mutex::new(console),
-            halts: Mutex::new(Halts {
-                state: vec![HaltState::Running; n as usize],
-                pending_kick: vec![false; n as usize],
-                halted: 0,
-            }),
-            halt_cv: Condvar::new(),
-            stop: AtomicBool::new(false),
-            end: Mutex::new(None),
-            end_cv: Condvar::new(),
-        }
-    }
-
-    pub(crate) fn console_write(&self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        let mut c = self.console.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = c.write_all(bytes);
-        let _ = c.flush();
-    }
-
-    pub(crate) fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    /// Record how the run ends (the first report wins) and tell every vCPU to stop.
-    fn finish(&self, result: Result<RunStatus, RunError>) {
-        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
-        if end.is_none() {
-            *end = Some(result);
-        }
-        self.stop.store(true, Ordering::Release);
-        self.end_cv.notify_all();
-        drop(end);
-        let _h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
-        self.halt_cv.notify_all();
-    }
-
-    /// `KVM_HC_KICK_CPU`: wake `apic_id` from HLT, or make its next HLT return at once.
-    pub(crate) fn kick(&self, apic_id: u64) {
-        let Ok(id) = usize::try_from(apic_id) else { return };
-        let mut h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
-        match h.state.get(id) {
-            Some(HaltState::Halted) => {
-                h.state[id] = HaltState::Running;
-                h.halted -= 1;
-                self.halt_cv.notify_all();
-            }
-            Some(HaltState::Running) => h.pending_kick[id] = true,
-            None => {}
-        }
-    }
-
-    /// Park a halted vCPU until it is kicked (true) or the VM ends (false).
-    fn halt(&self, id: u32) -> bool {
-        let id = id as usize;
-        let mut h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
-        if std::mem::take(&mut h.pending_kick[id]) {
-            return true;
-        }
-        h.state[id] = HaltState::Halted;
-        h.halted += 1;
-        if h.halted == self.vcpu_count {
-            drop(h);
-            self.finish(Ok(RunStatus::AllHalted));
-            return false;
-        }
-        while h.state[id] == HaltState::Halted && !self.stopping() {
-            h = self.halt_cv.wait(h).unwrap_or_else(|p| p.into_inner());
-        }
-        !self.stopping()
-    }
 }
 
 /// Stops a running VM from another thread: [`Vm::run`] then returns [`RunStatus::Stopped`]
@@ -479,7 +315,7 @@ impl Vm {
                 }
             }
         });
-        let _ = self.shared.console.lock().map(|mut c| c.flush());
+        self.shared.console.flush();
         let result = self
             .shared
             .end
@@ -512,46 +348,4 @@ impl Vm {
             }
         }
     }
-}
-
-fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
-    let mut stats = VcpuStats::default();
-    let mut line = Vec::new();
-    while !shared.stopping() {
-        let mut inline = Inline { vcpu_id: id, shared, stats: &mut stats, line: &mut line };
-        let exit = match vcpu.run(&mut inline) {
-            Ok(exit) => exit,
-            Err(source) => {
-                shared.finish(Err(RunError::Backend { vcpu: id, source }));
-                break;
-            }
-        };
-        let mut ctx = ExitContext {
-            vcpu_id: id,
-            vcpu: &mut *vcpu,
-            shared,
-            stats: &mut stats,
-            line: &mut line,
-        };
-        match handle_exit(&mut ctx, &exit) {
-            Ok(Flow::Continue) => {}
-            Ok(Flow::Halt) => {
-                shared.console_write(&std::mem::take(&mut line));
-                if !shared.halt(id) {
-                    break;
-                }
-            }
-            Ok(Flow::Exit(status)) => {
-                shared.finish(Ok(RunStatus::Exited(status)));
-                break;
-            }
-            Ok(Flow::Stop) => break,
-            Err(e) => {
-                shared.finish(Err(e));
-                break;
-            }
-        }
-    }
-    shared.console_write(&line);
-    stats
 }

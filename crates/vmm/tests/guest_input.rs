@@ -2,12 +2,12 @@
 //! — it never panics, and never touches memory outside guest RAM.
 
 use proptest::prelude::*;
-use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::boot::elf::{minimal_elf, ElfImage};
+use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::{emulate, Call, DetachedPlatform, HypercallExit, HypercallInsn};
-use vmcall_vmm::loader::{minimal_elf, ElfImage};
+use vmcall_vmm::hypercall::{HypercallResult, HypercallTable};
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::regs::CpuMode;
-use vmcall_vmm::table::{HypercallResult, HypercallTable};
+use vmcall_vmm::x86::CpuMode;
 
 fn mode() -> impl Strategy<Value = CpuMode> {
     prop_oneof![

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmcall_vmm::backend::Hypervisor;
-use vmcall_vmm::handlers::Builtin;
+use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
+use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::stats::Latency;
-use vmcall_vmm::table::HypercallTable;
 use vmcall_vmm::vm::{prepare_guest, RunStatus, Vm, VmBuilder};
 
 use crate::BenchArgs;
@@ -355,7 +355,7 @@ fn cold_guest() -> Vec<u8> {
     code.extend([0x0f, 0x01, 0xc1]); // vmcall
     code.extend([0x31, 0xc0]); // xor eax, eax
     code.extend([0xe7, vmcall_abi::ports::PORT_EXIT as u8]); // out imm8, eax
-    vmcall_vmm::loader::minimal_elf(0x20_0000, &code)
+    vmcall_vmm::boot::elf::minimal_elf(0x20_0000, &code)
 }
 
 fn cold_vmcall(hv: &dyn Hypervisor) -> Result<Duration, String> {

@@ -6,13 +6,16 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use vmcall_abi::errno::{KVM_EINVAL, KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EPERM};
-use vmcall_abi::hc::*;
-use vmcall_abi::{BatchEntry, KvmClockPairing, KVM_CLOCK_PAIRING_WALLCLOCK, VMCALL_BATCH_MAX};
+use vmcall_abi::errno::{KVM_EINVAL, KVM_EPERM};
+use vmcall_abi::hc::{KVM_HC_MAP_GPA_RANGE, VMCALL_HC_BATCH};
 
+use super::batch::batch;
+use super::call::{neg, Call};
+use super::platform::Platform;
+use super::standard::{check_map_gpa_range, standard};
+use super::table::{Entry, HypercallTable};
 use crate::memory::GuestRam;
-use crate::regs::CpuMode;
-use crate::table::{Entry, HypercallTable};
+use crate::x86::CpuMode;
 
 /// Which instruction made the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,47 +38,6 @@ pub struct HypercallExit {
     /// Address of the hypercall instruction.
     pub rip: u64,
     pub insn: HypercallInsn,
-}
-
-/// What a handler sees: the call after KVM's truncation and CPL rules, and checked guest memory.
-#[derive(Debug)]
-pub struct Call<'a> {
-    pub nr: u64,
-    pub args: [u64; 4],
-    pub vcpu_id: u32,
-    pub mode: CpuMode,
-    /// Guest RAM; every access is bounds-checked.
-    pub mem: &'a GuestRam,
-}
-
-/// Services of the running VM that standard hypercalls need.
-pub trait Platform {
-    /// Number of vCPUs (APIC ids are 0..count).
-    fn vcpu_count(&self) -> u32;
-    /// Wake the vCPU with `apic_id` from a PV halt, or make its next HLT return at once.
-    fn kick_cpu(&self, apic_id: u64);
-    /// Give up the CPU in favour of `apic_id`'s vCPU.
-    fn yield_to(&self, apic_id: u64);
-    /// The calling vCPU's current TSC value.
-    fn guest_tsc(&self) -> u64;
-}
-
-/// A [`Platform`] with no VM behind it: `vcpus` vCPUs that kicks and yields do not reach,
-/// and a TSC that reads 0. For driving [`emulate`] in tests, benchmarks and fuzzing.
-#[derive(Debug, Clone, Copy)]
-pub struct DetachedPlatform {
-    pub vcpus: u32,
-}
-
-impl Platform for DetachedPlatform {
-    fn vcpu_count(&self) -> u32 {
-        self.vcpus
-    }
-    fn kick_cpu(&self, _: u64) {}
-    fn yield_to(&self, _: u64) {}
-    fn guest_tsc(&self) -> u64 {
-        0
-    }
 }
 
 /// Who answered a call.
@@ -128,14 +90,14 @@ pub fn emulate(
 /// Whether a call may start a batch (a batch's own entries may not), and the table a batch
 /// takes its snapshot of.
 #[derive(Clone, Copy)]
-enum Nesting<'a> {
+pub(super) enum Nesting<'a> {
     Allowed(&'a HypercallTable),
     InBatch,
 }
 
 /// Step 7 of docs/hypercalls.md for a call that passed the CPL check: `entry`, the table's
 /// handler for its number, if there is one, else KVM's (or vmcall's) own behaviour.
-fn dispatch(
+pub(super) fn dispatch(
     entry: Option<&Entry>,
     call: &Call<'_>,
     platform: &dyn Platform,
@@ -159,161 +121,25 @@ fn dispatch(
             }
         }
         None if nr == VMCALL_HC_BATCH => match nesting {
-            Nesting::Allowed(table) => (batch(table, call, platform), AnsweredBy::Standard),
+            Nesting::Allowed(table) => {
+                let single = |entry: Option<&Entry>, call: &Call<'_>| {
+                    dispatch(entry, call, platform, Nesting::InBatch).0
+                };
+                (batch(&table.snapshot(), call, &single), AnsweredBy::Standard)
+            }
             Nesting::InBatch => (neg(KVM_EINVAL), AnsweredBy::Standard),
         },
         None => (standard(call, platform, call.mode.is_64bit()), AnsweredBy::Standard),
     }
 }
 
-/// `VMCALL_HC_BATCH`: answer each entry of the array at a0 (a1 entries) as a single call
-/// from the same caller would be answered, writing each result to its `ret`. Each entry is
-/// copied out of guest memory once (64 at a time) before it is answered, and all are looked up
-/// in one snapshot of the table: another vCPU rewriting the array mid-batch can change what a
-/// later entry says, never how one entry is handled. Returns the number of entries processed: the end of guest RAM cuts a batch short
-/// (-KVM_EFAULT if not even the first entry is inside it), more than `VMCALL_BATCH_MAX` entries
-/// is -KVM_E2BIG, and a nested batch entry gets -KVM_EINVAL.
-fn batch(table: &HypercallTable, call: &Call<'_>, platform: &dyn Platform) -> u64 {
-    const ENTRY: u64 = core::mem::size_of::<BatchEntry>() as u64;
-    let [base, count, ..] = call.args;
-    if count > VMCALL_BATCH_MAX {
-        return neg(vmcall_abi::errno::KVM_E2BIG);
-    }
-    if count == 0 {
-        return 0;
-    }
-    let in_ram = call.mem.size().checked_sub(base).map_or(0, |room| room / ENTRY);
-    let count = count.min(in_ram);
-    if count == 0 {
-        return neg(vmcall_abi::errno::KVM_EFAULT);
-    }
-    let Ok(view) = call.mem.view(base, count * ENTRY) else {
-        return neg(vmcall_abi::errno::KVM_EFAULT);
-    };
-    let trunc = |v: u64| if call.mode.is_64bit() { v } else { v & 0xffff_ffff };
-    let snapshot = table.snapshot();
-    // Entries are copied out a chunk at a time, each before any of it is answered.
-    const CHUNK: usize = 64;
-    let mut raw = [0u8; CHUNK * ENTRY as usize];
-    for first in (0..count as usize).step_by(CHUNK) {
-        let n = CHUNK.min(count as usize - first);
-        let chunk = &mut raw[..n * ENTRY as usize];
-        if view.read(first * ENTRY as usize, chunk).is_err() {
-            return first as u64;
-        }
-        for (k, bytes) in chunk.chunks_exact(ENTRY as usize).enumerate() {
-            let word =
-                |w: usize| u64::from_le_bytes(bytes[8 * w..8 * w + 8].try_into().expect("8 bytes"));
-            let entry = Call {
-                nr: trunc(word(0)),
-                args: [word(1), word(2), word(3), word(4)].map(trunc),
-                vcpu_id: call.vcpu_id,
-                mode: call.mode,
-                mem: call.mem,
-            };
-            let (ret, _) = dispatch(snapshot.get(entry.nr), &entry, platform, Nesting::InBatch);
-            // Inside the view: this entry was just read from it.
-            let _ = view.write_u64((first + k) * ENTRY as usize + 40, trunc(ret));
-        }
-    }
-    count
-}
-
-fn neg(code: i64) -> u64 {
-    code.wrapping_neg() as u64
-}
-
-/// KVM's behaviour for numbers without a custom handler.
-fn standard(call: &Call<'_>, platform: &dyn Platform, op_64_bit: bool) -> u64 {
-    let [a0, a1, a2, a3] = call.args;
-    match call.nr {
-        KVM_HC_VAPIC_POLL_IRQ => 0,
-        KVM_HC_KICK_CPU => {
-            platform.kick_cpu(a1);
-            platform.yield_to(a1);
-            0
-        }
-        KVM_HC_CLOCK_PAIRING => clock_pairing(call.mem, a0, a1, platform),
-        KVM_HC_SEND_IPI => send_ipi(platform, a0, a1, a2, a3, op_64_bit),
-        KVM_HC_SCHED_YIELD => {
-            platform.yield_to(a0);
-            0
-        }
-        // MAP_GPA_RANGE only reaches here with no user-space handler: KVM answers -ENOSYS.
-        _ => neg(KVM_ENOSYS),
-    }
-}
-
-/// `KVM_HC_MAP_GPA_RANGE`'s checks: page-aligned GPA, non-zero page count, no overflow.
-fn check_map_gpa_range([gpa, npages, _attrs, _]: [u64; 4]) -> Result<(), u64> {
-    let gfn = gpa >> 12;
-    if gpa & 0xfff != 0 || npages == 0 || gfn.checked_add(npages).is_none_or(|end| end <= gfn) {
-        return Err(neg(KVM_EINVAL));
-    }
-    Ok(())
-}
-
-/// `KVM_HC_CLOCK_PAIRING`: host wall-clock time and the matching guest TSC at `gpa`.
-fn clock_pairing(mem: &GuestRam, gpa: u64, clock_type: u64, platform: &dyn Platform) -> u64 {
-    if clock_type != KVM_CLOCK_PAIRING_WALLCLOCK {
-        return neg(KVM_EOPNOTSUPP);
-    }
-    let tsc = platform.guest_tsc();
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let cp = KvmClockPairing {
-        sec: now.as_secs() as i64,
-        nsec: i64::from(now.subsec_nanos()),
-        tsc,
-        ..Default::default()
-    };
-    let mut bytes = [0u8; 64];
-    bytes[0..8].copy_from_slice(&cp.sec.to_le_bytes());
-    bytes[8..16].copy_from_slice(&cp.nsec.to_le_bytes());
-    bytes[16..24].copy_from_slice(&cp.tsc.to_le_bytes());
-    match mem.write(gpa, &bytes) {
-        Ok(()) => 0,
-        Err(_) => neg(vmcall_abi::errno::KVM_EFAULT),
-    }
-}
-
-/// `KVM_HC_SEND_IPI` (`kvm_pv_send_ipi`): validates the ICR and counts the existing
-/// destination vCPUs. vmcall has no interrupt controller yet, so the IPI itself is not
-/// delivered (see docs/hypercalls.md).
-fn send_ipi(
-    platform: &dyn Platform,
-    low: u64,
-    high: u64,
-    min: u64,
-    icr: u64,
-    op_64_bit: bool,
-) -> u64 {
-    const APIC_DEST_MASK: u64 = 0x800;
-    const APIC_SHORT_MASK: u64 = 0xc0000;
-    if icr & (APIC_DEST_MASK | APIC_SHORT_MASK) != 0 {
-        return neg(KVM_EINVAL);
-    }
-    let width = if op_64_bit { 64 } else { 32 };
-    let min = u64::from(min as u32); // `u32 min` in the kernel
-    let count = platform.vcpu_count() as u64;
-    let mut delivered = 0u64;
-    for (half, bits) in [(0u64, low), (width, high)] {
-        for bit in 0..width {
-            if bits >> bit & 1 == 1 {
-                if let Some(apic) = min.checked_add(half + bit) {
-                    delivered += u64::from(apic < count);
-                }
-            }
-        }
-    }
-    delivered
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::HypercallError;
+    use crate::hypercall::call::{HypercallError, HypercallResult};
     use std::cell::RefCell;
+    use vmcall_abi::errno::KVM_EINVAL;
+    use vmcall_abi::hc::VMCALL_HC_BATCH;
 
     #[derive(Default)]
     struct Mock {
@@ -396,8 +222,7 @@ mod tests {
         let t = HypercallTable::new();
         t.register(20, "bad", |c: &Call<'_>| Ok(c.mem.read_u64(u64::MAX - 2)?)).unwrap();
         t.register(21, "inval", |_: &Call<'_>| Err(HypercallError::Errno(KVM_EINVAL))).unwrap();
-        t.register(22, "boom", |_: &Call<'_>| -> crate::table::HypercallResult { panic!("boom") })
-            .unwrap();
+        t.register(22, "boom", |_: &Call<'_>| -> HypercallResult { panic!("boom") }).unwrap();
         assert_eq!(run(&t, call(20, [0; 4], 0, M64)).rax, neg(14));
         assert_eq!(run(&t, call(21, [0; 4], 0, M64)).rax, neg(22));
         let r = run(&t, call(22, [0; 4], 0, M64));

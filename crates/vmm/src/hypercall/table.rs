@@ -12,47 +12,9 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use vmcall_abi::hc;
 
-use crate::hypercall::Call;
-use crate::memory::OutOfBounds;
-
-/// What a handler answers: the value for RAX, or an error the guest sees as `-errno`.
-pub type HypercallResult = Result<u64, HypercallError>;
-
-/// A handler's error, mapped to a KVM error code for the guest.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HypercallError {
-    /// Return `-code` (a positive `KVM_E*` value from `vmcall_abi::errno`).
-    #[error("error {0}")]
-    Errno(i64),
-    /// A guest-memory access failed: the guest sees `-KVM_EFAULT`.
-    #[error(transparent)]
-    Fault(#[from] OutOfBounds),
-}
-
-impl HypercallError {
-    /// The value the guest sees in RAX.
-    pub fn to_rax(&self) -> u64 {
-        match self {
-            HypercallError::Errno(code) => code.wrapping_neg() as u64,
-            HypercallError::Fault(_) => (-vmcall_abi::errno::KVM_EFAULT) as u64,
-        }
-    }
-}
-
-/// A custom hypercall handler. Called on the vCPU thread that made the call; must not block
-/// for long, since that vCPU waits for the answer.
-pub trait HypercallHandler: Send + Sync + 'static {
-    fn call(&self, call: &Call<'_>) -> HypercallResult;
-}
-
-impl<F> HypercallHandler for F
-where
-    F: Fn(&Call<'_>) -> HypercallResult + Send + Sync + 'static,
-{
-    fn call(&self, call: &Call<'_>) -> HypercallResult {
-        self(call)
-    }
-}
+#[cfg(test)]
+use super::call::Call;
+use super::call::HypercallHandler;
 
 /// One registered handler.
 #[derive(Clone)]

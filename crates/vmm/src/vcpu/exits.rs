@@ -5,12 +5,13 @@
 use std::cell::RefCell;
 use std::time::Instant;
 
-use vmcall_abi::{ports, ExitReason};
+use vmcall_abi::ExitReason;
 
+use super::{RunError, Shared};
 use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
+use crate::devices::{port_in, port_out, PortWrite};
 use crate::hypercall::{emulate, HypercallExit, Platform};
 use crate::stats::VcpuStats;
-use crate::vm::{RunError, Shared};
 
 /// What the vCPU loop does after an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,9 +37,6 @@ pub struct ExitContext<'a> {
     /// from different vCPUs never interleave mid-line.
     pub line: &'a mut Vec<u8>,
 }
-
-/// A console line longer than this is written out in pieces.
-const CONSOLE_LINE_MAX: usize = 4096;
 
 type ExitHandler = fn(&mut ExitContext<'_>, &VcpuExit) -> Result<Flow, RunError>;
 
@@ -69,55 +67,16 @@ fn backend(vcpu: u32) -> impl FnOnce(BackendError) -> RunError {
 fn handle_io(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     match *exit {
         VcpuExit::IoOut { port, size, data } => {
-            Ok(port_out(ctx.vcpu_id, ctx.shared, ctx.line, port, size, data))
+            Ok(match port_out(ctx.vcpu_id, &ctx.shared.console, ctx.line, port, size, data) {
+                PortWrite::Done => Flow::Continue,
+                PortWrite::Exit(status) => Flow::Exit(status),
+            })
         }
         VcpuExit::IoIn { port, size } => {
             ctx.vcpu.complete_io_in(port_in(port, size)).map_err(backend(ctx.vcpu_id))?;
             Ok(Flow::Continue)
         }
         _ => unreachable!("dispatched by reason"),
-    }
-}
-
-/// What a port write does: COM1 adds to the vCPU's console line, the exit port ends the run,
-/// anything else is ignored as on a PC with nothing at that port. The one device model for
-/// port writes, whether they arrive as exits or inline ([`InlineExits`]).
-fn port_out(
-    vcpu_id: u32,
-    shared: &Shared,
-    line: &mut Vec<u8>,
-    port: u16,
-    size: u8,
-    data: u32,
-) -> Flow {
-    match port {
-        ports::COM1 => {
-            line.push(data as u8);
-            if data as u8 == b'\n' || line.len() >= CONSOLE_LINE_MAX {
-                shared.console_write(line);
-                line.clear();
-            }
-            Flow::Continue
-        }
-        ports::PORT_EXIT => {
-            let status = if size >= 4 { data } else { data & ((1 << (8 * u32::from(size))) - 1) };
-            Flow::Exit(status)
-        }
-        _ => {
-            tracing::debug!(vcpu = vcpu_id, port, size, data, "write to an unclaimed port ignored");
-            Flow::Continue
-        }
-    }
-}
-
-/// What a port read returns: COM1's line status says "transmitter empty" (so polling guests
-/// never wait), its other registers read 0, and unclaimed ports read all ones as on a PC.
-/// Backends that must answer a read synchronously (the emulator) call this too.
-pub fn port_in(port: u16, size: u8) -> u32 {
-    match port {
-        p if p == ports::COM1 + 5 => 0x60,
-        p if (ports::COM1..=ports::COM1_END).contains(&p) => 0,
-        _ => u32::MAX >> (32 - 8 * u32::from(size.clamp(1, 4))),
     }
 }
 
@@ -200,13 +159,13 @@ impl InlineExits for Inline<'_> {
     }
 
     fn port_out(&mut self, port: u16, size: u8, data: u32) -> bool {
-        match port_out(self.vcpu_id, self.shared, self.line, port, size, data) {
-            Flow::Continue => {
+        match port_out(self.vcpu_id, &self.shared.console, self.line, port, size, data) {
+            PortWrite::Done => {
                 self.stats.exit(ExitReason::Io);
                 false
             }
             // Anything else must reach the vCPU loop: the backend reports it as an exit.
-            _ => true,
+            PortWrite::Exit(_) => true,
         }
     }
 }

@@ -1,8 +1,7 @@
 //! Built-in handler kinds, so people can experiment without writing Rust:
 //! `const:V`, `echo`, `add`, `log`, `errno:NAME`.
 
-use crate::hypercall::Call;
-use crate::table::{HypercallError, HypercallHandler, HypercallResult};
+use super::call::{Call, HypercallError, HypercallHandler, HypercallResult};
 
 /// A parsed built-in handler.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,60 @@
+//! What a custom handler sees and answers: the [`Call`] after KVM's CPL and truncation rules,
+//! and the [`HypercallHandler`] trait.
+
+use crate::memory::{GuestRam, OutOfBounds};
+use crate::x86::CpuMode;
+
+/// What a handler sees: the call after KVM's truncation and CPL rules, and checked guest memory.
+#[derive(Debug)]
+pub struct Call<'a> {
+    pub nr: u64,
+    pub args: [u64; 4],
+    pub vcpu_id: u32,
+    pub mode: CpuMode,
+    /// Guest RAM; every access is bounds-checked.
+    pub mem: &'a GuestRam,
+}
+
+/// What a handler answers: the value for RAX, or an error the guest sees as `-errno`.
+pub type HypercallResult = Result<u64, HypercallError>;
+
+/// A handler's error, mapped to a KVM error code for the guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HypercallError {
+    /// Return `-code` (a positive `KVM_E*` value from `vmcall_abi::errno`).
+    #[error("error {0}")]
+    Errno(i64),
+    /// A guest-memory access failed: the guest sees `-KVM_EFAULT`.
+    #[error(transparent)]
+    Fault(#[from] OutOfBounds),
+}
+
+impl HypercallError {
+    /// The value the guest sees in RAX.
+    pub fn to_rax(&self) -> u64 {
+        match self {
+            HypercallError::Errno(code) => code.wrapping_neg() as u64,
+            HypercallError::Fault(_) => (-vmcall_abi::errno::KVM_EFAULT) as u64,
+        }
+    }
+}
+
+/// A custom hypercall handler. Called on the vCPU thread that made the call; must not block
+/// for long, since that vCPU waits for the answer.
+pub trait HypercallHandler: Send + Sync + 'static {
+    fn call(&self, call: &Call<'_>) -> HypercallResult;
+}
+
+impl<F> HypercallHandler for F
+where
+    F: Fn(&Call<'_>) -> HypercallResult + Send + Sync + 'static,
+{
+    fn call(&self, call: &Call<'_>) -> HypercallResult {
+        self(call)
+    }
+}
+
+/// A KVM error code as the guest sees it in RAX: negated.
+pub fn neg(code: i64) -> u64 {
+    code.wrapping_neg() as u64
+}

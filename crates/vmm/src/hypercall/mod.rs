@@ -1,0 +1,15 @@
+//! Hypercalls above the backends: KVM-exact emulation, the run-time table of custom handlers,
+//! the built-in handler kinds and batches. Backends only deliver a [`HypercallExit`].
+
+mod batch;
+pub mod call;
+pub mod emulate;
+pub mod handlers;
+pub mod platform;
+mod standard;
+pub mod table;
+
+pub use call::{neg, Call, HypercallError, HypercallHandler, HypercallResult};
+pub use emulate::{emulate, AnsweredBy, Emulated, HypercallExit, HypercallInsn};
+pub use platform::{DetachedPlatform, Platform};
+pub use table::{Entry, HypercallTable, TableError, TableSnapshot};

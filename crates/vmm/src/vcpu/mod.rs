@@ -1,0 +1,106 @@
+//! The vCPU side of a run: the loop each vCPU thread runs, the exit-handler table it dispatches
+//! through, the state vCPUs share (halt and kick, stop, how the run ended) and the outcomes.
+
+mod exits;
+mod shared;
+
+use std::time::Duration;
+
+pub(crate) use shared::Shared;
+
+use crate::backend::{BackendError, GuestFault, Vcpu};
+use crate::stats::VcpuStats;
+use crate::x86::descriptors::exception_name;
+use exits::{handle_exit, ExitContext, Flow, Inline};
+
+/// Why a run ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("guest triple fault on vCPU {vcpu} at RIP {rip:#x}")]
+    TripleFault { vcpu: u32, rip: u64 },
+    #[error("unhandled guest exception on vCPU {vcpu}: {}", describe_fault(fault))]
+    GuestFault { vcpu: u32, fault: GuestFault },
+    #[error("guest did not finish within {0:?} (--timeout)")]
+    Timeout(Duration),
+    #[error("vCPU {vcpu}: unhandled exit: {what}")]
+    Unhandled { vcpu: u32, what: String },
+    #[error("vCPU {vcpu}: backend failure")]
+    Backend { vcpu: u32, source: BackendError },
+}
+
+fn describe_fault(f: &GuestFault) -> String {
+    let mut s = format!("{} (vector {}) at RIP {:#x}", exception_name(f.vector), f.vector, f.rip);
+    if let Some(code) = f.error_code {
+        s += &format!(", error code {code:#x}");
+    }
+    if let Some(addr) = f.cr2 {
+        s += &format!(", address {addr:#x}");
+    }
+    if f.cs & 3 != 0 {
+        s += &format!(", in CPL {} code", f.cs & 3);
+    }
+    s
+}
+
+/// How a run ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Every vCPU halted with nothing left to wake it: status 0.
+    AllHalted,
+    /// The guest called `exit(status)`.
+    Exited(u32),
+    /// The host stopped it through a `VmStopper`.
+    Stopped,
+}
+
+impl RunStatus {
+    /// The process exit status this maps to.
+    pub fn code(self) -> u32 {
+        match self {
+            RunStatus::AllHalted | RunStatus::Stopped => 0,
+            RunStatus::Exited(s) => s,
+        }
+    }
+}
+
+pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
+    let mut stats = VcpuStats::default();
+    let mut line = Vec::new();
+    while !shared.stopping() {
+        let mut inline = Inline { vcpu_id: id, shared, stats: &mut stats, line: &mut line };
+        let exit = match vcpu.run(&mut inline) {
+            Ok(exit) => exit,
+            Err(source) => {
+                shared.finish(Err(RunError::Backend { vcpu: id, source }));
+                break;
+            }
+        };
+        let mut ctx = ExitContext {
+            vcpu_id: id,
+            vcpu: &mut *vcpu,
+            shared,
+            stats: &mut stats,
+            line: &mut line,
+        };
+        match handle_exit(&mut ctx, &exit) {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Halt) => {
+                shared.console_write(&std::mem::take(&mut line));
+                if !shared.halt(id) {
+                    break;
+                }
+            }
+            Ok(Flow::Exit(status)) => {
+                shared.finish(Ok(RunStatus::Exited(status)));
+                break;
+            }
+            Ok(Flow::Stop) => break,
+            Err(e) => {
+                shared.finish(Err(e));
+                break;
+            }
+        }
+    }
+    shared.console_write(&line);
+    stats
+}

@@ -1,0 +1,118 @@
+//! What the vCPU threads of one VM share: the console, HLT/kick coordination, the stop flag
+//! and how the run ended.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::{RunError, RunStatus};
+use crate::devices::Console;
+use crate::hypercall::HypercallTable;
+use crate::memory::GuestRam;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HaltState {
+    Running,
+    Halted,
+}
+
+struct Halts {
+    state: Vec<HaltState>,
+    /// A kick that arrived while the vCPU was running: its next HLT returns at once.
+    pending_kick: Vec<bool>,
+    halted: u32,
+}
+
+/// State shared by all vCPU threads of one VM.
+#[allow(missing_debug_implementations)]
+pub struct Shared {
+    pub ram: Arc<GuestRam>,
+    pub table: Arc<HypercallTable>,
+    pub vcpu_count: u32,
+    pub(crate) console: Console,
+    halts: Mutex<Halts>,
+    halt_cv: Condvar,
+    stop: AtomicBool,
+    pub(crate) end: Mutex<Option<Result<RunStatus, RunError>>>,
+    pub(crate) end_cv: Condvar,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        ram: Arc<GuestRam>,
+        table: Arc<HypercallTable>,
+        console: Console,
+        n: u32,
+    ) -> Self {
+        Self {
+            ram,
+            table,
+            vcpu_count: n,
+            console,
+            halts: Mutex::new(Halts {
+                state: vec![HaltState::Running; n as usize],
+                pending_kick: vec![false; n as usize],
+                halted: 0,
+            }),
+            halt_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            end: Mutex::new(None),
+            end_cv: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn console_write(&self, bytes: &[u8]) {
+        self.console.write(bytes);
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Record how the run ends (the first report wins) and tell every vCPU to stop.
+    pub(crate) fn finish(&self, result: Result<RunStatus, RunError>) {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if end.is_none() {
+            *end = Some(result);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.end_cv.notify_all();
+        drop(end);
+        let _h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
+        self.halt_cv.notify_all();
+    }
+
+    /// `KVM_HC_KICK_CPU`: wake `apic_id` from HLT, or make its next HLT return at once.
+    pub(crate) fn kick(&self, apic_id: u64) {
+        let Ok(id) = usize::try_from(apic_id) else { return };
+        let mut h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
+        match h.state.get(id) {
+            Some(HaltState::Halted) => {
+                h.state[id] = HaltState::Running;
+                h.halted -= 1;
+                self.halt_cv.notify_all();
+            }
+            Some(HaltState::Running) => h.pending_kick[id] = true,
+            None => {}
+        }
+    }
+
+    /// Park a halted vCPU until it is kicked (true) or the VM ends (false).
+    pub(crate) fn halt(&self, id: u32) -> bool {
+        let id = id as usize;
+        let mut h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut h.pending_kick[id]) {
+            return true;
+        }
+        h.state[id] = HaltState::Halted;
+        h.halted += 1;
+        if h.halted == self.vcpu_count {
+            drop(h);
+            self.finish(Ok(RunStatus::AllHalted));
+            return false;
+        }
+        while h.state[id] == HaltState::Halted && !self.stopping() {
+            h = self.halt_cv.wait(h).unwrap_or_else(|p| p.into_inner());
+        }
+        !self.stopping()
+    }
+}
