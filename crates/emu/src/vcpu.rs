@@ -20,7 +20,7 @@ use vmcall_vmm::devices::port_in;
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::{descriptors, mode};
-use vmcall_vmm::x86::{CpuMode, DescriptorTable, Regs};
+use vmcall_vmm::x86::{CpuMode, DescriptorTable, PagingContext, Regs};
 
 use crate::uc::{add_cpuid_hook, read_mmr, read_msr, write_mmr, write_msr};
 
@@ -310,6 +310,16 @@ fn current_mode(uc: &mut Engine<'_>, cs: u16) -> CpuMode {
     mode
 }
 
+/// The registers that say how the guest translates addresses now.
+fn paging_context(uc: &Engine<'_>) -> PagingContext {
+    PagingContext {
+        cr0: uc.reg_read(R::CR0).unwrap_or(0),
+        cr3: uc.reg_read(R::CR3).unwrap_or(0),
+        cr4: uc.reg_read(R::CR4).unwrap_or(0),
+        efer: read_msr(uc, MSR_EFER).unwrap_or(0),
+    }
+}
+
 /// VMCALL and VMMCALL are invalid instructions to the emulator, at any CPL and in any mode.
 /// They are answered right here through the VMM's sink, without stopping the engine.
 fn on_invalid(uc: &mut Engine<'_>) -> bool {
@@ -333,6 +343,7 @@ fn on_invalid(uc: &mut Engine<'_>) -> bool {
         mode,
         rip,
         insn: if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall },
+        paging: paging_context(uc),
     };
     match uc.get_data().sink {
         Some(SinkPtr(sink)) => {

@@ -186,6 +186,7 @@ struct KvmVm {
     sites: Arc<HashMap<u64, HypercallInsn>>,
     breakpoints: Arc<Vec<u64>>,
     description: String,
+    mmap_size: usize,
 }
 
 impl Hypervisor for KvmHypervisor {
@@ -272,6 +273,10 @@ impl Hypervisor for KvmHypervisor {
             sites: Arc::new(sites),
             breakpoints: Arc::new(breakpoints),
             description,
+            mmap_size: self
+                .kvm
+                .get_vcpu_mmap_size()
+                .map_err(|e| BackendError::with("KVM_GET_VCPU_MMAP_SIZE", e))?,
         }))
     }
 }
@@ -343,6 +348,7 @@ impl VmBackend for KvmVm {
             self.ram.clone(),
             self.sites.clone(),
             self.breakpoints.clone(),
+            self.mmap_size,
         )))
     }
 

@@ -74,7 +74,14 @@ mod tests {
         let ram = GuestRam::new(2 << 20).unwrap();
         let code = [0x90, 0x0f, 0x01, 0xc1, 0xf4];
         ram.write(0x10_0000, &code).unwrap();
-        let seg = Segment { paddr: 0x10_0000, memsz: 5, filesz: 5, offset: 0, executable: true };
+        let seg = Segment {
+            paddr: 0x10_0000,
+            vaddr: 0x10_0000,
+            memsz: 5,
+            filesz: 5,
+            offset: 0,
+            executable: true,
+        };
         let data = Segment { executable: false, paddr: 0x10_1000, ..seg };
         ram.write(0x10_1000, &code).unwrap();
         let sites = rewrite_segments(&ram, &[seg, data]).unwrap();

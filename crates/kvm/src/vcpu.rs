@@ -15,7 +15,7 @@ use vmcall_vmm::boot;
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::descriptors::{self, read_trap_frame};
-use vmcall_vmm::x86::{CpuMode, DescriptorTable, Regs, Segment};
+use vmcall_vmm::x86::{CpuMode, DescriptorTable, PagingContext, Regs, Segment};
 
 use crate::rewrite::DOORBELL_OUT_LEN;
 use crate::signal::SignalInterrupter;
@@ -51,6 +51,8 @@ pub(crate) struct KvmVcpu {
     breakpoints: Arc<Vec<u64>>,
     pending: Pending,
     alive: Arc<Mutex<bool>>,
+    /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
+    mmap_size: usize,
 }
 
 impl KvmVcpu {
@@ -59,6 +61,7 @@ impl KvmVcpu {
         ram: Arc<GuestRam>,
         sites: Arc<HashMap<u64, HypercallInsn>>,
         breakpoints: Arc<Vec<u64>>,
+        mmap_size: usize,
     ) -> Self {
         fd.set_sync_valid_reg(SyncReg::Register);
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
@@ -69,11 +72,13 @@ impl KvmVcpu {
             breakpoints,
             pending: Pending::None,
             alive: Arc::new(Mutex::new(true)),
+            mmap_size,
         }
     }
 
     fn hypercall(&self, rip: u64, insn: HypercallInsn, cpl: u8, mode: CpuMode) -> VcpuExit {
-        let r = &self.fd.sync_regs().regs;
+        let sync = self.fd.sync_regs();
+        let r = &sync.regs;
         VcpuExit::Hypercall(HypercallExit {
             nr: r.rax,
             args: [r.rbx, r.rcx, r.rdx, r.rsi],
@@ -81,6 +86,7 @@ impl KvmVcpu {
             mode,
             rip,
             insn,
+            paging: paging_context(&sync.sregs),
         })
     }
 
@@ -285,15 +291,20 @@ impl Vcpu for KvmVcpu {
         else {
             return Err(BackendError::new("no port read to complete"));
         };
+        // The data lives past `struct kvm_run`, usually on the mapping's second page (kernel
+        // `KVM_PIO_PAGE_OFFSET`): anywhere inside the KVM_GET_VCPU_MMAP_SIZE bytes mapped.
         let run_size = std::mem::size_of::<kvm_bindings::kvm_run>();
-        let page = 4096;
-        if offset < run_size || offset + size > page {
-            return Err(BackendError::new(format!("port-read data offset {offset} out of range")));
+        if offset < run_size || offset.checked_add(size).is_none_or(|end| end > self.mmap_size) {
+            return Err(BackendError::new(format!(
+                "port-read data offset {offset} outside the {} byte kvm_run mapping",
+                self.mmap_size
+            )));
         }
         let dst =
             (self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8).wrapping_add(offset);
-        // SAFETY: KVM maps at least one page for kvm_run and places the `in` data at
-        // `data_offset` within it (checked against that page above); we write `size` <= 4 bytes.
+        // SAFETY: kvm_run is the start of a mapping of `mmap_size` bytes (KVM_GET_VCPU_MMAP_SIZE,
+        // which kvm-ioctls mapped), and `offset..offset + size` lies inside it (checked above);
+        // we write `size` <= 4 bytes there while no other reference to that area exists.
         unsafe { std::ptr::copy_nonoverlapping(data.to_le_bytes().as_ptr(), dst, size) };
         Ok(())
     }
@@ -318,6 +329,11 @@ impl Vcpu for KvmVcpu {
     fn interrupter(&self) -> Arc<dyn Interrupter> {
         Arc::new(SignalInterrupter::for_current_thread(self.alive.clone()))
     }
+}
+
+/// The registers that say how the guest translates addresses, from KVM's sregs.
+pub(crate) fn paging_context(s: &kvm_sregs) -> PagingContext {
+    PagingContext { cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer }
 }
 
 /// Build `$ty` from `$from` field by field (the two register structs share field names).

@@ -19,6 +19,7 @@ fn call(nr: u64, args: [u64; 4]) -> HypercallExit {
         mode: CpuMode::Long64,
         rip: 0x20_0000,
         insn: HypercallInsn::Vmcall,
+        paging: vmcall_vmm::x86::PagingContext::default(),
     }
 }
 

@@ -7,7 +7,8 @@ use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::{emulate, Call, DetachedPlatform, HypercallExit, HypercallInsn};
 use vmcall_vmm::hypercall::{HypercallResult, HypercallTable};
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::x86::CpuMode;
+use vmcall_vmm::x86::paging::{translate, Access};
+use vmcall_vmm::x86::{CpuMode, PagingContext, VirtualMemory};
 
 fn mode() -> impl Strategy<Value = CpuMode> {
     prop_oneof![
@@ -61,7 +62,7 @@ proptest! {
         for (i, v) in fill.iter().enumerate() {
             ram.write_u64(0x1000 + 8 * i as u64, *v).unwrap();
         }
-        let exit = HypercallExit { nr, args: [a0, a1, a2, a3], cpl, mode, rip: 0x20_0000, insn: HypercallInsn::Vmcall };
+        let exit = HypercallExit { nr, args: [a0, a1, a2, a3], cpl, mode, rip: 0x20_0000, insn: HypercallInsn::Vmcall, paging: PagingContext::default() };
         let done = emulate(&table(), &exit, 0, &ram, &DetachedPlatform { vcpus: 2 });
         if !mode.is_64bit() {
             prop_assert_eq!(done.rax >> 32, 0, "results are 32-bit outside 64-bit mode");
@@ -91,6 +92,7 @@ proptest! {
             mode: CpuMode::Long64,
             rip: 0x20_0000,
             insn: HypercallInsn::Vmcall,
+            paging: PagingContext::default(),
         };
         let r = emulate(&table(), &exit, 0, &ram, &DetachedPlatform { vcpus: 2 }).rax as i64;
         prop_assert!(r == -7 || r == -14 || (0..=count.min(4096) as i64).contains(&r), "batch answered {r}");
@@ -116,5 +118,34 @@ proptest! {
             prop_assert!(img.segments.iter().all(|s| s.paddr >= 0x10_0000 && s.paddr + s.memsz <= 0x40_0000));
             prop_assert!(img.load(&elf, &ram).is_ok());
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Guest page tables are guest data: any tables, any registers and any address give a
+    /// translation inside RAM or an error, never a panic or a host access.
+    #[test]
+    fn any_page_tables_translate_or_refuse(
+        cr0 in any::<u64>(),
+        cr3 in prop_oneof![0u64..(2 << 20), any::<u64>()],
+        cr4 in any::<u64>(),
+        efer in any::<u64>(),
+        va in any::<u64>(),
+        fill in proptest::collection::vec(any::<u64>(), 0..256),
+    ) {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        for (i, v) in fill.iter().enumerate() {
+            // Entries that point back into this RAM, present or not.
+            let _ = ram.write_u64((cr3 & 0x1f_f000).wrapping_add(8 * i as u64), v & 0x1f_ffff);
+        }
+        let ctx = PagingContext { cr0, cr3, cr4, efer };
+        if let Ok(t) = translate(&ram, &ctx, va, Access::READ) {
+            prop_assert!(t.page_size.is_power_of_two());
+        }
+        let mut buf = [0u8; 64];
+        let _ = VirtualMemory::new(&ram, ctx).read(va, &mut buf);
+        let _ = VirtualMemory::new(&ram, ctx).write(va, &buf);
     }
 }

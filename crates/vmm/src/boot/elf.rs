@@ -37,7 +37,11 @@ pub enum ElfError {
 /// One loaded segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
+    /// Where it loads in guest-physical memory.
     pub paddr: u64,
+    /// Where the guest's code sees it once the guest maps it (p_vaddr; = `paddr` for images
+    /// that run on vmcall's identity mapping, different for higher-half kernels).
+    pub vaddr: u64,
     pub memsz: u64,
     pub filesz: u64,
     pub offset: u64,
@@ -47,6 +51,7 @@ pub struct Segment {
 /// A validated guest image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElfImage {
+    /// Guest-physical address of the entry point.
     pub entry: u64,
     pub segments: Vec<Segment>,
 }
@@ -71,10 +76,10 @@ impl ElfImage {
         let phdrs =
             hdr.program_headers(e, data).map_err(|_| ElfError::Malformed("program headers"))?;
         let mut segments = Vec::new();
-        for ph in phdrs.iter().filter(|ph| ph.p_type(e) == PT_LOAD) {
-            let index = segments.len();
+        for (index, ph) in phdrs.iter().filter(|ph| ph.p_type(e) == PT_LOAD).enumerate() {
             let seg = Segment {
                 paddr: ph.p_paddr(e),
+                vaddr: ph.p_vaddr(e),
                 memsz: ph.p_memsz(e),
                 filesz: ph.p_filesz(e),
                 offset: ph.p_offset(e),
@@ -90,6 +95,10 @@ impl ElfImage {
             match seg.offset.checked_add(seg.filesz) {
                 Some(end) if end <= data.len() as u64 => {}
                 _ => return Err(ElfError::Malformed("segment data past end of file")),
+            }
+            if seg.memsz == 0 {
+                // Loads nothing (linkers emit these for empty output sections): no place to check.
+                continue;
             }
             let fits = seg.paddr >= load_min
                 && seg.paddr.checked_add(seg.memsz).is_some_and(|end| end <= load_max);
@@ -115,9 +124,16 @@ impl ElfImage {
             }
         }
         let entry = hdr.e_entry(e);
-        if !segments.iter().any(|s| s.executable && (s.paddr..s.paddr + s.memsz).contains(&entry)) {
-            return Err(ElfError::BadEntry(entry));
-        }
+        // e_entry is a virtual address; vCPUs start on identity paging, so start at its
+        // physical twin (the same address unless the segment is linked elsewhere).
+        let entry = segments
+            .iter()
+            .filter(|s| s.executable)
+            .find_map(|s| {
+                let off = entry.checked_sub(s.vaddr).filter(|off| *off < s.memsz)?;
+                Some(s.paddr + off)
+            })
+            .ok_or(ElfError::BadEntry(entry))?;
         Ok(Self { entry, segments })
     }
 
@@ -226,5 +242,31 @@ mod tests {
         let mut bad_entry = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
         bad_entry[24..32].copy_from_slice(&0x30_0000u64.to_le_bytes());
         assert_eq!(p(&bad_entry), Err(ElfError::BadEntry(0x30_0000)));
+    }
+
+    #[test]
+    fn higher_half_entries_and_empty_segments() {
+        let high = 0xffff_ffff_8020_0000u64;
+        let mut f = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
+        f[24..32].copy_from_slice(&high.to_le_bytes()); // e_entry
+        f[64 + 16..64 + 24].copy_from_slice(&high.to_le_bytes()); // p_vaddr
+        let img = ElfImage::parse(&f, 0x10_0000, 0x40_0000).unwrap();
+        assert_eq!(img.entry, 0x20_0000, "vCPUs start at the entry's physical twin");
+        assert_eq!((img.segments[0].paddr, img.segments[0].vaddr), (0x20_0000, high));
+        // A second PT_LOAD with nothing in it at address 0, as link.ld gives a program
+        // without data: it loads nothing and is not refused.
+        let mut two = tiny_elf(0x20_0000, &[0xf4], EM_X86_64, ET_EXEC);
+        let phoff = two.len() as u64;
+        let first = two[64..120].to_vec();
+        two.extend_from_slice(&first);
+        let mut empty = vec![0u8; 56];
+        empty[..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        empty[4..8].copy_from_slice(&4u32.to_le_bytes());
+        two.extend_from_slice(&empty);
+        two[32..40].copy_from_slice(&phoff.to_le_bytes());
+        two[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let img = ElfImage::parse(&two, 0x10_0000, 0x40_0000).unwrap();
+        assert_eq!(img.segments.len(), 1);
+        assert_eq!(img.end(), 0x20_0001);
     }
 }

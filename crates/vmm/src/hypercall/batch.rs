@@ -54,6 +54,7 @@ pub(super) fn batch(
                 vcpu_id: call.vcpu_id,
                 mode: call.mode,
                 mem: call.mem,
+                paging: call.paging,
             };
             let ret = single(snapshot.get(entry.nr), &entry);
             // Inside the view: this entry was just read from it.

@@ -2,6 +2,7 @@
 //! and the [`HypercallHandler`] trait.
 
 use crate::memory::{GuestRam, OutOfBounds};
+use crate::x86::paging::{PagingContext, VirtError, VirtualMemory};
 use crate::x86::CpuMode;
 
 /// What a handler sees: the call after KVM's truncation and CPL rules, and checked guest memory.
@@ -11,8 +12,19 @@ pub struct Call<'a> {
     pub args: [u64; 4],
     pub vcpu_id: u32,
     pub mode: CpuMode,
-    /// Guest RAM; every access is bounds-checked.
+    /// Guest RAM by guest-physical address; every access is bounds-checked.
     pub mem: &'a GuestRam,
+    /// The caller's paging registers: what its pointers mean (see [`Call::virt`]).
+    pub paging: PagingContext,
+}
+
+impl<'a> Call<'a> {
+    /// Guest memory as the caller sees it: guest-virtual addresses translated through the
+    /// caller's own page tables (bounds-checked; an unmapped or read-only page is an error
+    /// that `?` turns into `-KVM_EFAULT`). Many hypercall ABIs pass virtual pointers.
+    pub fn virt(&self) -> VirtualMemory<'a> {
+        VirtualMemory::new(self.mem, self.paging)
+    }
 }
 
 /// What a handler answers: the value for RAX, or an error the guest sees as `-errno`.
@@ -27,6 +39,9 @@ pub enum HypercallError {
     /// A guest-memory access failed: the guest sees `-KVM_EFAULT`.
     #[error(transparent)]
     Fault(#[from] OutOfBounds),
+    /// A guest-virtual access failed (unmapped, read-only, outside RAM): `-KVM_EFAULT`.
+    #[error(transparent)]
+    VirtFault(#[from] VirtError),
 }
 
 impl HypercallError {
@@ -34,7 +49,9 @@ impl HypercallError {
     pub fn to_rax(&self) -> u64 {
         match self {
             HypercallError::Errno(code) => code.wrapping_neg() as u64,
-            HypercallError::Fault(_) => (-vmcall_abi::errno::KVM_EFAULT) as u64,
+            HypercallError::Fault(_) | HypercallError::VirtFault(_) => {
+                neg(vmcall_abi::errno::KVM_EFAULT)
+            }
         }
     }
 }

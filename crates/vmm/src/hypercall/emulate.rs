@@ -15,7 +15,7 @@ use super::platform::Platform;
 use super::standard::{check_map_gpa_range, standard};
 use super::table::{Entry, HypercallTable};
 use crate::memory::GuestRam;
-use crate::x86::CpuMode;
+use crate::x86::{CpuMode, PagingContext};
 
 /// Which instruction made the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +35,11 @@ pub struct HypercallExit {
     pub cpl: u8,
     /// Mode of the caller.
     pub mode: CpuMode,
-    /// Address of the hypercall instruction.
+    /// Address of the hypercall instruction (guest-virtual, as the caller executed it).
     pub rip: u64,
     pub insn: HypercallInsn,
+    /// The caller's paging registers, for handlers that follow virtual pointers.
+    pub paging: PagingContext,
 }
 
 /// Who answered a call.
@@ -81,7 +83,7 @@ pub fn emulate(
     let (ret, answered_by) = if exit.cpl != 0 {
         (neg(KVM_EPERM), AnsweredBy::NotPrivileged)
     } else {
-        let call = Call { nr, args, vcpu_id, mode: exit.mode, mem };
+        let call = Call { nr, args, vcpu_id, mode: exit.mode, mem, paging: exit.paging };
         table.with(nr, |entry| dispatch(entry, &call, platform, Nesting::Allowed(table)))
     };
     Emulated { nr, args, rax: trunc(ret), answered_by }
@@ -159,7 +161,15 @@ mod tests {
     }
 
     fn call(nr: u64, args: [u64; 4], cpl: u8, mode: CpuMode) -> HypercallExit {
-        HypercallExit { nr, args, cpl, mode, rip: 0x20_0000, insn: HypercallInsn::Vmcall }
+        HypercallExit {
+            nr,
+            args,
+            cpl,
+            mode,
+            rip: 0x20_0000,
+            insn: HypercallInsn::Vmcall,
+            paging: PagingContext::default(),
+        }
     }
 
     fn run(table: &HypercallTable, exit: HypercallExit) -> Emulated {
@@ -215,6 +225,8 @@ mod tests {
             "gfn + npages wraps"
         );
         assert_eq!(run(&t, call(12, [0x1000, 1, 0, 0], 0, M64)).rax, 0);
+        t.override_standard(12, "map", |_: &Call<'_>| Ok(7));
+        assert_eq!(run(&t, call(12, [0x1001, 0, 0, 0], 0, M64)).rax, 7, "an override sees all");
     }
 
     #[test]

@@ -22,8 +22,9 @@ pub struct Entry {
     pub handler: Arc<dyn HypercallHandler>,
     /// Shown in stats and traces.
     pub name: Arc<str>,
-    /// Registered with [`HypercallTable::override_standard`]: it replaces KVM's behaviour for a
-    /// standard number entirely (including `KVM_HC_MAP_GPA_RANGE`'s argument checks).
+    /// Registered with [`HypercallTable::override_standard`]: it replaces KVM's behaviour for
+    /// its number entirely, `KVM_HC_MAP_GPA_RANGE`'s argument checks included (a plain
+    /// [`HypercallTable::register`] of 12 keeps them, as KVM's user-space exit does).
     pub overrides_standard: bool,
 }
 
@@ -173,10 +174,8 @@ impl HypercallTable {
         name: &str,
         handler: impl HypercallHandler,
     ) -> Option<Entry> {
-        self.update(|map| {
-            Ok::<_, TableError>(map.insert(nr, entry(name, handler, is_standard(nr))))
-        })
-        .expect("infallible")
+        self.update(|map| Ok::<_, TableError>(map.insert(nr, entry(name, handler, true))))
+            .expect("infallible")
     }
 
     /// Remove the handler of `nr` (a standard number gets KVM's behaviour back).
@@ -220,6 +219,9 @@ mod tests {
         assert_eq!(&*t.get(20).unwrap().name, "c");
         assert!(t.override_standard(1, "poll", konst(7)).is_none());
         assert!(t.get(1).unwrap().overrides_standard);
+        assert!(!t.get(12).unwrap().overrides_standard, "registered, not overridden");
+        t.override_standard(12, "map", konst(0));
+        assert!(t.get(12).unwrap().overrides_standard, "--override 12 skips KVM's checks");
         assert_eq!(t.numbers(), vec![1, 12, 20]);
         assert!(t.unregister(20).is_some());
         assert!(t.unregister(20).is_none());
