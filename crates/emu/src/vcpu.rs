@@ -20,7 +20,7 @@ use vmcall_vmm::devices::port_in;
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::{descriptors, mode};
-use vmcall_vmm::x86::{CpuMode, DescriptorTable, PagingContext, Regs};
+use vmcall_vmm::x86::{CpuMode, DescriptorTable, PagingContext, Regs, VirtualMemory};
 
 use crate::uc::{add_cpuid_hook, read_mmr, read_msr, write_mmr, write_msr};
 
@@ -297,7 +297,9 @@ fn current_mode(uc: &mut Engine<'_>, cs: u16) -> CpuMode {
         }
     }
     let gdt = DescriptorTable { base: gdtr.base, limit: gdtr.limit as u16 };
-    let mode = match descriptors::code_segment(&uc.get_data().ram, gdt, cs) {
+    let ctx = paging_context(uc);
+    let ram = uc.get_data().ram.clone();
+    let mode = match descriptors::code_segment(&VirtualMemory::new(&ram, ctx), gdt, cs) {
         Some(seg) if seg.l => CpuMode::Long64,
         Some(seg) => {
             let efer = read_msr(uc, MSR_EFER).unwrap_or(mode::EFER_LMA);

@@ -14,7 +14,7 @@ use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::stats::Latency;
 
 use crate::signal::{self, SignalInterrupter};
-use crate::{disable_hypercall_quirk, map_guest_ram, vcpu};
+use crate::{disable_hypercall_quirk, map_guest_ram};
 
 fn err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError {
     move |e| BackendError::with(what, e)
@@ -58,9 +58,9 @@ impl RawVm {
             .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
         let mut sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-        vcpu::apply_sregs(&mut sregs, &init.sregs);
+        crate::regs::apply_sregs(&mut sregs, &init.sregs);
         vcpu.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&vcpu::regs_to_kvm(&init.regs)).map_err(err("KVM_SET_REGS"))?;
+        vcpu.set_regs(&crate::regs::regs_to_kvm(&init.regs)).map_err(err("KVM_SET_REGS"))?;
         Ok(Self { vcpu, _vm: vm, _ram: ram })
     }
 

@@ -4,31 +4,33 @@
 //! A stock KVM answers hypercalls inside the kernel, and some KVMs (PVM, see
 //! `docs/kvm-backend.md`) even spin forever on them, so a hypercall must never reach the
 //! kernel's own handler. The trap strategies (see [`Trap`]):
-//! - **rewrite**: every VMCALL/VMMCALL that iced-x86 finds in the executable segments becomes
-//!   `out PORT_DOORBELL, al; nop`, one plain port-I/O exit.
-//! - **ud**: the `KVM_X86_QUIRK_FIX_HYPERCALL_INSN` quirk is disabled, so a hypercall
-//!   instruction the kernel does not handle raises #UD inside the guest, whose VMM-owned IDT stub
-//!   forwards it to user space. It catches code generated at run time too.
+//! - **rewrite**: every VMCALL/VMMCALL that a recursive decode from the entry point and the
+//!   function symbols proves to be code becomes `out PORT_DOORBELL, al; nop`, one plain
+//!   port-I/O exit; so does every other site once it has trapped as a hypercall.
+//! - **ud**: no rewriting: every hypercall traps as below.
 //! - **hwbp**: hardware breakpoints on up to four sites.
 //!
-//! The #UD path is installed under every strategy as the catch-all for sites a rewrite missed.
+//! Under every strategy the `KVM_X86_QUIRK_FIX_HYPERCALL_INSN` quirk is disabled where
+//! possible, so a hypercall instruction the kernel does not handle raises #UD (or #GP at
+//! CPL > 0 on some KVMs) inside the guest: into the VMM's IDT stub, which forwards it to user
+//! space, or — once the guest owns its IDT — into the guest's handler, whose entry carries a
+//! hardware breakpoint so the host answers first (`debugregs`).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod baseline;
+mod debugregs;
+mod regs;
 mod rewrite;
 mod signal;
+mod sites;
 mod vcpu;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_guest_debug, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, Vcpu, VmBackend};
 use vmcall_vmm::boot::VcpuInit;
-use vmcall_vmm::hypercall::HypercallInsn;
 use vmcall_vmm::memory::GuestRam;
 
 pub use rewrite::find_sites;
@@ -76,8 +78,7 @@ impl std::str::FromStr for Trap {
     }
 }
 
-/// Number of debug-register breakpoints.
-pub const HW_BREAKPOINTS: usize = 4;
+pub use debugregs::HW_BREAKPOINTS;
 
 /// Where a KVM backend cannot be used, and why.
 #[derive(Debug, thiserror::Error)]
@@ -183,10 +184,10 @@ struct KvmVm {
     vm: VmFd,
     ram: Arc<GuestRam>,
     cpuid: CpuId,
-    sites: Arc<HashMap<u64, HypercallInsn>>,
-    breakpoints: Arc<Vec<u64>>,
+    traps: Arc<vcpu::Traps>,
+    /// Linear addresses of the `hwbp` strategy's sites.
+    hw_sites: Vec<u64>,
     description: String,
-    mmap_size: usize,
 }
 
 impl Hypervisor for KvmHypervisor {
@@ -222,12 +223,19 @@ impl Hypervisor for KvmHypervisor {
             }
             t => t,
         };
-        let (sites, breakpoints) = match trap {
-            Trap::Rewrite => (
-                rewrite::rewrite_segments(&ram, &guest.segments)
-                    .map_err(|e| BackendError::with("rewriting hypercall sites", e))?,
-                Vec::new(),
-            ),
+        let sites = sites::SiteTable::default();
+        let single_vcpu = guest.vcpus == 1;
+        let hw_sites = match trap {
+            Trap::Rewrite => {
+                for (gpa, insn) in
+                    rewrite::prove_sites(&ram, &guest.segments, &guest.code_roots, 64)
+                {
+                    sites
+                        .rewrite(&ram, gpa, insn, single_vcpu)
+                        .map_err(|e| BackendError::with("rewriting hypercall sites", e))?;
+                }
+                Vec::new()
+            }
             Trap::Hwbp => {
                 let mut all: Vec<u64> = rewrite::scan_segments(&ram, &guest.segments)
                     .map_err(|e| BackendError::with("reading code", e))?
@@ -241,43 +249,43 @@ impl Hypervisor for KvmHypervisor {
                         "more hypercall sites than hardware breakpoints; the rest go through #UD"
                     );
                 }
-                (HashMap::new(), all.into_iter().take(HW_BREAKPOINTS).collect())
+                all.truncate(HW_BREAKPOINTS);
+                all
             }
-            _ => (HashMap::new(), Vec::new()),
+            _ => Vec::new(),
         };
         let catch_all = if quirk_off {
-            "other hypercall instructions trap through #UD into the VMM's IDT"
+            "other hypercalls trap through #UD into the VMM's IDT, or into the guest's own IDT under a breakpoint on its handler"
         } else {
             "the hypercall quirk cannot be disabled here, so sites not found statically are not trapped"
         };
         let description = match trap {
             Trap::Rewrite => format!(
-                "trap=rewrite ({} sites rewritten to port doorbells; {catch_all})",
+                "trap=rewrite ({} proven sites rewritten to port doorbells, others once they trap; {catch_all})",
                 sites.len()
             ),
             Trap::Hwbp => {
-                format!("trap=hwbp ({} sites on debug registers; {catch_all})", breakpoints.len())
+                format!("trap=hwbp ({} sites on debug registers; {catch_all})", hw_sites.len())
             }
             _ => format!("trap=ud ({catch_all})"),
         };
+        let traps = Arc::new(vcpu::Traps {
+            sites,
+            rewrite_on_trap: trap == Trap::Rewrite,
+            single_vcpu,
+            resume_shutdown: self.caps.pvm,
+            mmap_size: self
+                .kvm
+                .get_vcpu_mmap_size()
+                .map_err(|e| BackendError::with("KVM_GET_VCPU_MMAP_SIZE", e))?,
+        });
         if !vmcall_vmm::vm::host_is_amd() && ram.size() <= 0xfffb_d000 {
             // Intel only: VMX needs it for real-mode emulation on CPUs without unrestricted
             // guest support (a new vCPU starts in real mode).
             let _ = vm.set_tss_address(0xfffb_d000);
         }
         let cpuid = self.supported_cpuid()?;
-        Ok(Box::new(KvmVm {
-            vm,
-            ram,
-            cpuid,
-            sites: Arc::new(sites),
-            breakpoints: Arc::new(breakpoints),
-            description,
-            mmap_size: self
-                .kvm
-                .get_vcpu_mmap_size()
-                .map_err(|e| BackendError::with("KVM_GET_VCPU_MMAP_SIZE", e))?,
-        }))
+        Ok(Box::new(KvmVm { vm, ram, cpuid, traps, hw_sites, description }))
     }
 }
 
@@ -324,32 +332,18 @@ impl VmBackend for KvmVm {
         }
         fd.set_cpuid2(&cpuid).map_err(|e| BackendError::with("KVM_SET_CPUID2", e))?;
         let mut sregs = fd.get_sregs().map_err(|e| BackendError::with("KVM_GET_SREGS", e))?;
-        vcpu::apply_sregs(&mut sregs, &init.sregs);
+        regs::apply_sregs(&mut sregs, &init.sregs);
         fd.set_sregs(&sregs).map_err(|e| BackendError::with("KVM_SET_SREGS", e))?;
-        fd.set_regs(&vcpu::regs_to_kvm(&init.regs))
+        fd.set_regs(&regs::regs_to_kvm(&init.regs))
             .map_err(|e| BackendError::with("KVM_SET_REGS", e))?;
         // The FPU/SSE state KVM gives a new vCPU (FCW 0x37f, MXCSR 0x1f80) is what guests
         // expect; setting it again would be one more ioctl on every VM's start.
-        if !self.breakpoints.is_empty() {
-            let mut dbg = kvm_guest_debug {
-                control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP,
-                ..Default::default()
-            };
-            let mut dr7 = 0u64;
-            for (i, addr) in self.breakpoints.iter().enumerate() {
-                dbg.arch.debugreg[i] = *addr;
-                dr7 |= 1 << (2 * i); // local enable, execute breakpoint, length 1
-            }
-            dbg.arch.debugreg[7] = dr7;
-            fd.set_guest_debug(&dbg).map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
-        }
         Ok(Box::new(vcpu::KvmVcpu::new(
             fd,
             self.ram.clone(),
-            self.sites.clone(),
-            self.breakpoints.clone(),
-            self.mmap_size,
-        )))
+            self.traps.clone(),
+            self.hw_sites.clone(),
+        )?))
     }
 
     fn describe(&self) -> String {

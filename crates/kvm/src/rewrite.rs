@@ -1,12 +1,18 @@
-//! Finding hypercall sites with a real x86 decoder and rewriting them into a port doorbell.
+//! Finding hypercall sites with a real x86 decoder, and the doorbell they are rewritten into.
 //!
 //! A site `VMCALL`/`VMMCALL` (3 bytes) becomes `out PORT_DOORBELL, al; nop` (3 bytes): `out imm8,
 //! al` changes no register, KVM exits to user space with RIP just after it, and the `nop` makes
 //! the resumed instruction stream end exactly where the original instruction did.
+//!
+//! Only bytes *proven* to be code are ever rewritten: [`prove_sites`] decodes recursively from
+//! the entry point and the image's function symbols, following direct jumps, branches and
+//! calls, so a data byte in `.text` (a jump table, a constant, hand-written asm) is never
+//! mistaken for an instruction. [`scan_segments`], a linear sweep, is kept for hardware
+//! breakpoints, which change no byte and simply never fire on a wrong guess.
 
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
 
-use iced_x86::{Code, Decoder, DecoderOptions};
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
 use vmcall_abi::ports::PORT_DOORBELL;
 use vmcall_vmm::boot::elf::Segment;
 use vmcall_vmm::hypercall::HypercallInsn;
@@ -31,7 +37,8 @@ pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, HypercallInsn)> {
     sites
 }
 
-/// Every hypercall site in the executable segments loaded in `ram`, by address.
+/// Every hypercall site a linear sweep finds in the executable segments loaded in `ram`, by
+/// the linear (virtual) address the guest executes it at.
 pub fn scan_segments(
     ram: &GuestRam,
     segments: &[Segment],
@@ -40,21 +47,75 @@ pub fn scan_segments(
     for seg in segments.iter().filter(|s| s.executable) {
         let mut code = vec![0u8; seg.filesz as usize];
         ram.read(seg.paddr, &mut code)?;
-        all.extend(find_sites(&code, seg.paddr));
+        all.extend(find_sites(&code, seg.vaddr));
     }
     Ok(all)
 }
 
-/// Scan the executable segments in `ram`, rewrite every site, and return them by address.
-pub fn rewrite_segments(
+/// Hypercall instructions on every path a recursive decode reaches from `roots` (virtual
+/// addresses: the entry point and function symbols) through the executable `segments` loaded
+/// in `ram`, decoding as `bitness`-bit code. Returns each site's guest-physical address.
+/// Indirect jumps end a path (their targets are reached only through symbols), and so does
+/// anything that cannot fall through (return, `ud2`, `int3`, an undecodable byte).
+pub fn prove_sites(
     ram: &GuestRam,
     segments: &[Segment],
-) -> Result<HashMap<u64, HypercallInsn>, OutOfBounds> {
-    let sites = scan_segments(ram, segments)?;
-    for (addr, _) in &sites {
-        ram.write(*addr, &DOORBELL_SITE)?;
+    roots: &[u64],
+    bitness: u32,
+) -> Vec<(u64, HypercallInsn)> {
+    let code: Vec<(&Segment, Vec<u8>)> = segments
+        .iter()
+        .filter(|s| s.executable)
+        .filter_map(|s| {
+            let mut bytes = vec![0u8; s.filesz as usize];
+            ram.read(s.paddr, &mut bytes).ok().map(|()| (s, bytes))
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut work: VecDeque<u64> = roots.iter().copied().collect();
+    let mut sites = Vec::new();
+    while let Some(start) = work.pop_front() {
+        let Some((seg, bytes)) =
+            code.iter().find(|(s, _)| start >= s.vaddr && start - s.vaddr < s.filesz)
+        else {
+            continue;
+        };
+        let off = (start - seg.vaddr) as usize;
+        let mut decoder = Decoder::with_ip(bitness, &bytes[off..], start, DecoderOptions::NONE);
+        while decoder.can_decode() {
+            let insn = decoder.decode();
+            if !seen.insert(insn.ip()) || insn.is_invalid() {
+                break;
+            }
+            match insn.code() {
+                Code::Vmcall => {
+                    sites.push((seg.paddr + (insn.ip() - seg.vaddr), HypercallInsn::Vmcall))
+                }
+                Code::Vmmcall => {
+                    sites.push((seg.paddr + (insn.ip() - seg.vaddr), HypercallInsn::Vmmcall))
+                }
+                _ => {}
+            }
+            match insn.flow_control() {
+                FlowControl::Next | FlowControl::IndirectCall => {}
+                FlowControl::ConditionalBranch | FlowControl::Call => {
+                    work.push_back(insn.near_branch_target())
+                }
+                FlowControl::UnconditionalBranch => {
+                    work.push_back(insn.near_branch_target());
+                    break;
+                }
+                FlowControl::IndirectBranch
+                | FlowControl::Return
+                | FlowControl::Interrupt
+                | FlowControl::XbeginXabortXend
+                | FlowControl::Exception => break,
+            }
+        }
     }
-    Ok(sites.into_iter().collect())
+    sites.sort_unstable_by_key(|(gpa, _)| *gpa);
+    sites.dedup();
+    sites
 }
 
 #[cfg(test)]
@@ -70,26 +131,39 @@ mod tests {
     }
 
     #[test]
-    fn rewrite_patches_ram() {
-        let ram = GuestRam::new(2 << 20).unwrap();
-        let code = [0x90, 0x0f, 0x01, 0xc1, 0xf4];
-        ram.write(0x10_0000, &code).unwrap();
+    fn only_code_reached_from_the_roots_is_proven() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        // 0x20_0000: mov eax, 0x00c1010f; call 1f; jmp 2f; (data) 0f 01 c1; 1: vmcall; ret;
+        // 2: jz 3f; hlt; 3: vmmcall; jmp [rip]  (then more data: 0f 01 d9)
+        let code = [
+            0xb8, 0x0f, 0x01, 0xc1, 0x00, // mov eax, imm32
+            0xe8, 0x05, 0x00, 0x00, 0x00, // call +5 -> 0x0f
+            0xeb, 0x07, // jmp +7 -> 0x13
+            0x0f, 0x01, 0xc1, // data
+            0x0f, 0x01, 0xc1, 0xc3, // 0x0f: vmcall; ret
+            0x74, 0x01, 0xf4, // 0x13: jz +1 -> 0x16; hlt
+            0x0f, 0x01, 0xd9, // 0x16: vmmcall
+            0xff, 0x25, 0x00, 0x00, 0x00, 0x00, // jmp [rip]
+            0x0f, 0x01, 0xd9, // data after an indirect jump
+        ];
+        ram.write(0x30_0000, &code).unwrap();
         let seg = Segment {
-            paddr: 0x10_0000,
-            vaddr: 0x10_0000,
-            memsz: 5,
-            filesz: 5,
+            paddr: 0x30_0000,
+            vaddr: 0x20_0000,
+            memsz: code.len() as u64,
+            filesz: code.len() as u64,
             offset: 0,
             executable: true,
         };
-        let data = Segment { executable: false, paddr: 0x10_1000, ..seg };
-        ram.write(0x10_1000, &code).unwrap();
-        let sites = rewrite_segments(&ram, &[seg, data]).unwrap();
-        assert_eq!(sites.len(), 1);
-        let mut b = [0u8; 5];
-        ram.read(0x10_0000, &mut b).unwrap();
-        assert_eq!(b, [0x90, 0xe6, PORT_DOORBELL as u8, 0x90, 0xf4]);
-        ram.read(0x10_1000, &mut b).unwrap();
-        assert_eq!(b, code, "data segments are left alone");
+        let sites = prove_sites(&ram, &[seg], &[0x20_0000], 64);
+        assert_eq!(
+            sites,
+            vec![(0x30_000f, HypercallInsn::Vmcall), (0x30_0016, HypercallInsn::Vmmcall)],
+            "physical addresses of the reachable sites only"
+        );
+        // The linear sweep finds the data too (it is only used where guessing is harmless).
+        assert!(scan_segments(&ram, &[seg]).unwrap().len() > 2);
+        // A root in the data island proves it: symbols are trusted.
+        assert_eq!(prove_sites(&ram, &[seg], &[0x20_000c], 64).len(), 2);
     }
 }

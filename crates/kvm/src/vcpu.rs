@@ -1,41 +1,69 @@
 //! One KVM vCPU: runs KVM_RUN and translates each exit into vmcall's neutral [`VcpuExit`].
 //!
 //! Registers move through `kvm_run`'s sync-regs area (KVM_CAP_SYNC_REGS): the kernel stores
-//! GPRs and sregs there on every exit, and loads the GPRs back when we mark them dirty, so a
+//! GPRs and sregs there on every exit, and loads them back when we mark them dirty, so a
 //! hypercall costs no register ioctl at all.
+//!
+//! Every guest address the host reads here — the instruction at RIP, an exception frame at
+//! RSP, the GDT and IDT — is *virtual* and goes through the guest's own page tables
+//! ([`VirtualMemory`]), so guests that build their own tables are read exactly.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 use vmcall_abi::{insn, ports};
 use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot;
 use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::x86::descriptors::{self, read_trap_frame};
-use vmcall_vmm::x86::{CpuMode, DescriptorTable, PagingContext, Regs, Segment};
+use vmcall_vmm::x86::descriptors::{self, code_segment, read_trap_frame, TrapFrame};
+use vmcall_vmm::x86::mode::EFER_LMA;
+use vmcall_vmm::x86::{CpuMode, DescriptorTable, Regs, Segment, VirtualMemory};
 
+use crate::debugregs::{guest_handlers, DebugRegs, Slot};
+use crate::regs::{paging_context, regs_from_kvm, segment_from_kvm, segment_to_kvm};
 use crate::rewrite::DOORBELL_OUT_LEN;
 use crate::signal::SignalInterrupter;
+use crate::sites::SiteTable;
 
-/// How to finish the hypercall of the last exit.
+/// RFLAGS.RF: the next instruction's breakpoint does not fire.
+const RFLAGS_RF: u64 = 1 << 16;
+
+/// How the VM's vCPUs trap hypercalls, shared by all of them.
+#[derive(Debug)]
+pub(crate) struct Traps {
+    pub sites: SiteTable,
+    /// Rewrite a site into the doorbell once it has trapped as a hypercall (`--trap rewrite`).
+    pub rewrite_on_trap: bool,
+    /// One vCPU: sites may be rewritten with plain writes.
+    pub single_vcpu: bool,
+    /// A triple fault at a hypercall instruction is answered and the vCPU resumed (verified on
+    /// kvm_pvm only; see docs/kvm-backend.md).
+    pub resume_shutdown: bool,
+    /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
+    pub mmap_size: usize,
+}
+
+/// How to finish the hypercall (or port read) of the last exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
     None,
     /// A rewritten site: RIP is already past `out`, the `nop` completes the 3 bytes.
     Doorbell,
-    /// Raised #UD or #GP into the VMM's IDT stub: the frame's RIP slot must point past the
-    /// instruction.
+    /// Raised #UD or #GP into the VMM's IDT stub: the frame's RIP slot (guest-virtual) must
+    /// point past the instruction before the stub's `iretq`.
     Frame {
         rip_slot: u64,
         resume: u64,
     },
-    /// Hardware breakpoint before the instruction: move RIP past it.
-    Breakpoint {
+    /// Stopped before the instruction (a breakpoint on it, a triple fault at it): move RIP.
+    SetRip {
         resume: u64,
     },
+    /// Stopped at the entry of the guest's own #UD/#GP handler: return to the caller as the
+    /// handler's `iret` would, past the instruction.
+    Iret(IretState),
     /// An `in` whose data goes at this offset of `kvm_run`.
     IoIn {
         offset: usize,
@@ -43,36 +71,78 @@ enum Pending {
     },
 }
 
+/// The caller's state an `iret` from the exception frame restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IretState {
+    rip: u64,
+    rflags: u64,
+    rsp: u64,
+    /// New CS and SS when the caller ran at another privilege level than the handler.
+    segments: Option<(Segment, Segment)>,
+}
+
+/// A hypercall instruction the CPU refused with an exception.
+struct Refused {
+    /// Linear address of the instruction.
+    rip: u64,
+    insn: HypercallInsn,
+    cpl: u8,
+    mode: CpuMode,
+}
+
 pub(crate) struct KvmVcpu {
     // Declared first so that the fd (and its kvm_run mapping) is dropped before RAM.
     fd: VcpuFd,
     ram: Arc<GuestRam>,
-    sites: Arc<HashMap<u64, HypercallInsn>>,
-    breakpoints: Arc<Vec<u64>>,
+    traps: Arc<Traps>,
+    debug: DebugRegs,
     pending: Pending,
     alive: Arc<Mutex<bool>>,
-    /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
-    mmap_size: usize,
+    /// The sync-regs area holds real state only after the first exit.
+    exited: bool,
 }
 
 impl KvmVcpu {
     pub(crate) fn new(
         mut fd: VcpuFd,
         ram: Arc<GuestRam>,
-        sites: Arc<HashMap<u64, HypercallInsn>>,
-        breakpoints: Arc<Vec<u64>>,
-        mmap_size: usize,
-    ) -> Self {
+        traps: Arc<Traps>,
+        hw_sites: Vec<u64>,
+    ) -> Result<Self, BackendError> {
         fd.set_sync_valid_reg(SyncReg::Register);
         fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        Self {
+        let mut debug = DebugRegs::new(hw_sites);
+        // The VMM's own IDT is in use at the start: only sites, no watch.
+        debug.arm(&fd, &[])?;
+        Ok(Self {
             fd,
             ram,
-            sites,
-            breakpoints,
+            traps,
+            debug,
             pending: Pending::None,
             alive: Arc::new(Mutex::new(true)),
-            mmap_size,
+            exited: false,
+        })
+    }
+
+    /// Guest memory as the vCPU sees it now.
+    fn view(&self) -> VirtualMemory<'_> {
+        VirtualMemory::new(&self.ram, paging_context(&self.fd.sync_regs().sregs))
+    }
+
+    fn gdt(&self) -> DescriptorTable {
+        let s = &self.fd.sync_regs().sregs;
+        DescriptorTable { base: s.gdt.base, limit: s.gdt.limit }
+    }
+
+    /// The hypercall instruction at linear `rip`, if that is what the guest executes there.
+    fn hypercall_at(&self, rip: u64) -> Option<HypercallInsn> {
+        let mut bytes = [0u8; 3];
+        self.view().read(rip, &mut bytes).ok()?;
+        match bytes {
+            insn::VMCALL => Some(HypercallInsn::Vmcall),
+            insn::VMMCALL => Some(HypercallInsn::Vmmcall),
+            _ => None,
         }
     }
 
@@ -96,24 +166,48 @@ impl KvmVcpu {
         (s.ss.dpl, CpuMode::from_cs(&segment_from_kvm(&s.cs), s.efer, s.cr0))
     }
 
+    /// The linear address of the code running now at `rip`.
+    fn linear(&self, rip: u64) -> u64 {
+        let s = &self.fd.sync_regs().sregs;
+        if s.cs.l != 0 {
+            rip
+        } else {
+            s.cs.base.wrapping_add(rip) & 0xffff_ffff
+        }
+    }
+
+    /// Rewrite the site at linear `rip` into the doorbell, if this VM does that (only for
+    /// CPL 0 callers: a guest that owns its TSS may deny CPL 3 code the doorbell port).
+    fn rewrite_after_trap(&self, rip: u64, insn: HypercallInsn, cpl: u8) {
+        if !self.traps.rewrite_on_trap || cpl != 0 {
+            return;
+        }
+        if let Ok(gpa) = self.view().gpa(rip) {
+            if let Err(e) = self.traps.sites.rewrite(&self.ram, gpa, insn, self.traps.single_vcpu) {
+                tracing::debug!(gpa, error = %e, "hypercall site not rewritten");
+            }
+        }
+    }
+
     fn translate_out(&mut self, port: u16, data: &[u8]) -> VcpuExit {
         let rip = self.fd.sync_regs().regs.rip;
         // `out imm8, al` is 2 bytes: RIP is just past it. The stubs ring their port first.
         let from_stub = |vector: u8| rip == boot::stub_gpa(vector) + 2;
         match port {
             ports::PORT_DOORBELL if data.len() == 1 => {
-                let site = rip.wrapping_sub(DOORBELL_OUT_LEN);
-                if let Some(&insn) = self.sites.get(&site) {
+                let site = self.linear(rip.wrapping_sub(DOORBELL_OUT_LEN));
+                let gpa = self.view().gpa(site).ok();
+                if let Some(insn) = gpa.and_then(|gpa| self.traps.sites.lookup(&self.ram, gpa)) {
                     let (cpl, mode) = self.current_cpl_mode();
                     self.pending = Pending::Doorbell;
                     return self.hypercall(site, insn, cpl, mode);
                 }
             }
             ports::PORT_HC_TRAP if from_stub(descriptors::UD_VECTOR) => {
-                return self.translate_trap(descriptors::UD_VECTOR)
+                return self.translate_stub(descriptors::UD_VECTOR)
             }
             ports::PORT_HC_TRAP if from_stub(descriptors::GP_VECTOR) => {
-                return self.translate_trap(descriptors::GP_VECTOR)
+                return self.translate_stub(descriptors::GP_VECTOR)
             }
             ports::PORT_FAULT if data.len() == 1 && rip == boot::stub_gpa(data[0]) + 4 => {
                 return self.translate_fault(data[0]);
@@ -126,24 +220,40 @@ impl KvmVcpu {
         VcpuExit::IoOut { port, size: n as u8, data: u32::from_le_bytes(word) }
     }
 
-    /// A #UD or #GP stub rang: a hypercall instruction the CPU refused (any CPL, any mode,
-    /// rewritten or not) or a genuine fault.
-    fn translate_trap(&mut self, vector: u8) -> VcpuExit {
-        let rsp = self.fd.sync_regs().regs.rsp;
-        let Ok(frame) = read_trap_frame(&self.ram, rsp, vector) else {
+    /// The frame of `vector` at the current RSP, as the CPU pushed it for the running handler.
+    fn frame(&self, vector: u8) -> Option<TrapFrame> {
+        let sync = self.fd.sync_regs();
+        let long = sync.sregs.efer & EFER_LMA != 0;
+        let handler_cpl = sync.sregs.cs.selector as u8 & 3;
+        read_trap_frame(&self.view(), sync.regs.rsp, vector, long, handler_cpl).ok()
+    }
+
+    /// Whether `frame` was pushed for a hypercall instruction the CPU refused — #UD at any
+    /// CPL, or #GP with error code 0 from CPL > 0 (what some KVMs raise there; a hypercall
+    /// never raises #GP at CPL 0) — and if so, the call.
+    fn refused_hypercall(&self, frame: &TrapFrame) -> Option<Refused> {
+        let sregs = &self.fd.sync_regs().sregs;
+        let cs = code_segment(&self.view(), self.gdt(), frame.cs)?;
+        let mode = CpuMode::from_cs(&cs, sregs.efer, sregs.cr0);
+        let rip =
+            if mode.is_64bit() { frame.rip } else { cs.base.wrapping_add(frame.rip) & 0xffff_ffff };
+        let insn = self.hypercall_at(rip)?;
+        let cpl = (frame.cs & 3) as u8;
+        let is_refusal = frame.vector == descriptors::UD_VECTOR
+            || (frame.vector == descriptors::GP_VECTOR && cpl != 0 && frame.error_code == Some(0));
+        is_refusal.then_some(Refused { rip, insn, cpl, mode })
+    }
+
+    /// A #UD or #GP stub of the VMM's IDT rang: a hypercall instruction the CPU refused (any
+    /// CPL, any mode, rewritten or not) or a genuine fault.
+    fn translate_stub(&mut self, vector: u8) -> VcpuExit {
+        let Some(frame) = self.frame(vector) else {
+            let rsp = self.fd.sync_regs().regs.rsp;
             return VcpuExit::Unknown(format!(
-                "exception {vector} frame at RSP {rsp:#x} is outside guest RAM"
+                "exception {vector} frame at RSP {rsp:#x} is not readable guest memory"
             ));
         };
-        let mut bytes = [0u8; 3];
-        let is_hypercall =
-            self.ram.read(frame.rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes);
-        // A #GP is a refused hypercall only from CPL > 0 (with error code 0); at CPL 0 a
-        // hypercall instruction never raises #GP, so the fault is genuine.
-        let refused_hypercall = is_hypercall
-            && (vector == descriptors::UD_VECTOR
-                || (frame.cs & 3 != 0 && frame.error_code == Some(0)));
-        if !refused_hypercall {
+        let Some(call) = self.refused_hypercall(&frame) else {
             return VcpuExit::Fault(GuestFault {
                 vector,
                 error_code: frame.error_code,
@@ -151,52 +261,185 @@ impl KvmVcpu {
                 cs: frame.cs,
                 cr2: None,
             });
-        }
-        let sregs = &self.fd.sync_regs().sregs;
-        let gdt = DescriptorTable { base: sregs.gdt.base, limit: sregs.gdt.limit };
-        let mode = match descriptors::code_segment(&self.ram, gdt, frame.cs) {
-            Some(cs) => CpuMode::from_cs(&cs, sregs.efer, sregs.cr0),
-            None => CpuMode::Long64,
         };
-        let insn =
-            if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall };
+        self.rewrite_after_trap(call.rip, call.insn, call.cpl);
         self.pending =
             Pending::Frame { rip_slot: frame.rip_slot, resume: frame.rip + insn::HYPERCALL_LEN };
-        self.hypercall(frame.rip, insn, (frame.cs & 3) as u8, mode)
+        self.hypercall(call.rip, call.insn, call.cpl, call.mode)
     }
 
     fn translate_fault(&mut self, vector: u8) -> VcpuExit {
-        let rsp = self.fd.sync_regs().regs.rsp;
-        match read_trap_frame(&self.ram, rsp, vector) {
-            Ok(f) => VcpuExit::Fault(GuestFault {
+        match self.frame(vector) {
+            Some(f) => VcpuExit::Fault(GuestFault {
                 vector,
                 error_code: f.error_code,
                 rip: f.rip,
                 cs: f.cs,
                 cr2: (vector == 14).then(|| self.fd.sync_regs().sregs.cr2),
             }),
-            Err(_) => {
-                VcpuExit::Unknown(format!("exception {vector} with its frame outside guest RAM"))
-            }
+            None => VcpuExit::Unknown(format!(
+                "exception {vector} with its frame outside readable guest memory"
+            )),
         }
     }
 
-    fn translate_debug(&mut self, pc: u64, dr6: u64) -> VcpuExit {
+    /// A debug exit, `None` when it only let a real exception reach the guest's handler.
+    fn translate_debug(&mut self, pc: u64, dr6: u64) -> Option<VcpuExit> {
         // dr7 is unreliable on some KVMs (kvm-host-facts.md): classify by pc and dr6 alone.
-        if dr6 & 0xf != 0 && self.breakpoints.contains(&pc) {
-            let mut bytes = [0u8; 3];
-            if self.ram.read(pc, &mut bytes).is_ok() && insn::is_hypercall(&bytes) {
-                let insn = if bytes == insn::VMCALL {
-                    HypercallInsn::Vmcall
-                } else {
-                    HypercallInsn::Vmmcall
-                };
+        match (dr6 & 0xf != 0).then(|| self.debug.hit(pc)).flatten() {
+            Some(Slot::Handler { vector, .. }) => self.translate_guest_handler(vector),
+            Some(Slot::Site(_)) => match self.hypercall_at(pc) {
+                Some(insn) => {
+                    let (cpl, mode) = self.current_cpl_mode();
+                    self.pending = Pending::SetRip { resume: self.fd.sync_regs().regs.rip + 3 };
+                    Some(self.hypercall(pc, insn, cpl, mode))
+                }
+                None => Some(VcpuExit::Debug { rip: pc }),
+            },
+            None => Some(VcpuExit::Debug { rip: pc }),
+        }
+    }
+
+    /// Stopped at the first instruction of the guest's own handler for `vector`.
+    fn translate_guest_handler(&mut self, vector: u8) -> Option<VcpuExit> {
+        let frame = self.frame(vector);
+        let call = frame.as_ref().and_then(|f| self.refused_hypercall(f));
+        let (Some(frame), Some(call)) = (frame, call) else {
+            // A real exception: let the guest's handler run, past this breakpoint.
+            let regs = &mut self.fd.sync_regs_mut().regs;
+            regs.rflags |= RFLAGS_RF;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            return None;
+        };
+        let sregs = &self.fd.sync_regs().sregs;
+        let (rsp, ss) = frame.stack.unwrap_or((frame.end, sregs.ss.selector));
+        let segments = if frame.cs == sregs.cs.selector && ss == sregs.ss.selector {
+            None
+        } else {
+            let mem = self.view();
+            let cs = code_segment(&mem, self.gdt(), frame.cs)?;
+            let ss = match code_segment(&mem, self.gdt(), ss) {
+                Some(s) => s,
+                // A null SS (allowed in 64-bit mode): unusable, with the selector's RPL.
+                None => Segment {
+                    selector: ss,
+                    dpl: (ss & 3) as u8,
+                    unusable: true,
+                    ..Default::default()
+                },
+            };
+            Some((cs, ss))
+        };
+        self.rewrite_after_trap(call.rip, call.insn, call.cpl);
+        self.pending = Pending::Iret(IretState {
+            rip: frame.rip + insn::HYPERCALL_LEN,
+            rflags: frame.rflags,
+            rsp,
+            segments,
+        });
+        Some(self.hypercall(call.rip, call.insn, call.cpl, call.mode))
+    }
+
+    /// A triple fault: at a hypercall instruction (a guest with no usable IDT) it is the
+    /// hypercall itself on a KVM where resuming after it is known to work.
+    fn translate_shutdown(&mut self) -> VcpuExit {
+        let rip = self.fd.sync_regs().regs.rip;
+        let linear = self.linear(rip);
+        if self.traps.resume_shutdown {
+            if let Some(insn) = self.hypercall_at(linear) {
                 let (cpl, mode) = self.current_cpl_mode();
-                self.pending = Pending::Breakpoint { resume: pc + insn::HYPERCALL_LEN };
-                return self.hypercall(pc, insn, cpl, mode);
+                self.rewrite_after_trap(linear, insn, cpl);
+                self.pending = Pending::SetRip { resume: rip + insn::HYPERCALL_LEN };
+                return self.hypercall(linear, insn, cpl, mode);
             }
         }
-        VcpuExit::Debug { rip: pc }
+        VcpuExit::Shutdown { rip }
+    }
+
+    /// Watch the guest's own #UD/#GP handlers while its IDT is not the VMM's (checked at every
+    /// exit, since a guest loads its IDT without exiting).
+    fn arm_watch(&mut self) -> Result<(), BackendError> {
+        let sregs = self.fd.sync_regs().sregs;
+        let idt = DescriptorTable { base: sregs.idt.base, limit: sregs.idt.limit };
+        let handlers = if idt == boot::vmm_idt() {
+            Vec::new()
+        } else {
+            let mem = self.view();
+            let gdt = self.gdt();
+            let base = |sel: u16| code_segment(&mem, gdt, sel).map_or(0, |s| s.base);
+            guest_handlers(&mem, idt, sregs.efer & EFER_LMA != 0, base)
+        };
+        self.debug.arm(&self.fd, &handlers)
+    }
+
+    fn internal_error(&mut self) -> VcpuExit {
+        let rip = self.fd.sync_regs().regs.rip;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let mut bytes = [0u8; 8];
+        let _ = self.view().read(self.linear(rip), &mut bytes);
+        VcpuExit::Unknown(format!(
+            "KVM internal error {} at RIP {rip:#x} (code {bytes:02x?}){}",
+            internal.suberror,
+            if internal.suberror == 1 {
+                ": KVM could not emulate this instruction (software KVMs such as kvm_pvm emulate every guest instruction and lack many, most SSE ones among them; see docs/kvm-backend.md)"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// One KVM_RUN, translated; `None` for an exit handled here entirely.
+    fn run_once(&mut self) -> Result<Option<VcpuExit>, BackendError> {
+        if self.exited {
+            self.arm_watch()?;
+        }
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Some(VcpuExit::Interrupted))
+            }
+            Err(e) => return Err(BackendError::with("KVM_RUN failed", e)),
+        };
+        let exit = match exit {
+            KvmExit::IoOut(port, data) => {
+                let data = data.to_vec();
+                self.exited = true;
+                self.translate_out(port, &data)
+            }
+            KvmExit::IoIn(port, data) => {
+                let size = data.len().min(4);
+                let run = self.fd.get_kvm_run();
+                // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the active union field.
+                let offset = unsafe { run.__bindgen_anon_1.io.data_offset } as usize;
+                self.pending = Pending::IoIn { offset, size };
+                VcpuExit::IoIn { port, size: size as u8 }
+            }
+            KvmExit::Hlt => VcpuExit::Hlt,
+            KvmExit::Shutdown => {
+                self.exited = true;
+                self.translate_shutdown()
+            }
+            KvmExit::Debug(arch) => {
+                self.exited = true;
+                return Ok(self.translate_debug(arch.pc, arch.dr6));
+            }
+            KvmExit::MmioRead(gpa, data) => {
+                VcpuExit::Mmio { gpa, write: false, len: data.len() as u8 }
+            }
+            KvmExit::MmioWrite(gpa, data) => {
+                VcpuExit::Mmio { gpa, write: true, len: data.len() as u8 }
+            }
+            KvmExit::Intr => VcpuExit::Interrupted,
+            KvmExit::InternalError => self.internal_error(),
+            KvmExit::FailEntry(reason, cpu) => VcpuExit::Unknown(format!(
+                "KVM entry failed: hardware reason {reason:#x} on CPU {cpu}"
+            )),
+            other => VcpuExit::Unknown(format!("KVM exit {other:?}")),
+        };
+        self.exited = true;
+        Ok(Some(exit))
     }
 }
 
@@ -213,70 +456,33 @@ fn err(what: &str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError + 
 impl Vcpu for KvmVcpu {
     fn run(&mut self, _: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
         self.pending = Pending::None;
-        let exit = match self.fd.run() {
-            Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                return Ok(VcpuExit::Interrupted)
+        loop {
+            if let Some(exit) = self.run_once()? {
+                return Ok(exit);
             }
-            Err(e) => return Err(BackendError::with("KVM_RUN failed", e)),
-        };
-        let exit = match exit {
-            KvmExit::IoOut(port, data) => {
-                let data = data.to_vec();
-                self.translate_out(port, &data)
-            }
-            KvmExit::IoIn(port, data) => {
-                let size = data.len().min(4);
-                let run = self.fd.get_kvm_run();
-                // SAFETY: the exit reason is KVM_EXIT_IO, so `io` is the active union field.
-                let offset = unsafe { run.__bindgen_anon_1.io.data_offset } as usize;
-                self.pending = Pending::IoIn { offset, size };
-                VcpuExit::IoIn { port, size: size as u8 }
-            }
-            KvmExit::Hlt => VcpuExit::Hlt,
-            KvmExit::Shutdown => VcpuExit::Shutdown { rip: self.fd.sync_regs().regs.rip },
-            KvmExit::Debug(arch) => self.translate_debug(arch.pc, arch.dr6),
-            KvmExit::MmioRead(gpa, data) => {
-                VcpuExit::Mmio { gpa, write: false, len: data.len() as u8 }
-            }
-            KvmExit::MmioWrite(gpa, data) => {
-                VcpuExit::Mmio { gpa, write: true, len: data.len() as u8 }
-            }
-            KvmExit::Intr => VcpuExit::Interrupted,
-            KvmExit::InternalError => {
-                let rip = self.fd.sync_regs().regs.rip;
-                let run = self.fd.get_kvm_run();
-                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is active.
-                let internal = unsafe { run.__bindgen_anon_1.internal };
-                let mut bytes = [0u8; 8];
-                let _ = self.ram.read(rip, &mut bytes);
-                VcpuExit::Unknown(format!(
-                    "KVM internal error {} at RIP {rip:#x} (code {bytes:02x?}){}",
-                    internal.suberror,
-                    if internal.suberror == 1 {
-                        ": KVM could not emulate this instruction (software KVMs such as kvm_pvm emulate every guest instruction and lack many, most SSE ones among them; see docs/kvm-backend.md)"
-                    } else {
-                        ""
-                    }
-                ))
-            }
-            KvmExit::FailEntry(reason, cpu) => VcpuExit::Unknown(format!(
-                "KVM entry failed: hardware reason {reason:#x} on CPU {cpu}"
-            )),
-            other => VcpuExit::Unknown(format!("KVM exit {other:?}")),
-        };
-        Ok(exit)
+        }
     }
 
     fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError> {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::Doorbell => {}
             Pending::Frame { rip_slot, resume } => {
-                self.ram
+                self.view()
                     .write_u64(rip_slot, resume)
                     .map_err(|e| BackendError::with("resume exception frame", e))?;
             }
-            Pending::Breakpoint { resume } => self.fd.sync_regs_mut().regs.rip = resume,
+            Pending::SetRip { resume } => self.fd.sync_regs_mut().regs.rip = resume,
+            Pending::Iret(state) => {
+                let sync = self.fd.sync_regs_mut();
+                sync.regs.rip = state.rip;
+                sync.regs.rflags = state.rflags;
+                sync.regs.rsp = state.rsp;
+                if let Some((cs, ss)) = state.segments {
+                    sync.sregs.cs = segment_to_kvm(&cs);
+                    sync.sregs.ss = segment_to_kvm(&ss);
+                    self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+                }
+            }
             other => {
                 return Err(BackendError::new(format!("no hypercall to complete ({other:?})")))
             }
@@ -294,10 +500,10 @@ impl Vcpu for KvmVcpu {
         // The data lives past `struct kvm_run`, usually on the mapping's second page (kernel
         // `KVM_PIO_PAGE_OFFSET`): anywhere inside the KVM_GET_VCPU_MMAP_SIZE bytes mapped.
         let run_size = std::mem::size_of::<kvm_bindings::kvm_run>();
-        if offset < run_size || offset.checked_add(size).is_none_or(|end| end > self.mmap_size) {
+        let mmap_size = self.traps.mmap_size;
+        if offset < run_size || offset.checked_add(size).is_none_or(|end| end > mmap_size) {
             return Err(BackendError::new(format!(
-                "port-read data offset {offset} outside the {} byte kvm_run mapping",
-                self.mmap_size
+                "port-read data offset {offset} outside the {mmap_size} byte kvm_run mapping"
             )));
         }
         let dst =
@@ -329,108 +535,4 @@ impl Vcpu for KvmVcpu {
     fn interrupter(&self) -> Arc<dyn Interrupter> {
         Arc::new(SignalInterrupter::for_current_thread(self.alive.clone()))
     }
-}
-
-/// The registers that say how the guest translates addresses, from KVM's sregs.
-pub(crate) fn paging_context(s: &kvm_sregs) -> PagingContext {
-    PagingContext { cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer }
-}
-
-/// Build `$ty` from `$from` field by field (the two register structs share field names).
-macro_rules! copy_fields {
-    ($from:expr, $ty:ident { $($f:ident),* $(,)? }) => {
-        $ty { $($f: $from.$f),* }
-    };
-}
-
-macro_rules! gprs {
-    ($from:expr, $ty:ident) => {
-        copy_fields!(
-            $from,
-            $ty {
-                rax,
-                rbx,
-                rcx,
-                rdx,
-                rsi,
-                rdi,
-                rsp,
-                rbp,
-                r8,
-                r9,
-                r10,
-                r11,
-                r12,
-                r13,
-                r14,
-                r15,
-                rip,
-                rflags
-            }
-        )
-    };
-}
-
-pub(crate) fn regs_to_kvm(r: &Regs) -> kvm_regs {
-    gprs!(r, kvm_regs)
-}
-
-pub(crate) fn regs_from_kvm(r: &kvm_regs) -> Regs {
-    gprs!(r, Regs)
-}
-
-pub(crate) fn segment_to_kvm(s: &Segment) -> kvm_segment {
-    kvm_segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: u8::from(s.present),
-        dpl: s.dpl,
-        db: u8::from(s.db),
-        s: u8::from(s.s),
-        l: u8::from(s.l),
-        g: u8::from(s.g),
-        avl: u8::from(s.avl),
-        unusable: u8::from(s.unusable),
-        padding: 0,
-    }
-}
-
-pub(crate) fn segment_from_kvm(s: &kvm_segment) -> Segment {
-    Segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present != 0,
-        dpl: s.dpl,
-        db: s.db != 0,
-        s: s.s != 0,
-        l: s.l != 0,
-        g: s.g != 0,
-        avl: s.avl != 0,
-        unusable: s.unusable != 0,
-    }
-}
-
-/// Apply vmcall's special registers on top of the vCPU's current ones.
-pub(crate) fn apply_sregs(k: &mut kvm_sregs, s: &vmcall_vmm::x86::SpecialRegs) {
-    k.cs = segment_to_kvm(&s.cs);
-    k.ds = segment_to_kvm(&s.ds);
-    k.es = segment_to_kvm(&s.es);
-    k.fs = segment_to_kvm(&s.fs);
-    k.gs = segment_to_kvm(&s.gs);
-    k.ss = segment_to_kvm(&s.ss);
-    k.tr = segment_to_kvm(&s.tr);
-    k.ldt = segment_to_kvm(&s.ldt);
-    k.gdt.base = s.gdt.base;
-    k.gdt.limit = s.gdt.limit;
-    k.idt.base = s.idt.base;
-    k.idt.limit = s.idt.limit;
-    k.cr0 = s.cr0;
-    k.cr2 = s.cr2;
-    k.cr3 = s.cr3;
-    k.cr4 = s.cr4;
-    k.efer = s.efer;
 }

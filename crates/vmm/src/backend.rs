@@ -129,6 +129,8 @@ pub struct GuestInfo {
     pub entry: u64,
     /// The loaded ELF segments; a backend may scan the executable ones for hypercall sites.
     pub segments: Vec<Segment>,
+    /// Virtual addresses known to start code (entry point, function symbols).
+    pub code_roots: Vec<u64>,
 }
 
 /// A created VM on some backend.

@@ -96,6 +96,33 @@ impl GuestRam {
         self.write(gpa, &value.to_le_bytes())
     }
 
+    /// Replace the bytes at `gpa` with `data` in one 8-byte store, so that another vCPU
+    /// fetching or reading them sees either the old bytes or the new ones, never a mix.
+    /// Returns false (and writes nothing) when `gpa..gpa+len` does not lie inside one naturally
+    /// aligned 8-byte word. (The other bytes of the word are written back as they were read;
+    /// a guest store to them in between would be lost, as with any read-modify-write.)
+    pub fn write_in_one_store(&self, gpa: u64, data: &[u8]) -> Result<bool, OutOfBounds> {
+        let word = gpa & !7;
+        let shift = (gpa - word) as usize;
+        if data.is_empty() || shift + data.len() > 8 {
+            return Ok(false);
+        }
+        self.check(word, 8)?;
+        let oob = |_| self.oob(word, 8);
+        let old: u64 =
+            self.mem.load(GuestAddress(word), std::sync::atomic::Ordering::Acquire).map_err(oob)?;
+        let mut bytes = old.to_le_bytes();
+        bytes[shift..shift + data.len()].copy_from_slice(data);
+        self.mem
+            .store(
+                u64::from_le_bytes(bytes),
+                GuestAddress(word),
+                std::sync::atomic::Ordering::Release,
+            )
+            .map_err(oob)?;
+        Ok(true)
+    }
+
     /// Fill `gpa..gpa+len` with zeroes.
     pub fn zero(&self, gpa: u64, len: u64) -> Result<(), OutOfBounds> {
         self.check(gpa, len)?;
@@ -197,6 +224,18 @@ mod tests {
         v.read(0, &mut b).unwrap();
         assert_eq!(b[8], 0xcd);
         assert!(v.read(1, &mut b).is_err());
+    }
+
+    #[test]
+    fn single_store_writes_stay_inside_one_word() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        ram.write_u64(0x1000, 0x8877_6655_4433_2211).unwrap();
+        assert_eq!(ram.write_in_one_store(0x1003, &[0xaa, 0xbb, 0xcc]), Ok(true));
+        assert_eq!(ram.read_u64(0x1000).unwrap(), 0x8877_ccbb_aa33_2211);
+        assert_eq!(ram.write_in_one_store(0x1006, &[1, 2, 3]), Ok(false), "straddles two words");
+        assert_eq!(ram.read_u64(0x1008).unwrap(), 0);
+        assert!(ram.write_in_one_store(ram.size() - 2, &[1]).is_ok());
+        assert!(ram.write_in_one_store(ram.size(), &[1]).is_err());
     }
 
     #[test]

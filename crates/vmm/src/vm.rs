@@ -149,7 +149,8 @@ pub fn prepare_guest(
     let params =
         BootParams { entry: elf.entry, image_end: elf.end(), vcpus, cmdline, amd: host_is_amd() };
     let inits = boot::setup(&ram, &params)?;
-    let guest = GuestInfo { vcpus, entry: elf.entry, segments: elf.segments };
+    let guest =
+        GuestInfo { vcpus, entry: elf.entry, segments: elf.segments, code_roots: elf.code_roots };
     Ok(PreparedGuest { ram, guest, inits })
 }
 

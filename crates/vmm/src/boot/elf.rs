@@ -3,8 +3,10 @@
 //! Everything about the file is checked before a byte is copied, so a malformed or hostile ELF
 //! gets a precise error and never a partial load.
 
-use object::elf::{FileHeader64, ELFCLASS64, EM_X86_64, ET_EXEC, PF_X, PT_LOAD};
-use object::read::elf::{FileHeader, ProgramHeader};
+use object::elf::{
+    FileHeader64, ELFCLASS64, EM_X86_64, ET_EXEC, PF_X, PT_LOAD, SHT_SYMTAB, STT_FUNC,
+};
+use object::read::elf::{FileHeader, ProgramHeader, Sym};
 use object::LittleEndian as LE;
 
 use crate::memory::GuestRam;
@@ -54,6 +56,9 @@ pub struct ElfImage {
     /// Guest-physical address of the entry point.
     pub entry: u64,
     pub segments: Vec<Segment>,
+    /// Virtual addresses known to start code: the entry point and every function symbol
+    /// inside an executable segment (for a decoder that must not mistake data for code).
+    pub code_roots: Vec<u64>,
 }
 
 impl ElfImage {
@@ -123,7 +128,8 @@ impl ElfImage {
                 }
             }
         }
-        let entry = hdr.e_entry(e);
+        let entry_vaddr = hdr.e_entry(e);
+        let entry = entry_vaddr;
         // e_entry is a virtual address; vCPUs start on identity paging, so start at its
         // physical twin (the same address unless the segment is linked elsewhere).
         let entry = segments
@@ -134,7 +140,13 @@ impl ElfImage {
                 Some(s.paddr + off)
             })
             .ok_or(ElfError::BadEntry(entry))?;
-        Ok(Self { entry, segments })
+        let mut code_roots = vec![entry_vaddr];
+        code_roots.extend(function_symbols(hdr, data).into_iter().filter(|va| {
+            segments.iter().any(|s| s.executable && va.wrapping_sub(s.vaddr) < s.memsz)
+        }));
+        code_roots.sort_unstable();
+        code_roots.dedup();
+        Ok(Self { entry, segments, code_roots })
     }
 
     /// Copy the segments into `ram` (zero-filling each segment's tail).
@@ -151,6 +163,19 @@ impl ElfImage {
     pub fn end(&self) -> u64 {
         self.segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0)
     }
+}
+
+/// Values of the STT_FUNC symbols in the image's symbol table (none if it is stripped or
+/// malformed: symbols only ever add decoding roots).
+fn function_symbols(hdr: &FileHeader64<LE>, data: &[u8]) -> Vec<u64> {
+    let Ok(sections) = hdr.sections(LE, data) else { return Vec::new() };
+    let Ok(symbols) = sections.symbols(LE, data, SHT_SYMTAB) else { return Vec::new() };
+    symbols
+        .symbols()
+        .iter()
+        .filter(|sym| sym.st_type() == STT_FUNC && sym.st_value(LE) != 0)
+        .map(|sym| sym.st_value(LE))
+        .collect()
 }
 
 /// A minimal static ELF64 x86-64 executable: one RWX PT_LOAD of `code` at `paddr`, entry at

@@ -34,6 +34,12 @@ const STUB_STRIDE: u64 = 16;
 /// The IDT covers the 32 exception vectors.
 pub const EXCEPTION_VECTORS: u8 = 32;
 
+/// The IDTR of the VMM's own IDT (64-bit gates for the exception vectors, at [`IDT`]): while a
+/// vCPU's IDTR holds this, exceptions reach the VMM's stubs.
+pub fn vmm_idt() -> DescriptorTable {
+    DescriptorTable { base: IDT, limit: 16 * u16::from(EXCEPTION_VECTORS) - 1 }
+}
+
 /// Guest-physical address of vector `v`'s stub.
 pub fn stub_gpa(vector: u8) -> u64 {
     IDT_STUBS + u64::from(vector) * STUB_STRIDE
@@ -282,7 +288,7 @@ fn initial_sregs(id: u32, vcpus: u32) -> SpecialRegs {
         },
         ldt: Segment { type_: 0x2, present: true, unusable: true, ..Default::default() },
         gdt: DescriptorTable { base: GDT, limit: gdt_limit(vcpus) },
-        idt: DescriptorTable { base: IDT, limit: 16 * u16::from(EXCEPTION_VECTORS) - 1 },
+        idt: vmm_idt(),
         cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
         cr2: 0,
         cr3: PML4,
@@ -295,6 +301,7 @@ fn initial_sregs(id: u32, vcpus: u32) -> SpecialRegs {
 mod tests {
     use super::*;
     use crate::x86::descriptors::code_segment;
+    use crate::x86::{PagingContext, VirtualMemory};
 
     #[test]
     fn boot_structures_are_consistent() {
@@ -310,11 +317,12 @@ mod tests {
         assert_eq!(inits.len(), 2);
         assert_eq!(inits[1].regs.rsp, (8 << 20) - STACK_SIZE);
         assert_eq!(inits[1].regs.rdi, boot_info_gpa(1));
-        let cs = code_segment(&ram, inits[0].sregs.gdt, selectors::KERNEL_CS).unwrap();
+        let m = VirtualMemory::new(&ram, PagingContext::from_sregs(&inits[0].sregs));
+        let cs = code_segment(&m, inits[0].sregs.gdt, selectors::KERNEL_CS).unwrap();
         assert!(cs.l && cs.present && cs.dpl == 0);
-        let ucs32 = code_segment(&ram, inits[0].sregs.gdt, selectors::USER_CS32).unwrap();
+        let ucs32 = code_segment(&m, inits[0].sregs.gdt, selectors::USER_CS32).unwrap();
         assert!(!ucs32.l && ucs32.db && ucs32.dpl == 3);
-        assert!(code_segment(&ram, inits[0].sregs.gdt, 0).is_none());
+        assert!(code_segment(&m, inits[0].sregs.gdt, 0).is_none());
         // Page 0 is absent, page 1 and the last 2 MiB page are mapped.
         assert_eq!(ram.read_u64(PT_LOW).unwrap() & PTE_P, 0);
         assert_eq!(ram.read_u64(PT_LOW + 8).unwrap(), 0x1000 | PTE_FLAGS);

@@ -1,0 +1,153 @@
+//! The vCPU's four hardware breakpoints (DR0–DR3), shared by two users:
+//! - the `hwbp` strategy's static sites (breakpoints on hypercall instructions), and
+//! - the **guest-IDT watch**: once the guest loads its own IDT, a hypercall instruction that
+//!   the CPU refuses raises #UD (or #GP at CPL > 0 under some KVMs) into the *guest's*
+//!   handler, not the VMM's stub. A breakpoint on the entry of those handlers stops the vCPU
+//!   before the handler's first instruction, so the host can answer a hypercall there and
+//!   return to the caller as `iret` would, and let every real #UD/#GP reach the guest.
+//!
+//! The watch has priority (it is what keeps hypercalls exact); sites take the slots left.
+//! Breakpoints take *linear* addresses: what the guest executes at.
+
+use kvm_bindings::kvm_guest_debug;
+use kvm_ioctls::VcpuFd;
+use vmcall_vmm::backend::BackendError;
+use vmcall_vmm::x86::descriptors::{idt_gate, GP_VECTOR, UD_VECTOR};
+use vmcall_vmm::x86::{DescriptorTable, VirtualMemory};
+
+/// Number of debug-register breakpoints.
+pub const HW_BREAKPOINTS: usize = 4;
+
+/// The vectors whose guest handlers are watched.
+pub(crate) const WATCHED_VECTORS: [u8; 2] = [UD_VECTOR, GP_VECTOR];
+
+/// What one breakpoint slot is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// A hypercall site of the `hwbp` strategy.
+    Site(u64),
+    /// The entry of the guest's handler for this vector.
+    Handler { addr: u64, vector: u8 },
+}
+
+impl Slot {
+    fn addr(self) -> u64 {
+        match self {
+            Slot::Site(a) | Slot::Handler { addr: a, .. } => a,
+        }
+    }
+}
+
+/// The breakpoints of one vCPU: what is armed now, and what it was computed from.
+#[derive(Debug, Default)]
+pub(crate) struct DebugRegs {
+    sites: Vec<u64>,
+    armed: Vec<Slot>,
+    /// Whether KVM_SET_GUEST_DEBUG has been issued at all (an empty set need not be).
+    applied: bool,
+}
+
+impl DebugRegs {
+    pub(crate) fn new(sites: Vec<u64>) -> Self {
+        Self { sites, armed: Vec::new(), applied: false }
+    }
+
+    /// The slot whose address is `pc`, if a breakpoint there is armed.
+    pub(crate) fn hit(&self, pc: u64) -> Option<Slot> {
+        self.armed.iter().copied().find(|s| s.addr() == pc)
+    }
+
+    /// Arm `handlers` (the guest's watched handlers; empty while the VMM's IDT is in use)
+    /// and as many sites as slots remain, issuing KVM_SET_GUEST_DEBUG only on a change.
+    pub(crate) fn arm(&mut self, fd: &VcpuFd, handlers: &[Slot]) -> Result<(), BackendError> {
+        let mut want: Vec<Slot> = handlers.to_vec();
+        want.dedup_by_key(|s| s.addr());
+        let room = HW_BREAKPOINTS.saturating_sub(want.len());
+        want.extend(self.sites.iter().take(room).map(|a| Slot::Site(*a)));
+        if want == self.armed && (self.applied || want.is_empty()) {
+            return Ok(());
+        }
+        fd.set_guest_debug(&guest_debug(&want))
+            .map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
+        self.armed = want;
+        self.applied = true;
+        Ok(())
+    }
+}
+
+/// The KVM_SET_GUEST_DEBUG argument for `slots`: execute breakpoints, locally enabled.
+fn guest_debug(slots: &[Slot]) -> kvm_guest_debug {
+    let mut dbg = kvm_guest_debug::default();
+    if slots.is_empty() {
+        return dbg;
+    }
+    dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+    let mut dr7 = 0u64;
+    for (i, slot) in slots.iter().take(HW_BREAKPOINTS).enumerate() {
+        dbg.arch.debugreg[i] = slot.addr();
+        dr7 |= 1 << (2 * i); // local enable; R/W = 00 (execute), LEN = 00
+    }
+    dbg.arch.debugreg[7] = dr7;
+    dbg
+}
+
+/// The linear addresses of the guest's #UD and #GP handlers under `idt` (a 64-bit IDT if
+/// `long`), as slots to watch. Gates that are absent or unreadable are left out: a hypercall
+/// raising that vector then cannot be delivered by the CPU either.
+pub(crate) fn guest_handlers(
+    mem: &VirtualMemory<'_>,
+    idt: DescriptorTable,
+    long: bool,
+    segment_base: impl Fn(u16) -> u64,
+) -> Vec<Slot> {
+    WATCHED_VECTORS
+        .iter()
+        .filter_map(|&vector| {
+            let (offset, selector) = idt_gate(mem, idt, vector, long)?;
+            // Outside long mode the handler's linear address adds its code segment's base.
+            let addr = if long { offset } else { (segment_base(selector) + offset) & 0xffff_ffff };
+            Some(Slot::Handler { addr, vector })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcall_vmm::memory::GuestRam;
+    use vmcall_vmm::x86::PagingContext;
+
+    #[test]
+    fn breakpoints_are_execute_only_and_locally_enabled() {
+        let d = guest_debug(&[Slot::Site(0x1000), Slot::Handler { addr: 0x2000, vector: 6 }]);
+        assert_eq!(d.arch.debugreg[..4], [0x1000, 0x2000, 0, 0]);
+        assert_eq!(d.arch.debugreg[7], 0b101);
+        assert_ne!(d.control & kvm_bindings::KVM_GUESTDBG_USE_HW_BP, 0);
+        assert_eq!(guest_debug(&[]).control, 0, "no slots: debugging off");
+    }
+
+    #[test]
+    fn watched_handlers_come_from_the_guests_idt() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let mem = VirtualMemory::new(&ram, PagingContext { cr0: 1, ..Default::default() });
+        let idt = DescriptorTable { base: 0x8000, limit: 16 * 32 - 1 };
+        let gate = |handler: u64| {
+            (handler & 0xffff) | (8 << 16) | (0x8e << 40) | ((handler & 0xffff_0000) << 32)
+        };
+        ram.write_u64(0x8000 + 16 * 6, gate(0x20_1000)).unwrap();
+        ram.write_u64(0x8000 + 16 * 13, gate(0x20_2000)).unwrap();
+        let slots = guest_handlers(&mem, idt, true, |_| 0);
+        assert_eq!(
+            slots,
+            vec![
+                Slot::Handler { addr: 0x20_1000, vector: 6 },
+                Slot::Handler { addr: 0x20_2000, vector: 13 }
+            ]
+        );
+        // A 32-bit IDT: 8-byte gates, plus the code segment's base.
+        let idt32 = DescriptorTable { base: 0x9000, limit: 8 * 32 - 1 };
+        ram.write_u64(0x9000 + 8 * 6, gate(0x1000)).unwrap();
+        let slots = guest_handlers(&mem, idt32, false, |sel| if sel == 8 { 0x10_0000 } else { 0 });
+        assert_eq!(slots, vec![Slot::Handler { addr: 0x10_1000, vector: 6 }]);
+    }
+}
