@@ -274,6 +274,7 @@ impl Hypervisor for KvmHypervisor {
             rewrite_on_trap: trap == Trap::Rewrite,
             single_vcpu,
             resume_shutdown: self.caps.pvm,
+            watch_guest_idt: quirk_off && self.caps.guest_debug,
             mmap_size: self
                 .kvm
                 .get_vcpu_mmap_size()

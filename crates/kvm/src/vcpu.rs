@@ -41,6 +41,9 @@ pub(crate) struct Traps {
     /// A triple fault at a hypercall instruction is answered and the vCPU resumed (verified on
     /// kvm_pvm only; see docs/kvm-backend.md).
     pub resume_shutdown: bool,
+    /// Put breakpoints on the guest's own #UD/#GP handlers once it loads its IDT (needs
+    /// KVM_CAP_SET_GUEST_DEBUG, and the quirk disabled so that hypercalls raise #UD at all).
+    pub watch_guest_idt: bool,
     /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
     pub mmap_size: usize,
 }
@@ -361,7 +364,7 @@ impl KvmVcpu {
     fn arm_watch(&mut self) -> Result<(), BackendError> {
         let sregs = self.fd.sync_regs().sregs;
         let idt = DescriptorTable { base: sregs.idt.base, limit: sregs.idt.limit };
-        let handlers = if idt == boot::vmm_idt() {
+        let handlers = if idt == boot::vmm_idt() || !self.traps.watch_guest_idt {
             Vec::new()
         } else {
             let mem = self.view();
