@@ -43,13 +43,41 @@ impl Slot {
 pub(crate) struct DebugRegs {
     sites: Vec<u64>,
     armed: Vec<Slot>,
-    /// Whether KVM_SET_GUEST_DEBUG has been issued at all (an empty set need not be).
+    /// Whether KVM's state is exactly `armed` (it is at the start: nothing armed).
     applied: bool,
+    /// Single-stepping over a breakpoint (see [`DebugRegs::step_over`]).
+    stepping: bool,
 }
 
 impl DebugRegs {
     pub(crate) fn new(sites: Vec<u64>) -> Self {
-        Self { sites, armed: Vec::new(), applied: false }
+        Self { sites, armed: Vec::new(), applied: true, stepping: false }
+    }
+
+    /// Whether a single step over a breakpoint is in progress.
+    pub(crate) fn stepping(&self) -> bool {
+        self.stepping
+    }
+
+    /// Let the instruction at breakpoint `addr` run once: KVMs need not honour RFLAGS.RF for
+    /// a host breakpoint (kvm_pvm does not), so the slot comes off for one single step, and
+    /// [`DebugRegs::finish_step`] puts it back at the step's debug exit.
+    pub(crate) fn step_over(&mut self, fd: &VcpuFd, addr: u64) -> Result<(), BackendError> {
+        let rest: Vec<Slot> = self.armed.iter().copied().filter(|s| s.addr() != addr).collect();
+        let mut dbg = guest_debug(&rest);
+        dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+        fd.set_guest_debug(&dbg).map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
+        self.armed = rest;
+        self.stepping = true;
+        Ok(())
+    }
+
+    /// The single step of [`DebugRegs::step_over`] is done: the next [`DebugRegs::arm`] puts
+    /// every breakpoint back (and single-stepping off).
+    pub(crate) fn finish_step(&mut self) {
+        self.stepping = false;
+        self.applied = false;
+        self.armed.clear();
     }
 
     /// The slot whose address is `pc`, if a breakpoint there is armed.
@@ -60,11 +88,14 @@ impl DebugRegs {
     /// Arm `handlers` (the guest's watched handlers; empty while the VMM's IDT is in use)
     /// and as many sites as slots remain, issuing KVM_SET_GUEST_DEBUG only on a change.
     pub(crate) fn arm(&mut self, fd: &VcpuFd, handlers: &[Slot]) -> Result<(), BackendError> {
+        if self.stepping {
+            return Ok(());
+        }
         let mut want: Vec<Slot> = handlers.to_vec();
         want.dedup_by_key(|s| s.addr());
         let room = HW_BREAKPOINTS.saturating_sub(want.len());
         want.extend(self.sites.iter().take(room).map(|a| Slot::Site(*a)));
-        if want == self.armed && (self.applied || want.is_empty()) {
+        if self.applied && want == self.armed {
             return Ok(());
         }
         fd.set_guest_debug(&guest_debug(&want))

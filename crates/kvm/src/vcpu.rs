@@ -27,9 +27,6 @@ use crate::rewrite::DOORBELL_OUT_LEN;
 use crate::signal::SignalInterrupter;
 use crate::sites::SiteTable;
 
-/// RFLAGS.RF: the next instruction's breakpoint does not fire.
-const RFLAGS_RF: u64 = 1 << 16;
-
 /// How the VM's vCPUs trap hypercalls, shared by all of them.
 #[derive(Debug)]
 pub(crate) struct Traps {
@@ -287,7 +284,18 @@ impl KvmVcpu {
     }
 
     /// A debug exit, `None` when it only let a real exception reach the guest's handler.
-    fn translate_debug(&mut self, pc: u64, dr6: u64) -> Option<VcpuExit> {
+    fn translate_debug(&mut self, pc: u64, dr6: u64) -> Result<Option<VcpuExit>, BackendError> {
+        const DR6_BS: u64 = 1 << 14;
+        if self.debug.stepping() && dr6 & DR6_BS != 0 {
+            // Stepped over a watched handler's first instruction: breakpoints go back on at
+            // the next run.
+            self.debug.finish_step();
+            return Ok(None);
+        }
+        Ok(self.classify_debug(pc, dr6))
+    }
+
+    fn classify_debug(&mut self, pc: u64, dr6: u64) -> Option<VcpuExit> {
         // dr7 is unreliable on some KVMs (kvm-host-facts.md): classify by pc and dr6 alone.
         match (dr6 & 0xf != 0).then(|| self.debug.hit(pc)).flatten() {
             Some(Slot::Handler { vector, .. }) => self.translate_guest_handler(vector),
@@ -308,11 +316,12 @@ impl KvmVcpu {
         let frame = self.frame(vector);
         let call = frame.as_ref().and_then(|f| self.refused_hypercall(f));
         let (Some(frame), Some(call)) = (frame, call) else {
-            // A real exception: let the guest's handler run, past this breakpoint.
-            let regs = &mut self.fd.sync_regs_mut().regs;
-            regs.rflags |= RFLAGS_RF;
-            self.fd.set_sync_dirty_reg(SyncReg::Register);
-            return None;
+            // A real exception: let the guest's handler run, stepping past this breakpoint.
+            let pc = self.linear(self.fd.sync_regs().regs.rip);
+            return match self.debug.step_over(&self.fd, pc) {
+                Ok(()) => None,
+                Err(e) => Some(VcpuExit::Unknown(format!("cannot step over a breakpoint: {e}"))),
+            };
         };
         let sregs = &self.fd.sync_regs().sregs;
         let (rsp, ss) = frame.stack.unwrap_or((frame.end, sregs.ss.selector));
@@ -426,7 +435,7 @@ impl KvmVcpu {
             }
             KvmExit::Debug(arch) => {
                 self.exited = true;
-                return Ok(self.translate_debug(arch.pc, arch.dr6));
+                return self.translate_debug(arch.pc, arch.dr6);
             }
             KvmExit::MmioRead(gpa, data) => {
                 VcpuExit::Mmio { gpa, write: false, len: data.len() as u8 }
