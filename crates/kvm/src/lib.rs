@@ -330,6 +330,11 @@ impl VmBackend for KvmVm {
                 // Initial APIC id = vCPU id.
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
             }
+            // The KVM leaves say what vmcall implements, the same on every backend (the
+            // kernel would advertise its own PV features, which vmcall's guests never get).
+            if let Some([a, b, c, d]) = vmcall_vmm::x86::cpuid::kvm_leaf(e.function) {
+                (e.eax, e.ebx, e.ecx, e.edx) = (a, b, c, d);
+            }
         }
         fd.set_cpuid2(&cpuid).map_err(|e| BackendError::with("KVM_SET_CPUID2", e))?;
         let mut sregs = fd.get_sregs().map_err(|e| BackendError::with("KVM_GET_SREGS", e))?;
