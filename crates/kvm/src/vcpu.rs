@@ -19,6 +19,7 @@ use vmcall_vmm::x86::{CpuMode, DescriptorTable, PagingContext, Regs, Segment};
 
 use crate::rewrite::DOORBELL_OUT_LEN;
 use crate::signal::SignalInterrupter;
+use crate::xen;
 
 /// How to finish the hypercall of the last exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,9 @@ enum Pending {
     Breakpoint {
         resume: u64,
     },
+    /// A `KVM_EXIT_XEN` hypercall: the answer goes in `kvm_run`, the kernel sets RAX and
+    /// skips the instruction on the next KVM_RUN.
+    Xen,
     /// An `in` whose data goes at this offset of `kvm_run`.
     IoIn {
         offset: usize,
@@ -49,6 +53,8 @@ pub(crate) struct KvmVcpu {
     ram: Arc<GuestRam>,
     sites: Arc<HashMap<u64, HypercallInsn>>,
     breakpoints: Arc<Vec<u64>>,
+    /// The host vendor's hypercall instruction (the only one a Xen exit can come from).
+    native: HypercallInsn,
     pending: Pending,
     alive: Arc<Mutex<bool>>,
     /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
@@ -61,6 +67,7 @@ impl KvmVcpu {
         ram: Arc<GuestRam>,
         sites: Arc<HashMap<u64, HypercallInsn>>,
         breakpoints: Arc<Vec<u64>>,
+        native: HypercallInsn,
         mmap_size: usize,
     ) -> Self {
         fd.set_sync_valid_reg(SyncReg::Register);
@@ -70,6 +77,7 @@ impl KvmVcpu {
             ram,
             sites,
             breakpoints,
+            native,
             pending: Pending::None,
             alive: Arc::new(Mutex::new(true)),
             mmap_size,
@@ -165,6 +173,20 @@ impl KvmVcpu {
         self.hypercall(frame.rip, insn, (frame.cs & 3) as u8, mode)
     }
 
+    /// A `KVM_EXIT_XEN`: under the `xen` strategy, every hypercall that reached the kernel.
+    fn translate_xen(&mut self) -> VcpuExit {
+        let run = self.fd.get_kvm_run();
+        let Some(call) = xen::decode(run) else {
+            return VcpuExit::Unknown(format!(
+                "KVM_EXIT_XEN of type {} (only KVM_EXIT_XEN_HCALL is expected)",
+                xen::exit_type(run).unwrap_or(u32::MAX)
+            ));
+        };
+        let sync = self.fd.sync_regs();
+        self.pending = Pending::Xen;
+        VcpuExit::Hypercall(xen::hypercall_exit(&call, &sync.regs, &sync.sregs, self.native))
+    }
+
     fn translate_fault(&mut self, vector: u8) -> VcpuExit {
         let rsp = self.fd.sync_regs().regs.rsp;
         match read_trap_frame(&self.ram, rsp, vector) {
@@ -243,6 +265,7 @@ impl Vcpu for KvmVcpu {
                 VcpuExit::Mmio { gpa, write: true, len: data.len() as u8 }
             }
             KvmExit::Intr => VcpuExit::Interrupted,
+            KvmExit::Unsupported(kvm_bindings::KVM_EXIT_XEN) => self.translate_xen(),
             KvmExit::InternalError => {
                 let rip = self.fd.sync_regs().regs.rip;
                 let run = self.fd.get_kvm_run();
@@ -277,6 +300,14 @@ impl Vcpu for KvmVcpu {
                     .map_err(|e| BackendError::with("resume exception frame", e))?;
             }
             Pending::Breakpoint { resume } => self.fd.sync_regs_mut().regs.rip = resume,
+            Pending::Xen => {
+                // Neither RAX nor RIP through sync regs: the kernel writes RAX from `result`
+                // and skips the instruction only if RIP is unchanged.
+                if !xen::complete(self.fd.get_kvm_run(), rax) {
+                    return Err(BackendError::new("no KVM_EXIT_XEN hypercall to complete"));
+                }
+                return Ok(());
+            }
             other => {
                 return Err(BackendError::new(format!("no hypercall to complete ({other:?})")))
             }
