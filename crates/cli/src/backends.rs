@@ -46,6 +46,7 @@ enum NoKvm {
     /// No usable KVM at all: another backend may stand in.
     Kvm(String),
     /// KVM works, but not with the `--trap` asked for (or the name is wrong).
+    #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
     Trap(String),
 }
 
