@@ -48,8 +48,8 @@ check info "$vmcall" info
 sed 's/^/   | /' "$log/info.log"
 
 check tests cargo test --workspace --locked
-grep -E '^SKIP' "$log/tests.log" | sort | uniq -c | sed 's/^/   | /'
-grep -E '^test result' "$log/tests.log" | sort | uniq -c | sed 's/^/   | /'
+awk '/^test result/ { p += $4; f += $6 } END { printf "   | %d tests passed, %d failed\n", p, f }' "$log/tests.log"
+grep -E '^SKIP' "$log/tests.log" | sed -E 's/^SKIP [^ ]+ on ([^:]+): /skipped on \1: /' | sort | uniq -c | sed 's/^/   | /'
 
 check demo-rewrite "$vmcall" demo --backend kvm --trap rewrite --stats
 
