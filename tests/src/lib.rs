@@ -22,7 +22,8 @@ pub struct Backend {
     pub hv: Box<dyn Hypervisor>,
     /// Whether vmcall itself sees every hypercall, CPL 3 ones included. Under `--trap ud`
     /// (and `hwbp`'s #UD fallback) kvm_pvm answers a CPL 3 VMMCALL -KVM_EPERM in the kernel,
-    /// so the guest gets the same answer but vmcall's statistics never count it.
+    /// so the guest gets the same answer but vmcall's statistics never count it. Under `xen`
+    /// the kernel hands every call, at any CPL, to user space.
     pub sees_every_call: bool,
 }
 
@@ -33,15 +34,16 @@ pub fn visible(msg: &str) {
 }
 
 /// Every backend configuration available here: KVM with each trap strategy, and the software
-/// CPU. Unavailable ones are skipped with a visible message saying why.
+/// CPU. Unavailable ones (e.g. `kvm/xen` on a kernel without the Xen intercept, which
+/// `KvmHypervisor::open` refuses) are skipped with a visible message saying why.
 pub fn backends(test: &str) -> Vec<Backend> {
     let mut out = Vec::new();
-    for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp] {
+    for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp, Trap::Xen] {
         match KvmHypervisor::open(trap) {
             Ok(hv) => out.push(Backend {
                 name: format!("kvm/{}", trap.name()),
                 hv: Box::new(hv),
-                sees_every_call: trap == Trap::Rewrite,
+                sees_every_call: matches!(trap, Trap::Rewrite | Trap::Xen),
             }),
             Err(e) => {
                 visible(&format!("SKIP {test} on kvm/{}: {e}", trap.name()));

@@ -12,15 +12,19 @@ use vmcall_vmm::vm::{RunStatus, VmBuilder};
 /// The backend named by `--backend` (and `--trap` for KVM). `auto` takes KVM whenever
 /// `/dev/kvm` is usable — even a software KVM, where the emulator runs guest code faster,
 /// because KVM is the hypervisor path people build for — and otherwise the software CPU,
-/// saying why on stderr.
+/// saying why on stderr. A usable KVM that lacks the `--trap` strategy asked for is an error,
+/// not a reason to fall back.
 pub fn select(backend: &str, trap: &str) -> Result<Box<dyn Hypervisor>, String> {
     match backend {
         "kvm" => kvm(trap),
         "emu" => emu(),
-        "auto" => kvm(trap).or_else(|why| {
-            let hv = emu().map_err(|e| format!("no backend available: {why}; {e}"))?;
-            eprintln!("vmcall: {why}; using the software CPU backend (--backend emu)");
-            Ok(hv)
+        "auto" => open_kvm(trap).or_else(|e| match e {
+            NoKvm::Trap(why) => Err(why),
+            NoKvm::Kvm(why) => {
+                let hv = emu().map_err(|e| format!("no backend available: {why}; {e}"))?;
+                eprintln!("vmcall: {why}; using the software CPU backend (--backend emu)");
+                Ok(hv)
+            }
         }),
         other => Err(format!("unknown backend '{other}'")),
     }
@@ -37,18 +41,33 @@ pub(crate) fn emu() -> Result<Box<dyn Hypervisor>, String> {
     Err("this vmcall was built without the software CPU backend (feature 'emu')".into())
 }
 
+/// Why the KVM backend cannot be had.
+enum NoKvm {
+    /// No usable KVM at all: another backend may stand in.
+    Kvm(String),
+    /// KVM works, but not with the `--trap` asked for (or the name is wrong).
+    #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
+    Trap(String),
+}
+
 /// The KVM backend with the trap strategy named `trap`, if /dev/kvm is usable.
-#[cfg(feature = "kvm")]
 pub(crate) fn kvm(trap: &str) -> Result<Box<dyn Hypervisor>, String> {
-    let trap: vmcall_kvm::Trap = trap.parse()?;
-    let hv = vmcall_kvm::KvmHypervisor::open(trap)
-        .map_err(|e| format!("KVM backend unavailable: {}", chain(&e)))?;
+    open_kvm(trap).map_err(|(NoKvm::Kvm(why) | NoKvm::Trap(why))| why)
+}
+
+#[cfg(feature = "kvm")]
+fn open_kvm(trap: &str) -> Result<Box<dyn Hypervisor>, NoKvm> {
+    let trap: vmcall_kvm::Trap = trap.parse().map_err(NoKvm::Trap)?;
+    let hv = vmcall_kvm::KvmHypervisor::open(trap).map_err(|e| match e {
+        vmcall_kvm::OpenError::TrapUnavailable { .. } => NoKvm::Trap(chain(&e)),
+        _ => NoKvm::Kvm(format!("KVM backend unavailable: {}", chain(&e))),
+    })?;
     Ok(Box::new(hv))
 }
 
 #[cfg(not(feature = "kvm"))]
-pub(crate) fn kvm(_: &str) -> Result<Box<dyn Hypervisor>, String> {
-    Err("this vmcall was built without the kvm feature".into())
+fn open_kvm(_: &str) -> Result<Box<dyn Hypervisor>, NoKvm> {
+    Err(NoKvm::Kvm("this vmcall was built without the kvm feature".into()))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -156,24 +175,42 @@ fn print_kvm_info() -> bool {
     println!("  KVM_CAP_IMMEDIATE_EXIT:         {}", yes(c.immediate_exit));
     println!("  disable FIX_HYPERCALL_INSN:     {}", yes(c.can_disable_hypercall_quirk));
     println!("  KVM_CAP_SET_GUEST_DEBUG:        {}", yes(c.guest_debug));
-    println!("  KVM_CAP_XEN_HVM (intercept):    {}", yes(c.xen_hvm));
+    println!(
+        "  KVM_CAP_XEN_HVM:                {:#x} (hypercall intercept: {})",
+        c.xen_hvm,
+        yes(c.xen_intercept)
+    );
     if c.pvm {
         println!("  note: this is kvm_pvm, a software KVM: guest code runs ~200x slower than on");
         println!("        hardware KVM (and than on --backend emu), and a hypercall reaching its");
         println!("        kernel handler never returns");
+    } else if !c.xen_intercept {
+        println!("  note: on this hardware KVM, native hypercall instructions in code not present");
+        println!("        at load time (JIT, code written at run time, modules loaded later) are");
+        println!(
+            "        answered by the kernel itself (-1000 for unknown numbers) and never reach"
+        );
+        println!("        vmcall; the xen strategy would catch them but is unavailable here");
     }
     println!("trap strategies (probe: a guest making one VMCALL and one VMMCALL):");
-    for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp] {
+    for trap in [Trap::Rewrite, Trap::Ud, Trap::Hwbp, Trap::Xen] {
         let verdict = match KvmHypervisor::open(trap) {
             Ok(hv) => match probe(&hv) {
                 Ok(t) => format!("works ({:.1} ms for the whole probe VM)", t.as_secs_f64() * 1e3),
                 Err(e) => format!("fails: {e}"),
             },
+            Err(vmcall_kvm::OpenError::TrapUnavailable { .. }) if trap == Trap::Xen => format!(
+                "unavailable: {}",
+                vmcall_kvm::xen::unavailable_reason(c.xen_hvm).unwrap_or_default()
+            ),
             Err(e) => format!("fails: {}", chain(&e)),
         };
         println!("  {:<8} {verdict}", trap.name());
     }
-    println!("  xen      unavailable: needs KVM_CAP_XEN_HVM (not implemented by vmcall yet)");
-    println!("  --trap auto uses: rewrite (fastest; #UD catches the rest)");
+    let auto = match hv.resolved_trap() {
+        Trap::Xen => "xen (every hypercall exits; nothing is rewritten)",
+        _ => "rewrite (fastest; #UD catches the rest)",
+    };
+    println!("  --trap auto uses: {auto}");
     true
 }

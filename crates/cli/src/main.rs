@@ -82,8 +82,8 @@ struct VmArgs {
     /// else emu.
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "emu"])]
     backend: String,
-    /// How the KVM backend traps hypercalls: auto, rewrite, ud or hwbp (docs/kvm-backend.md).
-    #[arg(long, default_value = "auto", value_name = "STRATEGY", value_parser = ["auto", "rewrite", "ud", "hwbp"])]
+    /// How the KVM backend traps hypercalls: auto, rewrite, ud, hwbp or xen (docs/kvm-backend.md).
+    #[arg(long, default_value = "auto", value_name = "STRATEGY", value_parser = ["auto", "rewrite", "ud", "hwbp", "xen"])]
     trap: String,
     /// Guest RAM, e.g. 32M or 1G (a multiple of 2M, 2M..=64G).
     #[arg(long, default_value = "32M", value_name = "SIZE", value_parser = parse::size)]

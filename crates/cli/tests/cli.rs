@@ -29,6 +29,11 @@ fn kvm_available(test: &str) -> bool {
     }
 }
 
+/// The strategy `--trap auto` picks on this KVM (xen where the intercept is available).
+fn auto_trap() -> vmcall_kvm::Trap {
+    vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto).expect("KVM available").resolved_trap()
+}
+
 #[test]
 fn help_lists_commands_and_options() {
     let (out, _) = text(&vmcall(&["--help"]));
@@ -109,6 +114,32 @@ fn without_kvm_auto_falls_back_to_the_emulator_and_says_why() {
     assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{out}");
 }
 
+/// `--trap xen` runs where KVM has the Xen hypercall intercept, and elsewhere is an error that
+/// names the missing capability, never a silent fall back to another backend.
+#[test]
+fn trap_xen_runs_or_names_the_missing_capability() {
+    if !kvm_available("trap_xen_runs_or_names_the_missing_capability") {
+        return;
+    }
+    let xen = vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Xen);
+    for backend in ["kvm", "auto"] {
+        let o = vmcall(&["demo", "--backend", backend, "--trap", "xen"]);
+        let (out, err) = text(&o);
+        if xen.is_ok() {
+            assert_eq!(o.status.code(), Some(0), "{err}");
+            assert!(err.contains("kvm backend: trap=xen"), "{err}");
+            assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{out}");
+        } else {
+            assert_eq!(o.status.code(), Some(125), "{out}{err}");
+            assert!(
+                err.contains("--trap xen is unavailable") && err.contains("KVM_CAP_XEN_HVM ="),
+                "{err}"
+            );
+            assert!(!err.contains("software CPU"), "--backend {backend}: {err}");
+        }
+    }
+}
+
 #[test]
 fn the_emulator_runs_guests_anywhere() {
     let o = vmcall(&[
@@ -138,11 +169,11 @@ fn runs_guests_and_passes_their_status_through() {
     assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{out}");
     assert!(err.contains("KVM_HC_VAPIC_POLL_IRQ") && err.contains("my_vmcall"), "{err}");
     let backend = if kvm_available("runs_guests_and_passes_their_status_through on kvm") {
-        "kvm backend: trap=rewrite"
+        format!("kvm backend: trap={}", auto_trap().name())
     } else {
-        "emu backend: unicorn"
+        "emu backend: unicorn".into()
     };
-    assert!(err.contains(backend), "{err}");
+    assert!(err.contains(&backend), "{err}");
 
     let o =
         vmcall(&["run", guest("calls"), "--hypercall", "20=const:0x100000000", "--", "5", "20"]);

@@ -9,12 +9,17 @@
 //!   port-I/O exit; so does every other site once it has trapped as a hypercall.
 //! - **ud**: no rewriting: every hypercall traps as below.
 //! - **hwbp**: hardware breakpoints on up to four sites.
+//! - **xen**: KVM's Xen hypercall intercept (`KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL`, kernels
+//!   built with `CONFIG_KVM_XEN`) sends every hypercall that reaches the kernel to user space
+//!   as `KVM_EXIT_XEN`; nothing is rewritten (see [`xen`]).
 //!
 //! Under every strategy the `KVM_X86_QUIRK_FIX_HYPERCALL_INSN` quirk is disabled where
 //! possible, so a hypercall instruction the kernel does not handle raises #UD (or #GP at
 //! CPL > 0 on some KVMs) inside the guest: into the VMM's IDT stub, which forwards it to user
 //! space, or — once the guest owns its IDT — into the guest's handler, whose entry carries a
 //! hardware breakpoint so the host answers first (`debugregs`).
+//! Under `xen` the #UD path still catches the other vendor's instruction when the quirk is
+//! disabled.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod baseline;
@@ -24,6 +29,7 @@ mod rewrite;
 mod signal;
 mod sites;
 mod vcpu;
+pub mod xen;
 
 use std::sync::Arc;
 
@@ -31,6 +37,7 @@ use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, CpuId, KVM_MAX_C
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, Vcpu, VmBackend};
 use vmcall_vmm::boot::VcpuInit;
+use vmcall_vmm::hypercall::HypercallInsn;
 use vmcall_vmm::memory::GuestRam;
 
 pub use rewrite::find_sites;
@@ -44,7 +51,8 @@ const SYNC_REGS_NEEDED: i32 =
 /// How hypercalls are brought to user space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Trap {
-    /// Pick the best strategy this host supports (rewrite, with the #UD catch-all).
+    /// Pick the best strategy this host supports: xen where the intercept is available, else
+    /// rewrite (with the #UD catch-all).
     Auto,
     /// Rewrite known sites into a port doorbell (#UD catch-all for the rest).
     Rewrite,
@@ -52,6 +60,8 @@ pub enum Trap {
     Ud,
     /// Hardware breakpoints on the first four sites (#UD catch-all for the rest).
     Hwbp,
+    /// KVM's Xen hypercall intercept: every hypercall reaching the kernel exits to user space.
+    Xen,
 }
 
 impl Trap {
@@ -61,6 +71,7 @@ impl Trap {
             Trap::Rewrite => "rewrite",
             Trap::Ud => "ud",
             Trap::Hwbp => "hwbp",
+            Trap::Xen => "xen",
         }
     }
 }
@@ -73,10 +84,14 @@ impl std::str::FromStr for Trap {
             "rewrite" => Ok(Trap::Rewrite),
             "ud" => Ok(Trap::Ud),
             "hwbp" => Ok(Trap::Hwbp),
-            _ => Err(format!("unknown trap strategy '{s}' (auto, rewrite, ud, hwbp)")),
+            "xen" => Ok(Trap::Xen),
+            _ => Err(format!("unknown trap strategy '{s}' (auto, rewrite, ud, hwbp, xen)")),
         }
     }
 }
+
+/// What the `xen` strategy requires of the kernel.
+const XEN_NEEDS: &str = "needs KVM_CAP_XEN_HVM with KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL";
 
 pub use debugregs::HW_BREAKPOINTS;
 
@@ -91,6 +106,9 @@ pub enum OpenError {
     NoSyncRegs,
     #[error("KVM is disabled by VMCALL_NO_KVM")]
     DisabledByEnv,
+    /// The trap strategy asked for cannot work on this KVM.
+    #[error("--trap {trap} is unavailable on this KVM: {reason}")]
+    TrapUnavailable { trap: &'static str, reason: String },
 }
 
 /// What this host's KVM offers vmcall.
@@ -103,7 +121,11 @@ pub struct KvmCapabilities {
     /// KVM_X86_QUIRK_FIX_HYPERCALL_INSN can be disabled (needed by the #UD path).
     pub can_disable_hypercall_quirk: bool,
     pub guest_debug: bool,
-    pub xen_hvm: bool,
+    /// `KVM_CHECK_EXTENSION(KVM_CAP_XEN_HVM)` as reported: a mask of
+    /// `KVM_XEN_HVM_CONFIG_*` bits (0 without `CONFIG_KVM_XEN`, 1 before Linux 5.12).
+    pub xen_hvm: i32,
+    /// `xen_hvm` has `KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL`: the `xen` strategy works here.
+    pub xen_intercept: bool,
     /// `/sys/module/kvm_pvm` exists: the software PVM KVM, slow guest code.
     pub pvm: bool,
 }
@@ -139,6 +161,12 @@ impl KvmHypervisor {
         if !caps.sync_regs {
             return Err(OpenError::NoSyncRegs);
         }
+        if trap == Trap::Xen {
+            if let Some(why) = xen::unavailable_reason(caps.xen_hvm) {
+                let reason = format!("it {XEN_NEEDS}; {why}");
+                return Err(OpenError::TrapUnavailable { trap: trap.name(), reason });
+            }
+        }
         signal::install_handler();
         Ok(Self { kvm, trap, caps, cpuid: std::sync::OnceLock::new() })
     }
@@ -149,6 +177,15 @@ impl KvmHypervisor {
 
     pub fn trap(&self) -> Trap {
         self.trap
+    }
+
+    /// The strategy VMs will use: the one asked for, or for [`Trap::Auto`] the one it picks
+    /// on this KVM (xen where the intercept is available, else rewrite).
+    pub fn resolved_trap(&self) -> Trap {
+        match self.trap {
+            Trap::Auto => auto_trap(&self.caps),
+            t => t,
+        }
     }
 
     fn supported_cpuid(&self) -> Result<CpuId, BackendError> {
@@ -174,7 +211,8 @@ fn capabilities(kvm: &Kvm) -> KvmCapabilities {
             & KVM_X86_QUIRK_FIX_HYPERCALL_INSN
             != 0,
         guest_debug: kvm.check_extension(Cap::SetGuestDebug),
-        xen_hvm: kvm.check_extension(Cap::XenHvm),
+        xen_hvm: raw(xen::KVM_CAP_XEN_HVM),
+        xen_intercept: xen::intercept_available(raw(xen::KVM_CAP_XEN_HVM)),
         pvm: std::path::Path::new("/sys/module/kvm_pvm").exists(),
     }
 }
@@ -211,17 +249,33 @@ impl Hypervisor for KvmHypervisor {
         unsafe { map_guest_ram(&vm, &ram, 0) }?;
         let quirk_off =
             self.caps.can_disable_hypercall_quirk && disable_hypercall_quirk(&vm).is_ok();
-        let trap = match self.trap {
-            Trap::Auto => Trap::Rewrite,
-            Trap::Ud if !quirk_off => {
+        let trap = match (self.trap, self.resolved_trap()) {
+            (Trap::Auto, Trap::Xen) => match xen::enable_intercept(&vm) {
+                Ok(()) => Trap::Xen,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the Xen hypercall intercept is advertised but could not be enabled; using --trap rewrite");
+                    Trap::Rewrite
+                }
+            },
+            (Trap::Auto, t) => t,
+            (Trap::Xen, _) => {
+                if let Some(why) = xen::unavailable_reason(self.caps.xen_hvm) {
+                    return Err(BackendError::new(format!(
+                        "--trap xen {XEN_NEEDS}; {why}; use --trap rewrite"
+                    )));
+                }
+                xen::enable_intercept(&vm)?;
+                Trap::Xen
+            }
+            (Trap::Ud, _) if !quirk_off => {
                 return Err(BackendError::new(
                     "--trap ud needs KVM_CAP_DISABLE_QUIRKS2 with KVM_X86_QUIRK_FIX_HYPERCALL_INSN, which this KVM lacks; use --trap rewrite",
                 ))
             }
-            Trap::Hwbp if !self.caps.guest_debug => {
+            (Trap::Hwbp, _) if !self.caps.guest_debug => {
                 return Err(BackendError::new("--trap hwbp needs KVM_CAP_SET_GUEST_DEBUG, which this KVM lacks"))
             }
-            t => t,
+            (t, _) => t,
         };
         let sites = sites::SiteTable::default();
         let single_vcpu = guest.vcpus == 1;
@@ -259,7 +313,20 @@ impl Hypervisor for KvmHypervisor {
         } else {
             "the hypercall quirk cannot be disabled here, so sites not found statically are not trapped"
         };
+        let gap = unseen_native_calls(self.caps.pvm, trap, self.caps.xen_intercept);
+        if let Some(gap) = &gap {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!("{gap}"));
+        }
         let description = match trap {
+            Trap::Xen => format!(
+                "trap=xen (KVM_XEN_HVM_CONFIG intercept: every native hypercall exits as KVM_EXIT_XEN; {})",
+                if quirk_off {
+                    "the other vendor's instruction traps through #UD into the VMM's IDT"
+                } else {
+                    "the kernel patches the other vendor's instruction into the native one, which then exits"
+                }
+            ),
             Trap::Rewrite => format!(
                 "trap=rewrite ({} proven sites rewritten to port doorbells, others once they trap; {catch_all})",
                 sites.len()
@@ -268,6 +335,10 @@ impl Hypervisor for KvmHypervisor {
                 format!("trap=hwbp ({} sites on debug registers; {catch_all})", hw_sites.len())
             }
             _ => format!("trap=ud ({catch_all})"),
+        };
+        let description = match gap {
+            Some(gap) => format!("{description}; warning: {gap}"),
+            None => description,
         };
         let traps = Arc::new(vcpu::Traps {
             sites,
@@ -279,6 +350,11 @@ impl Hypervisor for KvmHypervisor {
                 .kvm
                 .get_vcpu_mmap_size()
                 .map_err(|e| BackendError::with("KVM_GET_VCPU_MMAP_SIZE", e))?,
+            native: if vmcall_vmm::vm::host_is_amd() {
+                HypercallInsn::Vmmcall
+            } else {
+                HypercallInsn::Vmcall
+            },
         });
         if !vmcall_vmm::vm::host_is_amd() && ram.size() <= 0xfffb_d000 {
             // Intel only: VMX needs it for real-mode emulation on CPUs without unrestricted
@@ -288,6 +364,39 @@ impl Hypervisor for KvmHypervisor {
         let cpuid = self.supported_cpuid()?;
         Ok(Box::new(KvmVm { vm, ram, cpuid, traps, hw_sites, description }))
     }
+}
+
+/// The strategy [`Trap::Auto`] stands for on a KVM with `caps`.
+fn auto_trap(caps: &KvmCapabilities) -> Trap {
+    if caps.xen_intercept {
+        Trap::Xen
+    } else {
+        Trap::Rewrite
+    }
+}
+
+/// What a hardware KVM answers behind vmcall's back under `trap` (already resolved, never
+/// `Auto`), or `None` where vmcall sees every hypercall. On hardware the vendor's native
+/// instruction is handled inside the kernel, so only sites vmcall changed or watches reach it;
+/// on kvm_pvm every hypercall instruction the kernel meets raises #UD into the VMM's stub, and
+/// under `xen` every one exits.
+fn unseen_native_calls(pvm: bool, trap: Trap, xen_intercept: bool) -> Option<String> {
+    if pvm || trap == Trap::Xen {
+        return None;
+    }
+    let which = match trap {
+        Trap::Ud => "all native hypercall instructions",
+        Trap::Hwbp => "native hypercall instructions beyond the first four sites, and in code not present at load time (JIT, code written at run time, modules loaded later),",
+        _ => "native hypercall instructions in code not present at load time (JIT, code written at run time, modules loaded later)",
+    };
+    let fix = if xen_intercept {
+        "--trap xen would bring them to vmcall"
+    } else {
+        "this KVM lacks the Xen intercept (KVM_CAP_XEN_HVM with INTERCEPT_HCALL) that would bring them to vmcall"
+    };
+    Some(format!(
+        "on hardware KVM {which} are answered by the kernel itself (-1000 for unknown numbers) and never reach vmcall; {fix}"
+    ))
 }
 
 /// Register `ram` as memory slot 0 of `vm` at guest-physical `gpa`.
@@ -354,5 +463,60 @@ impl VmBackend for KvmVm {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(xen_hvm: i32, pvm: bool) -> KvmCapabilities {
+        KvmCapabilities {
+            api_version: 12,
+            max_vcpus: 1024,
+            sync_regs: true,
+            immediate_exit: true,
+            can_disable_hypercall_quirk: true,
+            guest_debug: true,
+            xen_hvm,
+            xen_intercept: xen::intercept_available(xen_hvm),
+            pvm,
+        }
+    }
+
+    #[test]
+    fn trap_names_round_trip() {
+        for t in [Trap::Auto, Trap::Rewrite, Trap::Ud, Trap::Hwbp, Trap::Xen] {
+            assert_eq!(t.name().parse::<Trap>(), Ok(t));
+        }
+        let e = "vmcall".parse::<Trap>().unwrap_err();
+        assert!(e.contains("xen") && e.contains("rewrite"), "{e}");
+    }
+
+    #[test]
+    fn auto_picks_xen_wherever_the_intercept_is_available() {
+        assert_eq!(auto_trap(&caps(0x1ff, false)), Trap::Xen);
+        assert_eq!(auto_trap(&caps(0x1b7, false)), Trap::Xen);
+        assert_eq!(auto_trap(&caps(0, false)), Trap::Rewrite, "no CONFIG_KVM_XEN");
+        assert_eq!(auto_trap(&caps(1, false)), Trap::Rewrite, "before Linux 5.12");
+        assert_eq!(auto_trap(&caps(0, true)), Trap::Rewrite, "kvm_pvm");
+    }
+
+    #[test]
+    fn warns_where_the_kernel_answers_native_calls() {
+        // Hardware without the intercept: code written at run time is lost to the kernel.
+        let w = unseen_native_calls(false, Trap::Rewrite, false).unwrap();
+        assert!(w.contains("not present at load time") && w.contains("-1000"), "{w}");
+        assert!(w.contains("KVM_CAP_XEN_HVM"), "{w}");
+        let w = unseen_native_calls(false, Trap::Hwbp, false).unwrap();
+        assert!(w.contains("first four sites"), "{w}");
+        assert!(unseen_native_calls(false, Trap::Ud, false).unwrap().contains("all native"));
+        // The same gap when the intercept exists but was not chosen, with the way out.
+        let w = unseen_native_calls(false, Trap::Rewrite, true).unwrap();
+        assert!(w.contains("--trap xen"), "{w}");
+        // No gap under xen, nor on kvm_pvm, where every hypercall instruction raises #UD.
+        assert_eq!(unseen_native_calls(false, Trap::Xen, true), None);
+        assert_eq!(unseen_native_calls(true, Trap::Rewrite, false), None);
+        assert_eq!(unseen_native_calls(true, Trap::Ud, false), None);
     }
 }

@@ -26,6 +26,7 @@ use crate::regs::{paging_context, regs_from_kvm, segment_from_kvm, segment_to_kv
 use crate::rewrite::DOORBELL_OUT_LEN;
 use crate::signal::SignalInterrupter;
 use crate::sites::SiteTable;
+use crate::xen;
 
 /// How the VM's vCPUs trap hypercalls, shared by all of them.
 #[derive(Debug)]
@@ -43,6 +44,8 @@ pub(crate) struct Traps {
     pub watch_guest_idt: bool,
     /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
     pub mmap_size: usize,
+    /// The host vendor's hypercall instruction (the only one a Xen exit can come from).
+    pub native: HypercallInsn,
 }
 
 /// How to finish the hypercall (or port read) of the last exit.
@@ -61,6 +64,9 @@ enum Pending {
     SetRip {
         resume: u64,
     },
+    /// A `KVM_EXIT_XEN` hypercall: the answer goes in `kvm_run`, the kernel sets RAX and
+    /// skips the instruction on the next KVM_RUN.
+    Xen,
     /// Stopped at the entry of the guest's own #UD/#GP handler: return to the caller as the
     /// handler's `iret` would, past the instruction.
     Iret(IretState),
@@ -268,6 +274,20 @@ impl KvmVcpu {
         self.hypercall(call.rip, call.insn, call.cpl, call.mode)
     }
 
+    /// A `KVM_EXIT_XEN`: under the `xen` strategy, every hypercall that reached the kernel.
+    fn translate_xen(&mut self) -> VcpuExit {
+        let run = self.fd.get_kvm_run();
+        let Some(call) = xen::decode(run) else {
+            return VcpuExit::Unknown(format!(
+                "KVM_EXIT_XEN of type {} (only KVM_EXIT_XEN_HCALL is expected)",
+                xen::exit_type(run).unwrap_or(u32::MAX)
+            ));
+        };
+        let sync = self.fd.sync_regs();
+        self.pending = Pending::Xen;
+        VcpuExit::Hypercall(xen::hypercall_exit(&call, &sync.regs, &sync.sregs, self.traps.native))
+    }
+
     fn translate_fault(&mut self, vector: u8) -> VcpuExit {
         match self.frame(vector) {
             Some(f) => VcpuExit::Fault(GuestFault {
@@ -444,6 +464,7 @@ impl KvmVcpu {
                 VcpuExit::Mmio { gpa, write: true, len: data.len() as u8 }
             }
             KvmExit::Intr => VcpuExit::Interrupted,
+            KvmExit::Unsupported(kvm_bindings::KVM_EXIT_XEN) => self.translate_xen(),
             KvmExit::InternalError => self.internal_error(),
             KvmExit::FailEntry(reason, cpu) => VcpuExit::Unknown(format!(
                 "KVM entry failed: hardware reason {reason:#x} on CPU {cpu}"
@@ -484,6 +505,14 @@ impl Vcpu for KvmVcpu {
                     .map_err(|e| BackendError::with("resume exception frame", e))?;
             }
             Pending::SetRip { resume } => self.fd.sync_regs_mut().regs.rip = resume,
+            Pending::Xen => {
+                // Neither RAX nor RIP through sync regs: the kernel writes RAX from `result`
+                // and skips the instruction only if RIP is unchanged.
+                if !xen::complete(self.fd.get_kvm_run(), rax) {
+                    return Err(BackendError::new("no KVM_EXIT_XEN hypercall to complete"));
+                }
+                return Ok(());
+            }
             Pending::Iret(state) => {
                 let sync = self.fd.sync_regs_mut();
                 sync.regs.rip = state.rip;
