@@ -212,5 +212,12 @@ fn print_kvm_info() -> bool {
         _ => "rewrite (fastest; #UD catches the rest)",
     };
     println!("  --trap auto uses: {auto}");
+    let trap = hv.resolved_trap();
+    println!("which hypercalls reach vmcall here under --trap {}:", trap.name());
+    for (case, how) in
+        vmcall_kvm::coverage::CASES.iter().zip(vmcall_kvm::coverage::coverage(c, trap))
+    {
+        println!("  {case:<42} {how}");
+    }
     true
 }

@@ -23,6 +23,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod baseline;
+pub mod coverage;
 mod debugregs;
 mod regs;
 mod rewrite;
