@@ -9,6 +9,8 @@
 
 pub mod baseline;
 mod cpu_state;
+mod exceptions;
+mod hooks;
 mod uc;
 mod vcpu;
 
