@@ -255,7 +255,9 @@ fn the_vmms_own_idt_reports_faults_as_before() {
     let entry = 0x20_0000;
     let p = BootParams { entry, image_end: entry + 0x1000, vcpus: 1, cmdline: b"", amd: false };
     let init = setup(&ram, &p).unwrap()[0];
-    let cases: [(&[u8], u8, Option<u64>, Option<u64>); 4] = [
+    // (code, vector, error code, CR2)
+    type Case<'a> = (&'a [u8], u8, Option<u64>, Option<u64>);
+    let cases: [Case<'_>; 4] = [
         (&[0x0f, 0x0b], 6, None, None),
         (&[0x48, 0xa1, 0, 0, 0, 0, 0, 0, 0, 0], 14, Some(0), Some(0)),
         (&[0x66, 0xb8, 0x30, 0x12, 0x8e, 0xd8], 13, Some(0x1230), None),
