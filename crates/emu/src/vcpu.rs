@@ -3,7 +3,8 @@
 //!
 //! Hypercalls and port writes are handled inside the hooks through the VMM's [`InlineExits`]
 //! (the same code that handles them as exits on KVM), so the engine runs on. Hooks stop it
-//! only for what ends the run or needs the vCPU loop: faults, the exit port, unbacked memory.
+//! only for what ends the run or needs the vCPU loop: an exception the guest cannot take (see
+//! `hooks`), the exit port, unbacked memory.
 //! Unicorn stops at the end of a translation block, so more than one such exit can be queued
 //! before `emu_start` returns; `run` hands them out in order.
 
