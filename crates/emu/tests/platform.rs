@@ -80,29 +80,10 @@ const ALIAS: u64 = 0x40_0000;
 #[test]
 fn a_guest_that_enters_32_bit_protected_mode_itself() {
     let m = Machine::new();
-    // PDE 0 and 1 both map PA 0..4 MiB (PS, RW, P).
-    m.ram.write(PD32, &0x83u32.to_le_bytes()).unwrap();
-    m.ram.write(PD32 + 4, &0x83u32.to_le_bytes()).unwrap();
     let handler = CODE + 0x400;
     m.ram.write_u64(IDT32 + 6 * 8, gate32(handler as u32, CS32, 0xe, 0)).unwrap();
-    m.ram.write(IDTR32, &0x7ffu16.to_le_bytes()).unwrap();
-    m.ram.write(IDTR32 + 2, &(IDT32 as u32).to_le_bytes()).unwrap();
-
-    let mut a = Asm::default();
-    a.mov_rbx(0x1_0000_0007); // upper half must not reach a 32-bit caller's arguments
-    a.push_imm8(CS32 as u8).mov_rax(CODE32).push_rax().b(&[0x48, 0xcb]); // retfq to CS32
-    m.code(CODE, &a.0);
-
     let alias_code = CODE + 0x300;
-    let mut c = Asm::default();
-    c.b(&[0x0f, 0x20, 0xc0, 0x25, 0xff, 0xff, 0xff, 0x7f, 0x0f, 0x22, 0xc0]); // CR0.PG = 0
-    c.b(&[0xb9, 0x80, 0, 0, 0xc0, 0x0f, 0x32, 0x25, 0xff, 0xfe, 0xff, 0xff, 0x0f, 0x30]); // LME=0
-    c.b(&[0xb8, 0x10, 0, 0, 0, 0x0f, 0x22, 0xe0]); // CR4 = PSE
-    c.b(&[0xb8]).b(&(PD32 as u32).to_le_bytes()).b(&[0x0f, 0x22, 0xd8]); // CR3
-    c.b(&[0x0f, 0x20, 0xc0, 0x0d, 0, 0, 0, 0x80, 0x0f, 0x22, 0xc0]); // CR0.PG = 1
-    c.b(&[0x66, 0xb8, DS32 as u8, 0, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0]); // DS, ES, SS
-    c.b(&[0xbc]).b(&(STACK32 as u32).to_le_bytes()); // mov esp, STACK32
-    c.b(&[0x0f, 0x01, 0x1d]).b(&(IDTR32 as u32).to_le_bytes()); // lidt [IDTR32]
+    let mut c = protected_mode(&m);
     c.b(&[0xb8, 0x66, 0, 0, 0]); // mov eax, 0x66
     let first = CODE32 + c.len();
     c.vmcall();
@@ -143,4 +124,83 @@ fn a_guest_that_enters_32_bit_protected_mode_itself() {
     assert_eq!((q(8), q(12)), (ud as u32, u32::from(CS32)), "EIP, CS pushed");
     assert_ne!(q(16) & (1 << 16), 0, "RF pushed for a fault");
     assert_eq!(q(20), (STACK32 - 12) as u32, "3 dwords on the same stack");
+}
+
+/// Set up a machine whose guest leaves long mode itself (compat CS, CR0.PG = 0, EFER.LME = 0,
+/// its own 32-bit page tables with 4 MiB user pages mapping PA 0..4 MiB at 0 and at `ALIAS`,
+/// CR0.PG = 1, flat 32-bit DS/ES/SS, ESP = `STACK32`, IDTR = the 8-byte gates at `IDT32`).
+/// Returns the 32-bit code so far, to be continued and written at `CODE32`.
+fn protected_mode(m: &Machine) -> Asm {
+    m.ram.write(PD32, &0x87u32.to_le_bytes()).unwrap();
+    m.ram.write(PD32 + 4, &0x87u32.to_le_bytes()).unwrap();
+    m.ram.write(IDTR32, &0x7ffu16.to_le_bytes()).unwrap();
+    m.ram.write(IDTR32 + 2, &(IDT32 as u32).to_le_bytes()).unwrap();
+    let mut a = Asm::default();
+    a.mov_rbx(0x1_0000_0007); // upper half must not reach a 32-bit caller's arguments
+    a.push_imm8(CS32 as u8).mov_rax(CODE32).push_rax().b(&[0x48, 0xcb]); // retfq to CS32
+    m.code(CODE, &a.0);
+    let mut c = Asm::default();
+    c.b(&[0x0f, 0x20, 0xc0, 0x25, 0xff, 0xff, 0xff, 0x7f, 0x0f, 0x22, 0xc0]); // CR0.PG = 0
+    c.b(&[0xb9, 0x80, 0, 0, 0xc0, 0x0f, 0x32, 0x25, 0xff, 0xfe, 0xff, 0xff, 0x0f, 0x30]); // LME=0
+    c.b(&[0xb8, 0x10, 0, 0, 0, 0x0f, 0x22, 0xe0]); // CR4 = PSE
+    c.b(&[0xb8]).b(&(PD32 as u32).to_le_bytes()).b(&[0x0f, 0x22, 0xd8]); // CR3
+    c.b(&[0x0f, 0x20, 0xc0, 0x0d, 0, 0, 0, 0x80, 0x0f, 0x22, 0xc0]); // CR0.PG = 1
+    c.b(&[0x66, 0xb8, DS32 as u8, 0, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0]); // DS, ES, SS
+    c.b(&[0xbc]).b(&(STACK32 as u32).to_le_bytes()); // mov esp, STACK32
+    c.b(&[0x0f, 0x01, 0x1d]).b(&(IDTR32 as u32).to_le_bytes()); // lidt [IDTR32]
+    c
+}
+
+fn dword(m: &Machine, at: u64) -> u32 {
+    let mut b = [0u8; 4];
+    m.ram.read(at, &mut b).unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// In 32-bit protected mode, a CPL 3 #GP goes to a CPL 0 handler on the TSS's SS0:ESP0, with
+/// the outer SS:ESP pushed.
+#[test]
+fn a_cpl3_gp_in_protected_mode_switches_to_the_tss_stack() {
+    const ESP0: u64 = 0x2_c000;
+    const USER_ESP: u64 = 0x2_e000;
+    const USER_CS32: u16 = 0x1b;
+    let m = Machine::new();
+    m.ram.write_u64(GDT + 0x18, 0x00cf_fa00_0000_ffff).unwrap(); // 32-bit code, DPL 3
+                                                                 // The 32-bit view of the TSS: ESP0 at +4, SS0 at +8.
+    m.ram.write(TSS + 4, &(ESP0 as u32).to_le_bytes()).unwrap();
+    m.ram.write(TSS + 8, &u32::from(DS32).to_le_bytes()).unwrap();
+    let handler = CODE + 0x400;
+    m.ram.write_u64(IDT32 + 13 * 8, gate32(handler as u32, CS32, 0xe, 0)).unwrap();
+    let user = CODE + 0x300;
+    let mut c = protected_mode(&m);
+    c.push_imm8(USER_DS as u8).b(&[0x68]).b(&(USER_ESP as u32).to_le_bytes()); // SS, ESP
+    c.push_imm8(2).push_imm8(USER_CS32 as u8).b(&[0x68]).b(&(user as u32).to_le_bytes());
+    c.b(&[0xcf]); // iretd to CPL 3
+    m.code(CODE32, &c.0);
+    let mut u = Asm::default();
+    u.b(&[0xb8, 0x68, 0, 0, 0]).vmcall(); // answered at CPL 3
+    let fault = user + u.len();
+    u.b(&[0x0f, 0x20, 0xc0]); // mov eax, cr0: #GP(0)
+    m.code(user, &u.0);
+    let mut h = Asm::default();
+    for i in 0..6u8 {
+        h.b(&[0x8b, 0x44, 0x24, 4 * i]); // mov eax, [esp + 4i]
+        h.b(&[0xa3]).b(&((RECORDS + 4 * u64::from(i)) as u32).to_le_bytes());
+    }
+    h.b(&[0x89, 0xe0, 0xa3]).b(&((RECORDS + 24) as u32).to_le_bytes()); // mov eax, esp
+    h.b(&[0x8c, 0xc8, 0xa3]).b(&((RECORDS + 28) as u32).to_le_bytes()); // mov eax, cs
+    h.b(&[0x8c, 0xd0, 0xa3]).b(&((RECORDS + 32) as u32).to_le_bytes()); // mov eax, ss
+    h.done();
+    m.code(handler, &h.0);
+
+    let run = m.run();
+    assert!(matches!(run.exit, VcpuExit::IoOut { .. }), "{:?} {:?}", run.exit, run.calls);
+    assert_eq!(run.calls.len(), 1);
+    let c = run.calls[0];
+    assert_eq!((c.nr as u32, c.cpl, c.mode), (0x68, 3, CpuMode::Protected));
+    let q = |i: u64| dword(&m, RECORDS + 4 * i);
+    assert_eq!((q(0), q(1), q(2)), (0, fault as u32, u32::from(USER_CS32)), "err, EIP, CS");
+    assert_eq!((q(4), q(5)), (USER_ESP as u32, u32::from(USER_DS)), "outer ESP, SS");
+    assert_eq!(q(6), (ESP0 - 24) as u32, "six dwords on the TSS stack");
+    assert_eq!((q(7), q(8)), (u32::from(CS32), u32::from(DS32)), "handler CS, SS at CPL 0");
 }
