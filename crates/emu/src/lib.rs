@@ -8,6 +8,9 @@
 //! This crate links the unicorn engine and is therefore GPL-2.0; the rest of vmcall is not.
 
 pub mod baseline;
+mod cpu_state;
+mod exceptions;
+mod hooks;
 mod uc;
 mod vcpu;
 

@@ -47,7 +47,8 @@ pub fn read_msr<D>(uc: &Unicorn<'_, D>, index: u32) -> Result<u64, uc_error> {
 
 /// Answer the guest's CPUID for the leaves that must match the KVM backend, so that a guest
 /// behaves the same on both: leaf 0 gives the host's vendor (which picks VMCALL or VMMCALL),
-/// leaves 0x40000000/1 the KVM signature. Other leaves are the emulated CPU's own, which
+/// leaves 0x40000000/1 the KVM signature and PV features, from the one definition every
+/// backend uses (`vmcall_vmm::x86::cpuid::kvm_leaf`). Other leaves are the emulated CPU's own, which
 /// describe what it can actually run (so leaf 1's initial APIC id is 0 on every vCPU here:
 /// guests learn their id from `BootInfo::vcpu_id`).
 ///
@@ -87,12 +88,10 @@ extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, _user_data: *mut c_vo
             // The emulated CPU model's (qemu64's) maximum leaf, with the host's vendor string.
             [0xd, host.ebx, host.ecx, host.edx]
         }
-        vmcall_abi::cpuid::KVM_CPUID_SIGNATURE => {
-            let [b, c, d] = vmcall_abi::cpuid::KVM_SIGNATURE;
-            [vmcall_abi::cpuid::KVM_CPUID_FEATURES, b, c, d]
-        }
-        vmcall_abi::cpuid::KVM_CPUID_FEATURES => [0, 0, 0, 0],
-        _ => return 0,
+        _ => match vmcall_vmm::x86::cpuid::kvm_leaf(leaf) {
+            Some(answer) => answer,
+            None => return 0,
+        },
     };
     for (reg, v) in [RegisterX86::RAX, RegisterX86::RBX, RegisterX86::RCX, RegisterX86::RDX]
         .into_iter()

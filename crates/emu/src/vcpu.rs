@@ -3,7 +3,8 @@
 //!
 //! Hypercalls and port writes are handled inside the hooks through the VMM's [`InlineExits`]
 //! (the same code that handles them as exits on KVM), so the engine runs on. Hooks stop it
-//! only for what ends the run or needs the vCPU loop: faults, the exit port, unbacked memory.
+//! only for what ends the run or needs the vCPU loop: an exception the guest cannot take (see
+//! `hooks`), the exit port, unbacked memory.
 //! Unicorn stops at the end of a translation block, so more than one such exit can be queued
 //! before `emu_start` returns; `run` hands them out in order.
 
@@ -14,51 +15,55 @@ use std::sync::{Arc, Mutex};
 use unicorn_engine::unicorn_const::{uc_error, Arch, HookType, MemType, Mode, Prot};
 use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
 use vmcall_abi::insn;
-use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
+use vmcall_vmm::backend::{BackendError, InlineExits, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot::VcpuInit;
 use vmcall_vmm::devices::port_in;
-use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::x86::{descriptors, mode};
-use vmcall_vmm::x86::{CpuMode, DescriptorTable, PagingContext, Regs, VirtualMemory};
+use vmcall_vmm::x86::{CpuMode, Regs};
 
-use crate::uc::{add_cpuid_hook, read_mmr, read_msr, write_mmr, write_msr};
+use crate::cpu_state::CpuState;
+use crate::hooks::{guest_tsc, on_exception, on_invalid, read_code};
+use crate::uc::{add_cpuid_hook, write_mmr, write_msr};
 
-const MSR_EFER: u32 = 0xc000_0080;
-const MSR_TSC: u32 = 0x10;
+pub(crate) const MSR_EFER: u32 = 0xc000_0080;
 /// QEMU's cached TR flags for a present, available 64-bit TSS (what `ltr` leaves there).
 const TR_FLAGS_TSS64: u32 = (1 << 15) | (0x9 << 8);
 
+/// The key of `HookState::mode_cache`: CS selector, GDT base and limit, CR0.PE, EFER.LMA.
+pub(crate) type ModeKey = (u16, u64, u32, u64, u64);
+
 /// What the hooks share with `run`.
-struct HookState {
-    ram: Arc<GuestRam>,
+pub(crate) struct HookState {
+    pub ram: Arc<GuestRam>,
     queue: VecDeque<VcpuExit>,
     /// A hook asked the engine to stop (the queue ends with the reason).
     stopped_by_hook: bool,
     /// The VMM's inline exit handler of the `run` in progress; set only while `emu_start`
     /// runs.
-    sink: Option<SinkPtr>,
-    /// The mode last worked out for a (CS selector, GDT base, GDT limit): looking the
-    /// descriptor up again on every hypercall costs as much as the rest of the call. Like the
-    /// CPU's own descriptor cache, it goes stale only if the guest rewrites its GDT entry and
-    /// reloads the same selector from the same GDT.
-    mode_cache: Option<(u16, u64, u32, CpuMode)>,
+    pub sink: Option<SinkPtr>,
+    /// The caller's mode and CS base last read for a key (see `hooks::current_mode`).
+    pub mode_cache: Option<(ModeKey, CpuMode, u64)>,
+    /// The engine's CPU state beyond the register API; set right after the engine is
+    /// created.
+    pub cpu: Option<CpuState>,
+    /// CR2 when a hook last ran (the guest's CR2, unless it wrote CR2 itself since).
+    pub cr2_seen: u64,
 }
 
 /// The `&mut dyn InlineExits` of the current `run`, with its lifetime erased so that the
 /// engine's `'static` hooks can hold it.
 #[derive(Clone, Copy)]
-struct SinkPtr(*mut (dyn InlineExits + 'static));
+pub(crate) struct SinkPtr(pub *mut (dyn InlineExits + 'static));
 
 impl HookState {
     /// Queue the exit that stops the engine.
-    fn stop_with(&mut self, exit: VcpuExit) {
+    pub(crate) fn stop_with(&mut self, exit: VcpuExit) {
         self.queue.push_back(exit);
         self.stopped_by_hook = true;
     }
 }
 
-type Engine<'a> = Unicorn<'a, HookState>;
+pub(crate) type Engine<'a> = Unicorn<'a, HookState>;
 
 /// The engine handle, for stopping it from another thread.
 struct StopHandle(*mut uc_engine);
@@ -133,7 +138,7 @@ impl EmuVcpu {
         }
         let start = uc.reg_read(R::RIP).map_err(uc_err("RIP"))?;
         uc.get_data_mut().stopped_by_hook = false;
-        // SAFETY (of the later dereference in `on_invalid`): the pointer is installed only
+        // SAFETY (of the later dereference in `hooks::on_invalid`): the pointer is installed only
         // for the duration of this `emu_start`, during which `sink` stays mutably borrowed by
         // this call and is used by nothing else; hooks run only inside `emu_start`.
         let sink: *mut (dyn InlineExits + '_) = sink;
@@ -147,8 +152,7 @@ impl EmuVcpu {
             // Nothing of ours stopped it: a HLT, an interrupt from another thread, or an error.
             let rip = uc.reg_read(R::RIP).unwrap_or(0);
             let mut last = [0u8; 1];
-            let after_hlt =
-                uc.get_data().ram.read(rip.wrapping_sub(1), &mut last).is_ok() && last[0] == 0xf4;
+            let after_hlt = read_code(uc, rip.wrapping_sub(1), &mut last) && last[0] == 0xf4;
             let end = match result {
                 Err(e) => VcpuExit::Unknown(format!("emulator error {e:?} at RIP {rip:#x}")),
                 // An interrupt first: a stop can land right after any instruction, including
@@ -223,8 +227,12 @@ fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>
         stopped_by_hook: false,
         sink: None,
         mode_cache: None,
+        cpu: None,
+        cr2_seen: init.sregs.cr2,
     };
     let mut uc = new_engine(ram, init, state)?;
+    let cpu = CpuState::new(&mut uc).map_err(|e| BackendError::with("unicorn", e))?;
+    uc.get_data_mut().cpu = Some(cpu);
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
         let (port, size) = (port as u16, size as u8);
@@ -286,114 +294,6 @@ fn read_regs(uc: &Engine<'_>) -> Result<Regs, uc_error> {
     Ok(r)
 }
 
-/// The mode of code running with the current CS, from its descriptor in the guest's GDT
-/// (unicorn does not expose the descriptor cache). A descriptor with L = 1 means 64-bit mode
-/// (L is only valid in long mode); only for others are EFER and CR0 read.
-fn current_mode(uc: &mut Engine<'_>, cs: u16) -> CpuMode {
-    let Ok(gdtr) = read_mmr(uc, R::GDTR) else { return CpuMode::Long64 };
-    if let Some((c, base, limit, mode)) = uc.get_data().mode_cache {
-        if (c, base, limit) == (cs, gdtr.base, gdtr.limit) {
-            return mode;
-        }
-    }
-    let gdt = DescriptorTable { base: gdtr.base, limit: gdtr.limit as u16 };
-    let ctx = paging_context(uc);
-    let ram = uc.get_data().ram.clone();
-    let mode = match descriptors::code_segment(&VirtualMemory::new(&ram, ctx), gdt, cs) {
-        Some(seg) if seg.l => CpuMode::Long64,
-        Some(seg) => {
-            let efer = read_msr(uc, MSR_EFER).unwrap_or(mode::EFER_LMA);
-            let cr0 = uc.reg_read(R::CR0).unwrap_or(mode::CR0_PE);
-            CpuMode::from_cs(&seg, efer, cr0)
-        }
-        None => CpuMode::Long64,
-    };
-    uc.get_data_mut().mode_cache = Some((cs, gdtr.base, gdtr.limit, mode));
-    mode
-}
-
-/// The registers that say how the guest translates addresses now.
-fn paging_context(uc: &Engine<'_>) -> PagingContext {
-    PagingContext {
-        cr0: uc.reg_read(R::CR0).unwrap_or(0),
-        cr3: uc.reg_read(R::CR3).unwrap_or(0),
-        cr4: uc.reg_read(R::CR4).unwrap_or(0),
-        efer: read_msr(uc, MSR_EFER).unwrap_or(0),
-    }
-}
-
-/// VMCALL and VMMCALL are invalid instructions to the emulator, at any CPL and in any mode.
-/// They are answered right here through the VMM's sink, without stopping the engine.
-fn on_invalid(uc: &mut Engine<'_>) -> bool {
-    let rip = uc.reg_read(R::RIP).unwrap_or(0);
-    let cs = uc.reg_read(R::CS).unwrap_or(0) as u16;
-    let mut bytes = [0u8; 3];
-    let ram = &uc.get_data().ram;
-    if !(ram.read(rip, &mut bytes).is_ok() && insn::is_hypercall(&bytes)) {
-        let fault =
-            GuestFault { vector: descriptors::UD_VECTOR, error_code: None, rip, cs, cr2: None };
-        uc.get_data_mut().stop_with(VcpuExit::Fault(fault));
-        let _ = uc.emu_stop();
-        return true;
-    }
-    let mode = current_mode(uc, cs);
-    let reg = |r: R| uc.reg_read(r).unwrap_or(0);
-    let call = HypercallExit {
-        nr: reg(R::RAX),
-        args: [reg(R::RBX), reg(R::RCX), reg(R::RDX), reg(R::RSI)],
-        cpl: (cs & 3) as u8,
-        mode,
-        rip,
-        insn: if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall },
-        paging: paging_context(uc),
-    };
-    match uc.get_data().sink {
-        Some(SinkPtr(sink)) => {
-            // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there); no
-            // other reference to the sink exists while a hook runs.
-            let sink = unsafe { &mut *sink };
-            let rax = sink.hypercall(&call, &mut || read_msr(uc, MSR_TSC).unwrap_or(0));
-            let _ = uc.reg_write(R::RAX, rax);
-            let _ = uc.reg_write(R::RIP, rip + insn::HYPERCALL_LEN);
-        }
-        None => {
-            uc.get_data_mut().stop_with(VcpuExit::Hypercall(call));
-            let _ = uc.emu_stop();
-        }
-    }
-    true
-}
-
-/// Unicorn reports CPU exceptions here instead of delivering them through the guest's IDT.
-/// Delivery is modelled as far as the outcome goes: with no present gate for the vector the
-/// CPU would escalate to a triple fault; with one (the VMM's stubs), the exception is a guest
-/// fault that ends the run, as on KVM.
-fn on_exception(uc: &mut Engine<'_>, intno: u32) {
-    let mut rip = uc.reg_read(R::RIP).unwrap_or(0);
-    let cs = uc.reg_read(R::CS).unwrap_or(0) as u16;
-    let ram = uc.get_data().ram.clone();
-    let vector = intno as u8;
-    if vector == 3 {
-        // A trap: RIP is already past `int3` (0xcc) or `int 3` (0xcd 0x03).
-        let mut b = [0u8; 1];
-        let one_byte = ram.read(rip.wrapping_sub(1), &mut b).is_ok() && b[0] == 0xcc;
-        rip = rip.wrapping_sub(if one_byte { 1 } else { 2 });
-    }
-    let gate_present = read_mmr(uc, R::IDTR).ok().is_some_and(|idtr| {
-        let at = u64::from(vector) * 16;
-        at + 15 <= u64::from(idtr.limit)
-            && ram.read_u64(idtr.base + at).is_ok_and(|low| low & (1 << 47) != 0)
-    });
-    let exit = if !gate_present || intno > 255 {
-        VcpuExit::Shutdown { rip }
-    } else {
-        let cr2 = (vector == 14).then(|| uc.reg_read(R::CR2).unwrap_or(0));
-        VcpuExit::Fault(GuestFault { vector, error_code: None, rip, cs, cr2 })
-    };
-    uc.get_data_mut().stop_with(exit);
-    let _ = uc.emu_stop();
-}
-
 impl Vcpu for EmuVcpu {
     fn run(&mut self, sink: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
         let exit = self.next_exit(sink)?;
@@ -423,7 +323,7 @@ impl Vcpu for EmuVcpu {
     }
 
     fn guest_tsc(&mut self) -> u64 {
-        self.engine().ok().and_then(|uc| read_msr(uc, MSR_TSC).ok()).unwrap_or(0)
+        guest_tsc()
     }
 
     fn interrupter(&self) -> Arc<dyn Interrupter> {

@@ -1,0 +1,321 @@
+//! The parts of unicorn's CPU state that no register id reaches: the cached segment
+//! descriptors and the CPL (QEMU's `hflags`), the error code and kind of the exception being
+//! reported, and QEMU's "exception in flight" used for #DF escalation.
+//!
+//! They are reached through the context API: `uc_context_save` copies QEMU's `CPUX86State`
+//! verbatim (up to `end_reset_fields`) into a buffer, and `uc_context_restore` copies it back.
+//! **The offsets below are pinned to unicorn-engine 2.1.5** (QEMU 5's `target/i386/cpu.h`,
+//! x86-64 target), which `Cargo.lock` pins. [`CpuState::new`] checks them against the running
+//! engine (known values written through the API must appear at the expected offsets) and refuses
+//! to create the vCPU otherwise, so an upgrade fails loudly instead of corrupting guest state.
+//!
+//! The buffer may only be saved and restored from a hook that runs between translation blocks
+//! (the invalid-instruction and interrupt hooks), never from one that runs inside a block.
+
+use core::ffi::c_void;
+
+use unicorn_engine::{uc_context_alloc, uc_context_free, uc_context_restore, uc_context_save};
+use unicorn_engine::{uc_context_size, uc_engine, uc_error, RegisterX86 as R, Unicorn};
+
+/// `sizeof` the saved part of `CPUX86State` in 2.1.5.
+const ENV_LEN: usize = 5568;
+/// `CPUX86State::eip`.
+const OFF_EIP: usize = 128;
+/// `CPUX86State::hflags` (CPL in bits 0-1, mode bits, see `HF_*`).
+const OFF_HFLAGS: usize = 176;
+/// `CPUX86State::segs[6]`, each a `SegmentCache { u32 selector; u64 base; u32 limit; u32 flags }`.
+const OFF_SEGS: usize = 184;
+const SEG_SIZE: usize = 24;
+/// `CPUX86State::error_code`, followed by `exception_is_int` (both `int`).
+const OFF_ERROR_CODE: usize = 5384;
+const OFF_IS_INT: usize = 5388;
+/// `CPUX86State::dr[0]`, only used to check the layout.
+const OFF_DR0: usize = 5400;
+/// `CPUX86State::old_exception` (`int`, -1 when no exception is in flight).
+const OFF_OLD_EXCEPTION: usize = 5496;
+
+/// QEMU's segment register indices.
+pub(crate) const SEG_ES: usize = 0;
+pub(crate) const SEG_CS: usize = 1;
+pub(crate) const SEG_SS: usize = 2;
+pub(crate) const SEG_DS: usize = 3;
+
+pub(crate) const HF_CPL_MASK: u32 = 3;
+pub(crate) const HF_CS32: u32 = 1 << 4;
+pub(crate) const HF_SS32: u32 = 1 << 5;
+pub(crate) const HF_ADDSEG: u32 = 1 << 6;
+pub(crate) const HF_LMA: u32 = 1 << 14;
+pub(crate) const HF_CS64: u32 = 1 << 15;
+
+/// A cached segment descriptor as QEMU keeps it: `flags` is the descriptor's high dword
+/// (type, S, DPL, P, AVL, L, D/B, G at their descriptor bit positions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SegCache {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    pub flags: u32,
+}
+
+pub(crate) const DESC_DPL_SHIFT: u32 = 13;
+pub(crate) const DESC_L: u32 = 1 << 21;
+pub(crate) const DESC_B: u32 = 1 << 22;
+
+/// A context buffer of one engine and the accessors of the fields above.
+pub(crate) struct CpuState {
+    engine: *mut uc_engine,
+    ctx: *mut c_void,
+    /// The `CPUX86State` copy: the last `ENV_LEN` bytes of the context allocation.
+    data: *mut u8,
+}
+
+impl std::fmt::Debug for CpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuState").field("hflags", &self.hflags()).finish()
+    }
+}
+
+impl Drop for CpuState {
+    fn drop(&mut self) {
+        // SAFETY: `ctx` came from `uc_context_alloc` and is freed exactly once, here;
+        // `uc_context_free` only frees the allocation and does not touch the engine.
+        unsafe { uc_context_free(self.ctx.cast()) };
+    }
+}
+
+/// Why the layout check failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unicorn's CPU state does not have the layout of unicorn-engine 2.1.5: {0}")]
+pub(crate) struct LayoutMismatch(pub String);
+
+impl CpuState {
+    /// A context buffer for `uc`, after checking that the engine's CPU state has the pinned
+    /// layout. The engine must outlive the result (keep it in the engine's own data).
+    pub(crate) fn new<D>(uc: &mut Unicorn<'_, D>) -> Result<Self, LayoutMismatch> {
+        let engine = uc.get_handle();
+        let mut ctx: *mut c_void = core::ptr::null_mut();
+        // SAFETY: `engine` is the live engine behind `uc`; `uc_context_alloc` writes one
+        // context pointer to the local `ctx`.
+        let err = unsafe { uc_context_alloc(engine, (&raw mut ctx).cast()) };
+        if err != uc_error::OK || ctx.is_null() {
+            return Err(LayoutMismatch(format!("uc_context_alloc: {err:?}")));
+        }
+        // SAFETY: `engine` is live; the call only reads its CPU context size.
+        let total = unsafe { uc_context_size(engine) };
+        // SAFETY: the allocation starts with `size_t context_size` (`struct uc_context`), the
+        // size of the state copy that ends the allocation of `total` bytes.
+        let len = unsafe { ctx.cast::<usize>().read() };
+        if len != ENV_LEN || total < len {
+            // SAFETY: allocated above by `uc_context_alloc`, freed once.
+            unsafe { uc_context_free(ctx.cast()) };
+            return Err(LayoutMismatch(format!("state size {len}, expected {ENV_LEN}")));
+        }
+        // SAFETY: `total - len` is within the `total`-byte allocation (checked just above).
+        let data = unsafe { ctx.cast::<u8>().add(total - len) };
+        let state = Self { engine, ctx, data };
+        state.check_layout(uc)?;
+        Ok(state)
+    }
+
+    /// Write known values through the API and find them where the pinned offsets say.
+    fn check_layout<D>(&self, uc: &mut Unicorn<'_, D>) -> Result<(), LayoutMismatch> {
+        let api = |e: uc_error| LayoutMismatch(format!("register access: {e:?}"));
+        let (rip, dr0, cs) = (
+            uc.reg_read(R::RIP).map_err(api)?,
+            uc.reg_read(R::DR0).map_err(api)?,
+            uc.reg_read(R::CS).map_err(api)?,
+        );
+        const RIP_PROBE: u64 = 0x1e1e_1234_5678_9abc;
+        const DR0_PROBE: u64 = 0xd0d0_1234_5678_9abc;
+        uc.reg_write(R::RIP, RIP_PROBE).map_err(api)?;
+        uc.reg_write(R::DR0, DR0_PROBE).map_err(api)?;
+        uc.reg_write(R::CS, 0x1238).map_err(api)?;
+        self.save();
+        let found = (self.u64(OFF_EIP), self.u64(OFF_DR0), self.u32(OFF_SEGS + SEG_SIZE * SEG_CS));
+        uc.reg_write(R::RIP, rip).map_err(api)?;
+        uc.reg_write(R::DR0, dr0).map_err(api)?;
+        uc.reg_write(R::CS, cs).map_err(api)?;
+        if found != (RIP_PROBE, DR0_PROBE, 0x1238) {
+            return Err(LayoutMismatch(format!("probes read back as {found:x?}")));
+        }
+        // No exception in flight yet, and the fields next to it are the reset values.
+        self.save();
+        if self.old_exception() != -1 {
+            return Err(LayoutMismatch(format!("old_exception = {}", self.old_exception())));
+        }
+        Ok(())
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the allocation of `total` bytes ends with the `ENV_LEN`-byte state copy at
+        // `data` (checked by `new`); it lives as long as `self` and is only written through
+        // `&mut self` or by `save`, which no live slice can overlap (they borrow `self`).
+        unsafe { std::slice::from_raw_parts(self.data, ENV_LEN) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; `&mut self` makes this the only view of the buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.data, ENV_LEN) }
+    }
+
+    fn u32(&self, off: usize) -> u32 {
+        u32::from_le_bytes(self.bytes()[off..off + 4].try_into().expect("4 bytes"))
+    }
+
+    fn u64(&self, off: usize) -> u64 {
+        u64::from_le_bytes(self.bytes()[off..off + 8].try_into().expect("8 bytes"))
+    }
+
+    fn set_u32(&mut self, off: usize, v: u32) {
+        self.bytes_mut()[off..off + 4].copy_from_slice(&v.to_le_bytes())
+    }
+
+    fn set_u64(&mut self, off: usize, v: u64) {
+        self.bytes_mut()[off..off + 8].copy_from_slice(&v.to_le_bytes())
+    }
+
+    /// Copy the engine's CPU state into the buffer.
+    pub(crate) fn save(&self) {
+        // SAFETY: the engine outlives this object (see `new`) and `ctx` was allocated for it;
+        // saving copies the CPU state into the buffer and changes nothing in the engine.
+        unsafe { uc_context_save(self.engine, self.ctx.cast()) };
+    }
+
+    /// Copy the buffer back into the engine's CPU state.
+    pub(crate) fn restore(&mut self) {
+        // SAFETY: as for `save`; the buffer holds a state saved from this very engine with
+        // only the fields above changed, and callers restore only from hooks that run between
+        // translation blocks, where the CPU state is not cached anywhere else.
+        unsafe { uc_context_restore(self.engine, self.ctx.cast()) };
+    }
+
+    pub(crate) fn hflags(&self) -> u32 {
+        self.u32(OFF_HFLAGS)
+    }
+
+    pub(crate) fn set_hflags(&mut self, v: u32) {
+        self.set_u32(OFF_HFLAGS, v)
+    }
+
+    pub(crate) fn seg(&self, i: usize) -> SegCache {
+        let o = OFF_SEGS + SEG_SIZE * i;
+        SegCache {
+            selector: self.u32(o) as u16,
+            base: self.u64(o + 8),
+            limit: self.u32(o + 16),
+            flags: self.u32(o + 20),
+        }
+    }
+
+    fn set_seg_raw(&mut self, i: usize, s: SegCache) {
+        let o = OFF_SEGS + SEG_SIZE * i;
+        self.set_u32(o, u32::from(s.selector));
+        self.set_u64(o + 8, s.base);
+        self.set_u32(o + 16, s.limit);
+        self.set_u32(o + 20, s.flags);
+    }
+
+    /// Load CS or SS's cache and update the mode bits of `hflags` that depend on it, as the
+    /// CPU's own segment loads do: CS decides 64-bit vs 16/32-bit code, SS the CPL (its DPL)
+    /// and the stack size. `pe` is CR0.PE.
+    pub(crate) fn load_seg(&mut self, i: usize, s: SegCache, pe: bool) {
+        self.set_seg_raw(i, s);
+        let mut hf = self.hflags();
+        if i == SEG_CS {
+            if hf & HF_LMA != 0 && s.flags & DESC_L != 0 {
+                hf |= HF_CS32 | HF_SS32 | HF_CS64;
+                hf &= !HF_ADDSEG;
+            } else {
+                hf &= !(HF_CS32 | HF_CS64);
+                if s.flags & DESC_B != 0 {
+                    hf |= HF_CS32;
+                }
+            }
+        }
+        if i == SEG_SS {
+            hf = (hf & !HF_CPL_MASK) | ((s.flags >> DESC_DPL_SHIFT) & 3);
+        }
+        // The stack size and whether segment bases must be added (always in 16-bit code;
+        // never in 64-bit code).
+        hf &= !(HF_SS32 | HF_ADDSEG);
+        if self.seg(SEG_SS).flags & DESC_B != 0 {
+            hf |= HF_SS32;
+        }
+        if hf & HF_CS64 == 0 {
+            let bases = self.seg(SEG_DS).base | self.seg(SEG_ES).base | self.seg(SEG_SS).base;
+            if !pe || hf & HF_CS32 == 0 || bases != 0 {
+                hf |= HF_ADDSEG;
+            }
+        }
+        self.set_hflags(hf);
+    }
+
+    /// The current privilege level.
+    pub(crate) fn cpl(&self) -> u8 {
+        (self.hflags() & HF_CPL_MASK) as u8
+    }
+
+    pub(crate) fn set_cpl(&mut self, cpl: u8) {
+        let hf = self.hflags();
+        self.set_hflags((hf & !HF_CPL_MASK) | u32::from(cpl & 3));
+    }
+
+    /// The error code of the exception being reported.
+    pub(crate) fn error_code(&self) -> u32 {
+        self.u32(OFF_ERROR_CODE)
+    }
+
+    /// Whether the exception being reported comes from INT n, INT3 or INTO.
+    pub(crate) fn is_int(&self) -> bool {
+        self.u32(OFF_IS_INT) != 0
+    }
+
+    fn old_exception(&self) -> i32 {
+        self.u32(OFF_OLD_EXCEPTION) as i32
+    }
+
+    /// Forget the exception in flight. QEMU only does this when *it* delivers an exception,
+    /// which unicorn never does; left set, the next unrelated fault would be turned into a
+    /// #DF or a triple fault. vmcall does its own escalation instead.
+    pub(crate) fn clear_old_exception(&mut self) {
+        self.set_u32(OFF_OLD_EXCEPTION, u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unicorn_engine::unicorn_const::{Arch, Mode, Prot};
+
+    /// The pinned offsets are where unicorn keeps these fields: probes at creation, then a
+    /// real #GP whose error code (the selector) and in-flight state must appear where
+    /// expected.
+    #[test]
+    fn layout_matches_the_pinned_unicorn() {
+        let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, None::<CpuState>).unwrap();
+        let state = CpuState::new(&mut uc).expect("layout");
+        uc.mem_map(0, 0x1000, Prot::ALL).unwrap();
+        // mov eax, 0x1230; mov ds, ax  -> #GP(0x1230): no descriptor table covers it.
+        uc.mem_write(0x100, &[0xb8, 0x30, 0x12, 0, 0, 0x8e, 0xd8]).unwrap();
+        *uc.get_data_mut() = Some(state);
+        uc.add_intr_hook(|uc, intno| {
+            let st = uc.get_data_mut().as_mut().unwrap();
+            st.save();
+            assert_eq!(intno, 13);
+            assert_eq!(st.error_code(), 0x1230);
+            assert!(!st.is_int());
+            assert_eq!(st.old_exception(), 13, "a #GP is in flight");
+            st.clear_old_exception();
+            st.restore();
+            st.save();
+            assert_eq!(st.old_exception(), -1);
+            // CS as loaded by the engine's reset: 64-bit code at CPL 0.
+            assert_ne!(st.hflags() & HF_CS64, 0);
+            assert_eq!(st.cpl(), 0);
+            let _ = uc.emu_stop();
+        })
+        .unwrap();
+        uc.emu_start(0x100, 0x107, 0, 10).unwrap();
+        assert_eq!(uc.reg_read(R::RIP).unwrap(), 0x105, "stopped at the faulting mov");
+    }
+}
