@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use vmcall_conformance::{backends, run, visible, Outcome};
+use vmcall_conformance::{
+    backends, check_lines, ending, kernel_table, run, visible, Backend, Outcome, Verdicts,
+    PVM_NO_PAGING32,
+};
 use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::hypercall::{HypercallResult, HypercallTable};
@@ -65,4 +68,93 @@ fn every_backend_gives_identical_results() {
             }
         }
     }
+}
+
+/// The kernel-like guests (own page tables, own IDT, port reads, data in `.text`, 32-bit
+/// protected mode, a higher-half kernel): each one's whole console, end of run and (where
+/// seen) hypercall counts are the same on every backend. Every guest is compared on every
+/// backend before the test fails, so one difference does not hide another.
+#[test]
+fn kernel_guests_give_identical_results() {
+    let all = backends("kernel_guests_give_identical_results");
+    if all.len() < 2 {
+        visible("SKIP kernel_guests_give_identical_results: fewer than two backends to compare");
+        return;
+    }
+    let mut verdicts = Verdicts::default();
+    // Compare like with like: where a backend cannot run INT3, no backend runs that case.
+    let idt_cmdline = if all.iter().any(|b| b.kvm_pvm) { "no-int3" } else { "" };
+    for (guest, cmdline) in [
+        ("kernel_virt", "alias"),
+        ("kernel_virt", "twin"),
+        ("kernel_virt", "virtptr"),
+        ("kernel_idt", idt_cmdline),
+        ("kernel_ports", ""),
+        ("kernel_textdata", ""),
+        ("kernel_prot32", "prot32-2level"),
+        ("kernel_prot32", "prot32-pae"),
+        ("c-kernel_highhalf", ""),
+    ] {
+        let case = format!("{guest} {cmdline}").trim_end().to_string();
+        // Backends that cannot run a case at all are left out of its comparison, visibly.
+        let able: Vec<&Backend> = all
+            .iter()
+            .filter(|b| {
+                let skip = b.kvm_pvm && guest == "kernel_prot32";
+                if skip {
+                    visible(&format!("SKIP {case} comparison on {}: {PVM_NO_PAGING32}", b.name));
+                }
+                !skip
+            })
+            .collect();
+        if able.len() < 2 {
+            continue;
+        }
+        let all = able;
+        let runs: Vec<Outcome> =
+            all.iter().map(|b| run(b.hv.as_ref(), guest, cmdline, kernel_table())).collect();
+        let (reference, ref_out) = (&all[0], &runs[0]);
+        for (b, out) in all.iter().zip(&runs).skip(1) {
+            let verdict = check_lines(&out.console, &lines(&ref_out.console))
+                .map_err(|e| format!("console differs from {}'s, {e}", reference.name))
+                .and_then(|()| {
+                    let (got, want) = (ending(out), ending(ref_out));
+                    if got == want {
+                        Ok(())
+                    } else {
+                        Err(format!("run ended with {got}, on {} with {want}", reference.name))
+                    }
+                })
+                .and_then(|()| {
+                    let counts = |o: &Outcome| fingerprint(o, true).2;
+                    // kernel_idt makes a CPL 3 VMMCALL from code only ever run at CPL 3.
+                    let comparable = b.sees_every_call
+                        && reference.sees_every_call
+                        && (guest != "kernel_idt"
+                            || b.misses_unrewritten_cpl3_vmmcall()
+                                == reference.misses_unrewritten_cpl3_vmmcall());
+                    if !comparable || counts(out) == counts(ref_out) {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "hypercall counts {:?}, on {} {:?}",
+                            counts(out),
+                            reference.name,
+                            counts(ref_out)
+                        ))
+                    }
+                });
+            verdicts.record(
+                &format!("same as {}: {case}", reference.name),
+                &b.name,
+                verdict,
+                &out.console,
+            );
+        }
+    }
+    verdicts.finish();
+}
+
+fn lines(console: &str) -> Vec<String> {
+    console.lines().map(String::from).collect()
 }

@@ -88,6 +88,12 @@ fn build_c_guests(root: &Path, out: &Path) -> Vec<(String, String)> {
         }
         let name = format!("c-{}", src.file_stem().unwrap().to_str().unwrap());
         let bin = out_dir.join(&name);
+        let text = fs::read_to_string(&src).unwrap();
+        // A guest may name its own linker script (next to it) and add compiler flags, e.g. a
+        // kernel linked in the higher half: `vmcall-ld: highhalf.ld`, `vmcall-cflags: ...`.
+        let script = directive(&text, "vmcall-ld:")
+            .map_or_else(|| root.join("crates/guest/link.ld"), |file| dir.join(file));
+        let cflags = directive(&text, "vmcall-cflags:").unwrap_or_default();
         let status = Command::new(env::var("VMCALL_GUEST_CC").unwrap_or_else(|_| "gcc".into()))
             .args([
                 "-ffreestanding",
@@ -107,8 +113,9 @@ fn build_c_guests(root: &Path, out: &Path) -> Vec<(String, String)> {
             ])
             .arg("-I")
             .arg(root.join("crates/guest/include"))
+            .args(cflags.split_whitespace())
             .arg("-T")
-            .arg(root.join("crates/guest/link.ld"))
+            .arg(&script)
             .arg("-o")
             .arg(&bin)
             .arg(&src)
@@ -118,4 +125,11 @@ fn build_c_guests(root: &Path, out: &Path) -> Vec<(String, String)> {
         built.push((name, bin.display().to_string()));
     }
     built
+}
+
+/// The rest of the first line of `source` that contains `key`, if any (without a comment's
+/// closing `*/`).
+fn directive<'a>(source: &'a str, key: &str) -> Option<&'a str> {
+    let line = source.lines().find_map(|l| l.split_once(key).map(|(_, rest)| rest))?;
+    Some(line.trim().trim_end_matches("*/").trim())
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use vmcall_kvm::{KvmHypervisor, Trap};
 use vmcall_vmm::backend::Hypervisor;
-use vmcall_vmm::hypercall::HypercallTable;
+use vmcall_vmm::hypercall::handlers::Builtin;
+use vmcall_vmm::hypercall::{Call, HypercallResult, HypercallTable};
 use vmcall_vmm::stats::VcpuStats;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
 
@@ -25,7 +26,26 @@ pub struct Backend {
     /// so the guest gets the same answer but vmcall's statistics never count it. Under `xen`
     /// the kernel hands every call, at any CPL, to user space.
     pub sees_every_call: bool,
+    /// KVM served by kvm_pvm, a software KVM with limits of its own (see [`PVM_NO_INT3`] and
+    /// [`PVM_NO_PAGING32`]): what it cannot run is skipped on it, visibly, never passed.
+    pub kvm_pvm: bool,
 }
+
+impl Backend {
+    /// A `VMMCALL` at CPL 3 from a site vmcall never rewrote (code written at run time and
+    /// only ever run at CPL 3) is refused by kvm_pvm itself with -KVM_EPERM — the answer vmcall
+    /// gives — so the guest sees no difference but vmcall's statistics do not count it.
+    pub fn misses_unrewritten_cpl3_vmmcall(&self) -> bool {
+        self.kvm_pvm && self.name != "kvm/xen"
+    }
+}
+
+/// kvm_pvm's instruction emulator cannot run INT3 (KVM_RUN returns "internal error 1").
+pub const PVM_NO_INT3: &str = "kvm_pvm cannot emulate INT3 (KVM internal error 1)";
+/// kvm_pvm raises #GP when a 32-bit protected-mode guest turns paging on (CR0.PG with
+/// EFER.LME clear), with 2-level and PAE tables alike.
+pub const PVM_NO_PAGING32: &str =
+    "kvm_pvm raises #GP when a 32-bit protected-mode guest sets CR0.PG (no legacy paging)";
 
 /// Print a line that `cargo test` shows even for passing tests (it captures only the print
 /// macros, not direct writes to stderr).
@@ -42,6 +62,7 @@ pub fn backends(test: &str) -> Vec<Backend> {
         match KvmHypervisor::open(trap) {
             Ok(hv) => out.push(Backend {
                 name: format!("kvm/{}", trap.name()),
+                kvm_pvm: hv.capabilities().pvm,
                 hv: Box::new(hv),
                 sees_every_call: matches!(trap, Trap::Rewrite | Trap::Xen),
             }),
@@ -55,6 +76,7 @@ pub fn backends(test: &str) -> Vec<Backend> {
         name: "emu".into(),
         hv: Box::new(vmcall_emu::EmuHypervisor::new()),
         sees_every_call: true,
+        kvm_pvm: false,
     });
     #[cfg(not(feature = "emu"))]
     visible(&format!("SKIP {test} on emu: built without the `emu` feature"));
@@ -131,4 +153,130 @@ pub fn run_image(
 /// Run the guest called `name`.
 pub fn run(hv: &dyn Hypervisor, name: &str, cmdline: &str, table: Arc<HypercallTable>) -> Outcome {
     run_image(hv, guest(name), cmdline, table, |b| b)
+}
+
+/// Hypercall 0x30 of the kernel guests: the sum of the a1 bytes (at most 4096) at the
+/// guest-*virtual* address a0, read through the caller's own page tables (`Call::virt`); an
+/// unmapped byte answers -KVM_EFAULT.
+pub const HC_VIRT_SUM: u64 = 0x30;
+
+/// What nr 21 answers in [`kernel_table`]: 64 bits, so that a 32-bit caller sees it truncated.
+pub const WIDE_ANSWER: u64 = 0x1234_5678_9abc_def0;
+
+/// The handler of [`HC_VIRT_SUM`].
+pub fn virt_sum(c: &Call<'_>) -> HypercallResult {
+    let mut buf = vec![0u8; c.args[1].min(4096) as usize];
+    c.virt().read(c.args[0], &mut buf)?;
+    Ok(buf.iter().map(|b| u64::from(*b)).sum())
+}
+
+/// The sum [`virt_sum`] answers for `s`.
+pub fn byte_sum(s: &str) -> u64 {
+    s.bytes().map(u64::from).sum()
+}
+
+/// The handlers the kernel guests (`kernel_*`) expect: 20 = echo, 21 = [`WIDE_ANSWER`],
+/// 0x30 = [`virt_sum`].
+pub fn kernel_table() -> Arc<HypercallTable> {
+    let t = Arc::new(HypercallTable::new());
+    t.register(20, "echo", Builtin::Echo).unwrap();
+    t.register(21, "wide", Builtin::Const(WIDE_ANSWER)).unwrap();
+    t.register(HC_VIRT_SUM, "virt-sum", virt_sum).unwrap();
+    t
+}
+
+/// How a run ended, in one line.
+pub fn ending(out: &Outcome) -> String {
+    match &out.result {
+        Ok(s) => format!("{s:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The console is exactly `want`, line for line; otherwise the first difference, in one line.
+pub fn check_lines(console: &str, want: &[String]) -> Result<(), String> {
+    let got: Vec<&str> = console.lines().collect();
+    for i in 0..got.len().max(want.len()) {
+        let (g, w) = (got.get(i), want.get(i));
+        if g.copied() != w.map(String::as_str) {
+            let show = |l: Option<&str>| l.map_or("<no line>".to_string(), |l| format!("`{l}`"));
+            return Err(format!(
+                "line {}: expected {}, got {}",
+                i + 1,
+                show(w.map(String::as_str)),
+                show(g.copied())
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The run ended with `status`.
+pub fn check_status(out: &Outcome, status: RunStatus) -> Result<(), String> {
+    match &out.result {
+        Ok(s) if *s == status => Ok(()),
+        _ => Err(format!("run ended with {}, expected {status:?}", ending(out))),
+    }
+}
+
+/// Where the backend sees every call, the statistics count exactly `want` (nr, calls).
+pub fn check_counts(out: &Outcome, b: &Backend, want: &[(u64, u64)]) -> Result<(), String> {
+    if !b.sees_every_call {
+        return Ok(());
+    }
+    let got: Vec<(u64, u64)> = out.stats.hypercalls.iter().map(|(nr, l)| (*nr, l.count)).collect();
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("hypercall counts (nr, calls) {got:?}, expected {want:?}"))
+    }
+}
+
+/// The usual verdict on a kernel guest's run: exactly these lines, exit status 0, these counts.
+/// The status is reported first when the lines are wrong too: it usually says why.
+pub fn check_run(
+    out: &Outcome,
+    b: &Backend,
+    want: &[String],
+    counts: &[(u64, u64)],
+) -> Result<(), String> {
+    let lines = check_lines(&out.console, want);
+    let status = check_status(out, RunStatus::Exited(0));
+    match (lines, status) {
+        (Err(l), Err(s)) => Err(format!("{s}; {l}")),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => check_counts(out, b, counts),
+    }
+}
+
+/// Verdicts on every backend (and case), collected so that one failing backend does not hide
+/// the others: each is printed as it comes (`PASS`/`FAIL case on backend: why`), and
+/// [`Verdicts::finish`] fails the test with all the failures and their consoles.
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    failures: Vec<String>,
+}
+
+impl Verdicts {
+    pub fn record(
+        &mut self,
+        case: &str,
+        backend: &str,
+        verdict: Result<(), String>,
+        console: &str,
+    ) {
+        match verdict {
+            Ok(()) => visible(&format!("PASS {case} on {backend}")),
+            Err(why) => {
+                visible(&format!("FAIL {case} on {backend}: {why}"));
+                self.failures.push(format!("{case} on {backend}: {why}\n--- console:\n{console}"));
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        if !self.failures.is_empty() {
+            panic!("{} failure(s):\n{}", self.failures.len(), self.failures.join("\n"));
+        }
+    }
 }
