@@ -77,3 +77,29 @@ fn c_guest_batches() {
         );
     }
 }
+
+#[test]
+fn c_guest_without_data_whose_image_has_an_empty_segment() {
+    let elf = vmcall_conformance::guest("c-nodata");
+    let empty_loads = elf_load_sizes(&elf).iter().filter(|memsz| **memsz == 0).count();
+    assert!(empty_loads >= 1, "link.ld should give this guest an empty PT_LOAD");
+    for b in backends("c_guest_without_data_whose_image_has_an_empty_segment") {
+        let out = run(b.hv.as_ref(), "c-nodata", "", table());
+        out.expect_status(RunStatus::Exited(7), &b.name);
+    }
+}
+
+/// p_memsz of each PT_LOAD of a little-endian ELF64 image.
+fn elf_load_sizes(elf: &[u8]) -> Vec<u64> {
+    let word = |at: usize, n: usize| {
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&elf[at..at + n]);
+        u64::from_le_bytes(b)
+    };
+    let (phoff, phnum) = (word(32, 8) as usize, word(56, 2) as usize);
+    (0..phnum)
+        .map(|i| phoff + 56 * i)
+        .filter(|&ph| word(ph, 4) == 1)
+        .map(|ph| word(ph + 40, 8))
+        .collect()
+}
