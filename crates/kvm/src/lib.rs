@@ -356,6 +356,7 @@ impl Hypervisor for KvmHypervisor {
             } else {
                 HypercallInsn::Vmcall
             },
+            watch_reported: Default::default(),
         });
         if !vmcall_vmm::vm::host_is_amd() && ram.size() <= 0xfffb_d000 {
             // Intel only: VMX needs it for real-mode emulation on CPUs without unrestricted

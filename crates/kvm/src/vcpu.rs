@@ -46,6 +46,8 @@ pub(crate) struct Traps {
     pub mmap_size: usize,
     /// The host vendor's hypercall instruction (the only one a Xen exit can come from).
     pub native: HypercallInsn,
+    /// Whether the guest-IDT watch has been reported (once per VM).
+    pub watch_reported: std::sync::atomic::AtomicBool,
 }
 
 /// How to finish the hypercall (or port read) of the last exit.
@@ -401,6 +403,16 @@ impl KvmVcpu {
             let base = |sel: u16| code_segment(&mem, gdt, sel).map_or(0, |s| s.base);
             guest_handlers(&mem, idt, sregs.efer & EFER_LMA != 0, base)
         };
+        if !handlers.is_empty()
+            && !self.traps.watch_reported.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Exact from here on; said once, since a hypercall written at run time that ran
+            // between the guest's LIDT and this exit reached the guest's own handler.
+            tracing::warn!(
+                idt = format_args!("{:#x}", idt.base),
+                "the guest loaded its own IDT: hypercalls that raise #UD/#GP are caught at its handlers from this exit on (a run-time hypercall before it would have reached the guest's handler)"
+            );
+        }
         self.debug.arm(&self.fd, &handlers)
     }
 
