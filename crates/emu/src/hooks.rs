@@ -16,6 +16,22 @@ use crate::exceptions::{self, Cpu, Event, Outcome, Table, GP, PF};
 use crate::uc::{read_mmr, read_msr};
 use crate::vcpu::{Engine, SinkPtr, MSR_EFER};
 
+/// The mode of the running code from CR0, QEMU's hidden flags and CS's cached descriptor
+/// flags: what KVM reads from the CPU's descriptor cache.
+fn cpu_mode(cr0: u64, hflags: u32, cs_flags: u32) -> CpuMode {
+    if cr0 & CR0_PE == 0 {
+        CpuMode::Real
+    } else if hflags & HF_LMA == 0 {
+        CpuMode::Protected
+    } else if hflags & HF_CS64 != 0 {
+        CpuMode::Long64
+    } else if cs_flags & DESC_B != 0 {
+        CpuMode::Compat32
+    } else {
+        CpuMode::Compat16
+    }
+}
+
 /// The registers that say how the guest translates addresses now.
 pub(crate) fn paging_context(uc: &Engine<'_>) -> PagingContext {
     PagingContext {
@@ -44,17 +60,7 @@ fn current_mode(uc: &mut Engine<'_>, cs: u16, paging: &PagingContext) -> (CpuMod
     let state = cpu_state(uc);
     state.save();
     let (hflags, cs_cache) = (state.hflags(), state.seg(SEG_CS));
-    let mode = if paging.cr0 & CR0_PE == 0 {
-        CpuMode::Real
-    } else if hflags & HF_LMA == 0 {
-        CpuMode::Protected
-    } else if hflags & HF_CS64 != 0 {
-        CpuMode::Long64
-    } else if cs_cache.flags & DESC_B != 0 {
-        CpuMode::Compat32
-    } else {
-        CpuMode::Compat16
-    };
+    let mode = cpu_mode(paging.cr0, hflags, cs_cache.flags);
     // 64-bit code ignores CS's base.
     let base = if mode == CpuMode::Long64 { 0 } else { cs_cache.base };
     uc.get_data_mut().mode_cache = Some((key, mode, base));
@@ -238,17 +244,7 @@ fn read_cpu(uc: &mut Engine<'_>) -> (Cpu, CpuMode, u32, bool) {
     let hflags = state.hflags();
     state.clear_old_exception();
     state.restore();
-    let mode = if paging.cr0 & CR0_PE == 0 {
-        CpuMode::Real
-    } else if hflags & HF_LMA == 0 {
-        CpuMode::Protected
-    } else if hflags & HF_CS64 != 0 {
-        CpuMode::Long64
-    } else if cs.flags & DESC_B != 0 {
-        CpuMode::Compat32
-    } else {
-        CpuMode::Compat16
-    };
+    let mode = cpu_mode(paging.cr0, hflags, cs.flags);
     let table = |r: R| read_mmr(uc, r).map(|m| Table { base: m.base, limit: m.limit });
     let tr = read_mmr(uc, R::TR)
         .map(|m| SegCache { selector: m.selector, base: m.base, limit: m.limit, flags: m.flags })
