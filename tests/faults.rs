@@ -3,11 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmcall_conformance::{backends, guest, run_image};
-use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, VmBackend};
+use vmcall_conformance::{backends, guest, run_image, NoVm};
+use vmcall_vmm::backend::Hypervisor;
 use vmcall_vmm::boot::elf::{minimal_elf, ElfError};
 use vmcall_vmm::hypercall::HypercallTable;
-use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::vm::{BuildError, RunError, RunStatus, VmBuilder};
 
 fn bad(hv: &dyn Hypervisor, what: &str) -> vmcall_conformance::Outcome {
@@ -58,24 +57,8 @@ fn endless_loops_time_out_and_triple_faults_stop_the_vm() {
     }
 }
 
-/// A backend for tests of what is refused before any VM exists.
-struct Unreachable;
-
-impl Hypervisor for Unreachable {
-    fn name(&self) -> &'static str {
-        "none"
-    }
-    fn create_vm(
-        &self,
-        _: Arc<GuestRam>,
-        _: &GuestInfo,
-    ) -> Result<Box<dyn VmBackend>, BackendError> {
-        Err(BackendError::new("no VM in this test"))
-    }
-}
-
 fn build(image: Vec<u8>, f: impl FnOnce(VmBuilder) -> VmBuilder) -> BuildError {
-    f(VmBuilder::new(image)).build(&Unreachable).expect_err("must be refused")
+    f(VmBuilder::new(image)).build(&NoVm).expect_err("must be refused")
 }
 
 #[test]

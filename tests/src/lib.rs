@@ -280,3 +280,21 @@ impl Verdicts {
         }
     }
 }
+
+/// A backend for tests of what is refused before any VM exists: building a VM on it fails
+/// only once everything before the backend has been accepted.
+#[derive(Debug)]
+pub struct NoVm;
+
+impl Hypervisor for NoVm {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn create_vm(
+        &self,
+        _: Arc<vmcall_vmm::memory::GuestRam>,
+        _: &vmcall_vmm::backend::GuestInfo,
+    ) -> Result<Box<dyn vmcall_vmm::backend::VmBackend>, vmcall_vmm::backend::BackendError> {
+        Err(vmcall_vmm::backend::BackendError::new("no VM in this test"))
+    }
+}

@@ -51,7 +51,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// The guest: a static ELF64 x86-64 executable (see docs/guest-abi.md).
+    /// The guest: a static ELF64 x86-64 executable (docs/guest-abi.md), or a multiboot kernel
+    /// (ELF32, ELF64 or raw with multiboot load addresses), as for QEMU's -kernel.
     guest: PathBuf,
     #[command(flatten)]
     vm: VmArgs,
@@ -82,6 +83,11 @@ struct VmArgs {
     /// else emu.
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "emu"])]
     backend: String,
+    /// How the guest boots: multiboot (32-bit protected mode, as QEMU's -kernel), elf64
+    /// (vmcall's own contract, 64-bit long mode), or auto: multiboot when the image has a
+    /// multiboot header in its first 8 KiB (docs/guest-abi.md).
+    #[arg(long, default_value = "auto", value_name = "PROTOCOL", value_parser = ["auto", "elf64", "multiboot"])]
+    boot: String,
     /// How the KVM backend traps hypercalls: auto, rewrite, ud, hwbp or xen (docs/kvm-backend.md).
     #[arg(long, default_value = "auto", value_name = "STRATEGY", value_parser = ["auto", "rewrite", "ud", "hwbp", "xen"])]
     trap: String,
@@ -114,10 +120,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => std::fs::read(&args.guest)
             .map_err(|e| format!("cannot read guest '{}': {e}", args.guest.display()))
-            .and_then(|image| run(image, &args.vm, args.cmdline.join(" "), None)),
-        Command::Demo(vm) => {
-            run(vmcall_test_guests::DEMO_ELF.to_vec(), &vm, String::new(), Some(demo_table()))
-        }
+            .and_then(|image| {
+                let name = args.guest.display().to_string();
+                run(image, &name, &args.vm, args.cmdline.join(" "), None)
+            }),
+        Command::Demo(vm) => run(
+            vmcall_test_guests::DEMO_ELF.to_vec(),
+            "demo",
+            &vm,
+            String::new(),
+            Some(demo_table()),
+        ),
         Command::Info => {
             backends::print_info();
             Ok(ExitCode::SUCCESS)
@@ -155,6 +168,7 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 
 fn run(
     image: Vec<u8>,
+    image_name: &str,
     a: &VmArgs,
     cmdline: String,
     base: Option<HypercallTable>,
@@ -176,6 +190,8 @@ fn run(
         .vcpus(a.vcpus)
         .timeout(a.timeout.0)
         .cmdline(cmdline)
+        .boot(a.boot.parse()?)
+        .image_name(image_name)
         .table(table.clone())
         .build(hv.as_ref())
         .map_err(|e| chain(&e))?;

@@ -39,6 +39,8 @@ pub(crate) const SEG_ES: usize = 0;
 pub(crate) const SEG_CS: usize = 1;
 pub(crate) const SEG_SS: usize = 2;
 pub(crate) const SEG_DS: usize = 3;
+pub(crate) const SEG_FS: usize = 4;
+pub(crate) const SEG_GS: usize = 5;
 
 pub(crate) const HF_CPL_MASK: u32 = 3;
 pub(crate) const HF_CS32: u32 = 1 << 4;
@@ -55,6 +57,22 @@ pub(crate) struct SegCache {
     pub base: u64,
     pub limit: u32,
     pub flags: u32,
+}
+
+impl SegCache {
+    /// The cache a segment register holds after loading `s`.
+    pub(crate) fn from_segment(s: &vmcall_vmm::x86::Segment) -> Self {
+        let bit = |b: bool, at: u32| u32::from(b) << at;
+        let flags = (u32::from(s.type_) << 8)
+            | bit(s.s, 12)
+            | (u32::from(s.dpl & 3) << DESC_DPL_SHIFT)
+            | bit(s.present, 15)
+            | bit(s.avl, 20)
+            | bit(s.l, 21)
+            | bit(s.db, 22)
+            | bit(s.g, 23);
+        Self { selector: s.selector, base: s.base, limit: s.limit, flags }
+    }
 }
 
 pub(crate) const DESC_DPL_SHIFT: u32 = 13;

@@ -437,11 +437,10 @@ fn plan(ram: &GuestRam, cpu: &Cpu, ev: &Event) -> Result<Outcome, Fail> {
         offset |= hi << 32;
     }
     let ist = if long { (lo >> 32) & 7 } else { 0 };
-    if long
-        && cpu.idt.base == layout::IDT
-        && selector == selectors::KERNEL_CS
-        && offset == stub_gpa(ev.vector)
-    {
+    // The VMM's own IDT, of either width (vmcall's contract, or a multiboot kernel that has not
+    // loaded its own yet): its stubs report the fault, as they do on KVM.
+    let vmm_cs = if long { selectors::KERNEL_CS } else { selectors::KERNEL_CS32 };
+    if cpu.idt.base == layout::IDT && selector == vmm_cs && offset == stub_gpa(ev.vector) {
         return Ok(Outcome::VmmFault(vmm_fault(cpu, ev)));
     }
 

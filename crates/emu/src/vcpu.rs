@@ -19,9 +19,9 @@ use vmcall_vmm::backend::{BackendError, InlineExits, Interrupter, Vcpu, VcpuExit
 use vmcall_vmm::boot::VcpuInit;
 use vmcall_vmm::devices::port_in;
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::x86::{CpuMode, Regs};
+use vmcall_vmm::x86::{mode, CpuMode, Regs};
 
-use crate::cpu_state::CpuState;
+use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
 use crate::hooks::{guest_tsc, on_exception, on_invalid, read_code};
 use crate::uc::{add_cpuid_hook, write_mmr, write_msr};
 
@@ -220,6 +220,42 @@ pub(crate) fn new_engine<D: 'static>(
     Ok(uc)
 }
 
+/// Put a fresh engine, which unicorn starts in long mode, into the protected-mode state of
+/// `init` (a multiboot kernel's entry). Clearing EFER does not leave long mode in unicorn, and
+/// neither does clearing CR0.PG alone: long mode must be entered properly (PAE, LME, PG) and
+/// then left by clearing PG, which clears LMA as on the CPU. Segment registers written through
+/// the API in a 64-bit engine only take the selector, so their caches are loaded directly.
+fn enter_protected_mode(
+    uc: &mut Engine<'_>,
+    cpu: &mut CpuState,
+    init: &VcpuInit,
+) -> Result<(), BackendError> {
+    let s = &init.sregs;
+    uc.reg_write(R::CR4, mode::CR4_PAE).map_err(uc_err("CR4"))?;
+    write_msr(uc, MSR_EFER, mode::EFER_LME).map_err(uc_err("EFER"))?;
+    uc.reg_write(R::CR0, mode::CR0_PE | mode::CR0_PG).map_err(uc_err("CR0"))?;
+    uc.reg_write(R::CR0, s.cr0).map_err(uc_err("CR0"))?;
+    write_msr(uc, MSR_EFER, s.efer).map_err(uc_err("EFER"))?;
+    uc.reg_write(R::CR4, s.cr4).map_err(uc_err("CR4"))?;
+    uc.reg_write(R::CR3, s.cr3).map_err(uc_err("CR3"))?;
+    cpu.save();
+    let pe = s.cr0 & mode::CR0_PE != 0;
+    for (i, seg) in [
+        (SEG_ES, s.es),
+        (SEG_SS, s.ss),
+        (SEG_DS, s.ds),
+        (SEG_FS, s.fs),
+        (SEG_GS, s.gs),
+        (SEG_CS, s.cs),
+    ] {
+        cpu.load_seg(i, SegCache::from_segment(&seg), pe);
+    }
+    cpu.restore();
+    // RIP (EIP) and the GPRs again: leaving long mode may have touched nothing, but the
+    // restored context must not hold stale values.
+    write_regs(uc, &init.regs).map_err(uc_err("registers"))
+}
+
 fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>, BackendError> {
     let state = HookState {
         ram: ram.clone(),
@@ -231,7 +267,10 @@ fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>
         cr2_seen: init.sregs.cr2,
     };
     let mut uc = new_engine(ram, init, state)?;
-    let cpu = CpuState::new(&mut uc).map_err(|e| BackendError::with("unicorn", e))?;
+    let mut cpu = CpuState::new(&mut uc).map_err(|e| BackendError::with("unicorn", e))?;
+    if init.sregs.efer & mode::EFER_LMA == 0 {
+        enter_protected_mode(&mut uc, &mut cpu, init)?;
+    }
     uc.get_data_mut().cpu = Some(cpu);
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {

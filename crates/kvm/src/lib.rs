@@ -282,9 +282,7 @@ impl Hypervisor for KvmHypervisor {
         let single_vcpu = guest.vcpus == 1;
         let hw_sites = match trap {
             Trap::Rewrite => {
-                for (gpa, insn) in
-                    rewrite::prove_sites(&ram, &guest.segments, &guest.code_roots, 64)
-                {
+                for (gpa, insn) in rewrite::prove_sites(&ram, &guest.segments, &guest.code_roots) {
                     sites
                         .rewrite(&ram, gpa, insn, single_vcpu)
                         .map_err(|e| BackendError::with("rewriting hypercall sites", e))?;

@@ -14,7 +14,7 @@ use std::collections::{HashSet, VecDeque};
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
 use vmcall_abi::ports::PORT_DOORBELL;
-use vmcall_vmm::boot::elf::Segment;
+use vmcall_vmm::boot::elf::{CodeRoot, Segment};
 use vmcall_vmm::hypercall::HypercallInsn;
 use vmcall_vmm::memory::{GuestRam, OutOfBounds};
 
@@ -53,15 +53,14 @@ pub fn scan_segments(
 }
 
 /// Hypercall instructions on every path a recursive decode reaches from `roots` (virtual
-/// addresses: the entry point and function symbols) through the executable `segments` loaded
-/// in `ram`, decoding as `bitness`-bit code. Returns each site's guest-physical address.
+/// addresses: the entry point and function symbols, each with the width of its code) through
+/// the executable `segments` loaded in `ram`. Returns each site's guest-physical address.
 /// Indirect jumps end a path (their targets are reached only through symbols), and so does
 /// anything that cannot fall through (return, `ud2`, `int3`, an undecodable byte).
 pub fn prove_sites(
     ram: &GuestRam,
     segments: &[Segment],
-    roots: &[u64],
-    bitness: u32,
+    roots: &[CodeRoot],
 ) -> Vec<(u64, HypercallInsn)> {
     let code: Vec<(&Segment, Vec<u8>)> = segments
         .iter()
@@ -72,9 +71,9 @@ pub fn prove_sites(
         })
         .collect();
     let mut seen = HashSet::new();
-    let mut work: VecDeque<u64> = roots.iter().copied().collect();
+    let mut work: VecDeque<(u64, u32)> = roots.iter().map(|r| (r.vaddr, r.bits)).collect();
     let mut sites = Vec::new();
-    while let Some(start) = work.pop_front() {
+    while let Some((start, bitness)) = work.pop_front() {
         let Some((seg, bytes)) =
             code.iter().find(|(s, _)| start >= s.vaddr && start - s.vaddr < s.filesz)
         else {
@@ -99,10 +98,13 @@ pub fn prove_sites(
             match insn.flow_control() {
                 FlowControl::Next | FlowControl::IndirectCall => {}
                 FlowControl::ConditionalBranch | FlowControl::Call => {
-                    work.push_back(insn.near_branch_target())
+                    work.push_back((insn.near_branch_target(), bitness))
                 }
                 FlowControl::UnconditionalBranch => {
-                    work.push_back(insn.near_branch_target());
+                    // A far jump (`jmp ptr16:32`) has no near target and may change the width.
+                    if insn.near_branch_target() != 0 {
+                        work.push_back((insn.near_branch_target(), bitness));
+                    }
                     break;
                 }
                 FlowControl::IndirectBranch
@@ -155,7 +157,8 @@ mod tests {
             offset: 0,
             executable: true,
         };
-        let sites = prove_sites(&ram, &[seg], &[0x20_0000], 64);
+        let root = |vaddr| CodeRoot { vaddr, bits: 64 };
+        let sites = prove_sites(&ram, &[seg], &[root(0x20_0000)]);
         assert_eq!(
             sites,
             vec![(0x30_000f, HypercallInsn::Vmcall), (0x30_0016, HypercallInsn::Vmmcall)],
@@ -164,6 +167,6 @@ mod tests {
         // The linear sweep finds the data too (it is only used where guessing is harmless).
         assert!(scan_segments(&ram, &[seg]).unwrap().len() > 2);
         // A root in the data island proves it: symbols are trusted.
-        assert_eq!(prove_sites(&ram, &[seg], &[0x20_000c], 64).len(), 2);
+        assert_eq!(prove_sites(&ram, &[seg], &[root(0x20_000c)]).len(), 2);
     }
 }

@@ -56,12 +56,6 @@ enum Pending {
     None,
     /// A rewritten site: RIP is already past `out`, the `nop` completes the 3 bytes.
     Doorbell,
-    /// Raised #UD or #GP into the VMM's IDT stub: the frame's RIP slot (guest-virtual) must
-    /// point past the instruction before the stub's `iretq`.
-    Frame {
-        rip_slot: u64,
-        resume: u64,
-    },
     /// Stopped before the instruction (a breakpoint on it, a triple fault at it): move RIP.
     SetRip {
         resume: u64,
@@ -69,8 +63,8 @@ enum Pending {
     /// A `KVM_EXIT_XEN` hypercall: the answer goes in `kvm_run`, the kernel sets RAX and
     /// skips the instruction on the next KVM_RUN.
     Xen,
-    /// Stopped at the entry of the guest's own #UD/#GP handler: return to the caller as the
-    /// handler's `iret` would, past the instruction.
+    /// Stopped in an exception's handler — the guest's own (at its first instruction) or the
+    /// VMM's stub: return to the caller as the handler's `iret` would, past the instruction.
     Iret(IretState),
     /// An `in` whose data goes at this offset of `kvm_run`.
     IoIn {
@@ -270,10 +264,46 @@ impl KvmVcpu {
                 cr2: None,
             });
         };
+        let Some(state) = self.iret_state(&frame) else {
+            return VcpuExit::Unknown(format!(
+                "exception {vector} frame names code segment {:#x}, not in the GDT",
+                frame.cs
+            ));
+        };
         self.rewrite_after_trap(call.rip, call.insn, call.cpl);
-        self.pending =
-            Pending::Frame { rip_slot: frame.rip_slot, resume: frame.rip + insn::HYPERCALL_LEN };
+        self.pending = Pending::Iret(state);
         self.hypercall(call.rip, call.insn, call.cpl, call.mode)
+    }
+
+    /// The state an `iret` from `frame` would restore, with RIP past the hypercall: the host
+    /// returns to the caller itself instead of letting a handler run (or, for the VMM's stubs,
+    /// executing their `iret`: kvm_pvm cannot emulate a 32-bit IRET).
+    fn iret_state(&self, frame: &TrapFrame) -> Option<IretState> {
+        let sregs = &self.fd.sync_regs().sregs;
+        let (rsp, ss) = frame.stack.unwrap_or((frame.end, sregs.ss.selector));
+        let segments = if frame.cs == sregs.cs.selector && ss == sregs.ss.selector {
+            None
+        } else {
+            let mem = self.view();
+            let cs = code_segment(&mem, self.gdt(), frame.cs)?;
+            let ss = match code_segment(&mem, self.gdt(), ss) {
+                Some(s) => s,
+                // A null SS (allowed in 64-bit mode): unusable, with the selector's RPL.
+                None => Segment {
+                    selector: ss,
+                    dpl: (ss & 3) as u8,
+                    unusable: true,
+                    ..Default::default()
+                },
+            };
+            Some((cs, ss))
+        };
+        Some(IretState {
+            rip: frame.rip + insn::HYPERCALL_LEN,
+            rflags: frame.rflags,
+            rsp,
+            segments,
+        })
     }
 
     /// A `KVM_EXIT_XEN`: under the `xen` strategy, every hypercall that reached the kernel.
@@ -345,32 +375,9 @@ impl KvmVcpu {
                 Err(e) => Some(VcpuExit::Unknown(format!("cannot step over a breakpoint: {e}"))),
             };
         };
-        let sregs = &self.fd.sync_regs().sregs;
-        let (rsp, ss) = frame.stack.unwrap_or((frame.end, sregs.ss.selector));
-        let segments = if frame.cs == sregs.cs.selector && ss == sregs.ss.selector {
-            None
-        } else {
-            let mem = self.view();
-            let cs = code_segment(&mem, self.gdt(), frame.cs)?;
-            let ss = match code_segment(&mem, self.gdt(), ss) {
-                Some(s) => s,
-                // A null SS (allowed in 64-bit mode): unusable, with the selector's RPL.
-                None => Segment {
-                    selector: ss,
-                    dpl: (ss & 3) as u8,
-                    unusable: true,
-                    ..Default::default()
-                },
-            };
-            Some((cs, ss))
-        };
+        let state = self.iret_state(&frame)?;
         self.rewrite_after_trap(call.rip, call.insn, call.cpl);
-        self.pending = Pending::Iret(IretState {
-            rip: frame.rip + insn::HYPERCALL_LEN,
-            rflags: frame.rflags,
-            rsp,
-            segments,
-        });
+        self.pending = Pending::Iret(state);
         Some(self.hypercall(call.rip, call.insn, call.cpl, call.mode))
     }
 
@@ -395,7 +402,7 @@ impl KvmVcpu {
     fn arm_watch(&mut self) -> Result<(), BackendError> {
         let sregs = self.fd.sync_regs().sregs;
         let idt = DescriptorTable { base: sregs.idt.base, limit: sregs.idt.limit };
-        let handlers = if idt == boot::vmm_idt() || !self.traps.watch_guest_idt {
+        let handlers = if boot::is_vmm_idt(idt) || !self.traps.watch_guest_idt {
             Vec::new()
         } else {
             let mem = self.view();
@@ -511,11 +518,6 @@ impl Vcpu for KvmVcpu {
     fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError> {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::Doorbell => {}
-            Pending::Frame { rip_slot, resume } => {
-                self.view()
-                    .write_u64(rip_slot, resume)
-                    .map_err(|e| BackendError::with("resume exception frame", e))?;
-            }
             Pending::SetRip { resume } => self.fd.sync_regs_mut().regs.rip = resume,
             Pending::Xen => {
                 // Neither RAX nor RIP through sync regs: the kernel writes RAX from `result`

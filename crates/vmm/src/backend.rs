@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vmcall_abi::ExitReason;
 
-use crate::boot::elf::Segment;
+use crate::boot::elf::{CodeRoot, Segment};
 use crate::boot::VcpuInit;
 use crate::hypercall::HypercallExit;
 use crate::memory::GuestRam;
@@ -129,8 +129,8 @@ pub struct GuestInfo {
     pub entry: u64,
     /// The loaded ELF segments; a backend may scan the executable ones for hypercall sites.
     pub segments: Vec<Segment>,
-    /// Virtual addresses known to start code (entry point, function symbols).
-    pub code_roots: Vec<u64>,
+    /// Where code is known to start (entry point, function symbols), and its width.
+    pub code_roots: Vec<CodeRoot>,
 }
 
 /// A created VM on some backend.

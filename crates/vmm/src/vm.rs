@@ -7,6 +7,7 @@ use vmcall_abi::layout::{CMDLINE_MAX, GUEST_LOAD_MIN, MAX_VCPUS};
 
 use crate::backend::{BackendError, GuestInfo, Hypervisor, Interrupter, VmBackend};
 use crate::boot::elf::{ElfError, ElfImage};
+use crate::boot::multiboot::{self, MultibootError};
 use crate::boot::{self, BootParams, VcpuInit};
 use crate::devices::{Console, ConsoleWriter};
 use crate::hypercall::HypercallTable;
@@ -23,6 +24,8 @@ pub const DEFAULT_MEMORY: u64 = 32 << 20;
 pub enum BuildError {
     #[error("invalid guest ELF")]
     Elf(#[from] ElfError),
+    #[error("invalid multiboot kernel")]
+    Multiboot(#[from] MultibootError),
     #[error(transparent)]
     Ram(#[from] RamError),
     #[error("{0} vCPUs requested; vmcall supports 1..={MAX_VCPUS}")]
@@ -52,6 +55,7 @@ pub struct VmBuilder {
     timeout: Option<Duration>,
     table: Arc<HypercallTable>,
     console: Option<ConsoleWriter>,
+    boot: BootOptions,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -75,7 +79,19 @@ impl VmBuilder {
             timeout: None,
             table: Arc::new(HypercallTable::new()),
             console: None,
+            boot: BootOptions::default(),
         }
+    }
+    /// How the guest boots (default: multiboot if the image has a multiboot header, else
+    /// vmcall's ELF64 contract).
+    pub fn boot(mut self, boot: Boot) -> Self {
+        self.boot.boot = boot;
+        self
+    }
+    /// The image's name, for a multiboot kernel's command line.
+    pub fn image_name(mut self, name: impl Into<String>) -> Self {
+        self.boot.image_name = name.into();
+        self
     }
     pub fn memory(mut self, bytes: u64) -> Self {
         self.memory = bytes;
@@ -105,7 +121,8 @@ impl VmBuilder {
 
     /// Check everything, load the image, set up boot state and create the VM on `hv`.
     pub fn build(self, hv: &dyn Hypervisor) -> Result<Vm, BuildError> {
-        let prepared = prepare_guest(&self.image, self.memory, self.vcpus, &self.cmdline)?;
+        let prepared =
+            prepare_guest(&self.image, self.memory, self.vcpus, &self.cmdline, &self.boot)?;
         let backend = hv
             .create_vm(prepared.ram.clone(), &prepared.guest)
             .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
@@ -128,6 +145,40 @@ pub struct PreparedGuest {
     pub inits: Vec<VcpuInit>,
 }
 
+/// How a guest boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Boot {
+    /// Multiboot when the image carries a multiboot header in its first 8 KiB, else vmcall's
+    /// own ELF64 contract.
+    #[default]
+    Auto,
+    /// vmcall's contract (`docs/guest-abi.md`): an ELF64 image entered in 64-bit long mode.
+    Elf64,
+    /// Multiboot v1: an ELF32, ELF64 or raw image entered in 32-bit protected mode.
+    Multiboot,
+}
+
+impl std::str::FromStr for Boot {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Boot::Auto),
+            "elf64" => Ok(Boot::Elf64),
+            "multiboot" => Ok(Boot::Multiboot),
+            _ => Err(format!("unknown boot protocol '{s}' (auto, elf64, multiboot)")),
+        }
+    }
+}
+
+/// What the boot protocol needs besides the image.
+#[derive(Debug, Clone, Default)]
+pub struct BootOptions {
+    pub boot: Boot,
+    /// The image's name, which multiboot puts first on the kernel's command line (as QEMU
+    /// does for `-kernel NAME -append ARGS`); "kernel" if empty.
+    pub image_name: String,
+}
+
 /// Check the settings and the image, allocate RAM, load the image and write the boot
 /// structures: everything [`VmBuilder::build`] does before it asks a backend for a VM.
 pub fn prepare_guest(
@@ -135,6 +186,7 @@ pub fn prepare_guest(
     memory: u64,
     vcpus: u32,
     cmdline: &[u8],
+    options: &BootOptions,
 ) -> Result<PreparedGuest, BuildError> {
     if !(1..=MAX_VCPUS).contains(&vcpus) {
         return Err(BuildError::VcpuCount(vcpus));
@@ -144,11 +196,36 @@ pub fn prepare_guest(
     }
     let ram = Arc::new(GuestRam::new(memory)?);
     let limit = boot::load_limit(ram.size(), vcpus);
-    let elf = ElfImage::parse(image, GUEST_LOAD_MIN, limit)?;
-    elf.load(image, &ram)?;
-    let params =
-        BootParams { entry: elf.entry, image_end: elf.end(), vcpus, cmdline, amd: host_is_amd() };
-    let inits = boot::setup(&ram, &params)?;
+    let header = match options.boot {
+        Boot::Elf64 => None,
+        Boot::Auto => multiboot::find_header(image).transpose()?,
+        Boot::Multiboot => {
+            Some(multiboot::find_header(image).unwrap_or(Err(MultibootError::NoHeader))?)
+        }
+    };
+    let (elf, inits) = match header {
+        None => {
+            let elf = ElfImage::parse(image, GUEST_LOAD_MIN, limit)?;
+            elf.load(image, &ram)?;
+            let params = BootParams {
+                entry: elf.entry,
+                image_end: elf.end(),
+                vcpus,
+                cmdline,
+                amd: host_is_amd(),
+            };
+            let inits = boot::setup(&ram, &params)?;
+            (elf, inits)
+        }
+        Some(header) => {
+            let elf = multiboot::parse_image(image, &header, GUEST_LOAD_MIN, limit)?;
+            elf.load(image, &ram)?;
+            let name = if options.image_name.is_empty() { "kernel" } else { &options.image_name };
+            let info = multiboot::write_info(&ram, name, cmdline)?;
+            let inits = multiboot::setup(&ram, vcpus, elf.entry, info)?;
+            (elf, inits)
+        }
+    };
     let guest =
         GuestInfo { vcpus, entry: elf.entry, segments: elf.segments, code_roots: elf.code_roots };
     Ok(PreparedGuest { ram, guest, inits })

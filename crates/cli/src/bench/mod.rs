@@ -252,7 +252,7 @@ fn kvm_backends() -> Backends {
 /// Mean cost of one VMCALL the host kernel answers itself (line 1).
 #[cfg(feature = "kvm")]
 fn kernel_mean(n: u64) -> Result<f64, String> {
-    let g = prepare_guest(image(), RAM, 1, format!("kernel {n}").as_bytes())
+    let g = prepare_guest(image(), RAM, 1, format!("kernel {n}").as_bytes(), &Default::default())
         .map_err(|e| crate::chain(&e))?;
     let mut vm =
         vmcall_kvm::baseline::RawVm::new(g.ram, &g.inits[0], true).map_err(|e| e.to_string())?;
@@ -272,8 +272,14 @@ fn kernel_mean(_: u64) -> Result<f64, String> {
 /// Line 2: a raw KVM loop over the `out` guest (the same instructions as the hypercall loop).
 #[cfg(feature = "kvm")]
 fn raw_out(n: u64, lat: &mut Latency) -> Result<(), String> {
-    let g = prepare_guest(image(), RAM, 1, format!("out {n} {BENCH_NR}").as_bytes())
-        .map_err(|e| crate::chain(&e))?;
+    let g = prepare_guest(
+        image(),
+        RAM,
+        1,
+        format!("out {n} {BENCH_NR}").as_bytes(),
+        &Default::default(),
+    )
+    .map_err(|e| crate::chain(&e))?;
     let mut vm =
         vmcall_kvm::baseline::RawVm::new(g.ram, &g.inits[0], false).map_err(|e| e.to_string())?;
     vm.out_round_trips(0x80, lat).map_err(|e| e.to_string())
@@ -287,8 +293,14 @@ fn raw_out(_: u64, _: &mut Latency) -> Result<(), String> {
 /// The raw unicorn baseline of line 4, over the hypercall loop.
 #[cfg(feature = "emu")]
 fn emu_raw_loop(n: u64, lat: &mut Latency) -> Result<(), String> {
-    let g = prepare_guest(image(), RAM, 1, format!("hc {n} {BENCH_NR}").as_bytes())
-        .map_err(|e| crate::chain(&e))?;
+    let g = prepare_guest(
+        image(),
+        RAM,
+        1,
+        format!("hc {n} {BENCH_NR}").as_bytes(),
+        &Default::default(),
+    )
+    .map_err(|e| crate::chain(&e))?;
     vmcall_emu::baseline::raw_hypercall_round_trips(&g.ram, &g.inits[0], lat)
         .map_err(|e| e.to_string())
 }

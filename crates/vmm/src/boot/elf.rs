@@ -4,7 +4,8 @@
 //! gets a precise error and never a partial load.
 
 use object::elf::{
-    FileHeader64, ELFCLASS64, EM_X86_64, ET_EXEC, PF_X, PT_LOAD, SHT_SYMTAB, STT_FUNC,
+    FileHeader32, FileHeader64, ELFCLASS32, ELFCLASS64, EM_386, EM_X86_64, ET_EXEC, PF_X, PT_LOAD,
+    SHT_SYMTAB, STT_FUNC,
 };
 use object::read::elf::{FileHeader, ProgramHeader, Sym};
 use object::LittleEndian as LE;
@@ -12,13 +13,15 @@ use object::LittleEndian as LE;
 use crate::memory::GuestRam;
 
 /// Why a guest image was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ElfError {
     #[error("not an ELF file (bad magic)")]
     NotElf,
     #[error("not a 64-bit little-endian ELF")]
     NotElf64,
-    #[error("ELF machine is {0:#x}, not x86-64 (0x3e)")]
+    #[error("not a little-endian ELF32 or ELF64 file")]
+    NotElfX86,
+    #[error("ELF machine is {0:#x}, not x86 (0x3e for ELF64, 0x3 for ELF32)")]
     WrongMachine(u16),
     #[error("ELF type is {0}, not a static executable (ET_EXEC = 2); build without -pie")]
     NotExecutable(u16),
@@ -56,97 +59,63 @@ pub struct ElfImage {
     /// Guest-physical address of the entry point.
     pub entry: u64,
     pub segments: Vec<Segment>,
-    /// Virtual addresses known to start code: the entry point and every function symbol
-    /// inside an executable segment (for a decoder that must not mistake data for code).
-    pub code_roots: Vec<u64>,
+    /// Where code is known to start: the entry point and every function symbol inside an
+    /// executable segment (for a decoder that must not mistake data for code).
+    pub code_roots: Vec<CodeRoot>,
+    /// 32 for an ELF32 image, 64 for ELF64.
+    pub bits: u32,
+}
+
+/// A virtual address known to start code, and the width of the code there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeRoot {
+    pub vaddr: u64,
+    /// 16, 32 or 64: how to decode the instructions from here.
+    pub bits: u32,
+}
+
+/// Which ELF files a boot protocol accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElfKinds {
+    /// vmcall's own contract: ELF64 x86-64 only.
+    Elf64Only,
+    /// Multiboot: ELF32 i386 or ELF64 x86-64.
+    Elf32Or64,
 }
 
 impl ElfImage {
-    /// Parse and validate `data` for a load area of `load_min..load_max`.
+    /// Parse and validate `data`, an ELF64 x86-64 executable, for a load area of
+    /// `load_min..load_max`.
     pub fn parse(data: &[u8], load_min: u64, load_max: u64) -> Result<Self, ElfError> {
+        Self::parse_kinds(data, load_min, load_max, ElfKinds::Elf64Only)
+    }
+
+    /// Parse and validate `data`, an executable of one of `kinds`, for a load area of
+    /// `load_min..load_max`.
+    pub fn parse_kinds(
+        data: &[u8],
+        load_min: u64,
+        load_max: u64,
+        kinds: ElfKinds,
+    ) -> Result<Self, ElfError> {
         if data.len() < 4 || data[..4] != *b"\x7fELF" {
             return Err(ElfError::NotElf);
         }
-        if data.len() < 6 || data[4] != ELFCLASS64 || data[5] != object::elf::ELFDATA2LSB {
-            return Err(ElfError::NotElf64);
-        }
-        let hdr = FileHeader64::<LE>::parse(data).map_err(|_| ElfError::Malformed("header"))?;
-        let e = LE;
-        if hdr.e_machine(e) != EM_X86_64 {
-            return Err(ElfError::WrongMachine(hdr.e_machine(e)));
-        }
-        if hdr.e_type(e) != ET_EXEC {
-            return Err(ElfError::NotExecutable(hdr.e_type(e)));
-        }
-        let phdrs =
-            hdr.program_headers(e, data).map_err(|_| ElfError::Malformed("program headers"))?;
-        let mut segments = Vec::new();
-        for (index, ph) in phdrs.iter().filter(|ph| ph.p_type(e) == PT_LOAD).enumerate() {
-            let seg = Segment {
-                paddr: ph.p_paddr(e),
-                vaddr: ph.p_vaddr(e),
-                memsz: ph.p_memsz(e),
-                filesz: ph.p_filesz(e),
-                offset: ph.p_offset(e),
-                executable: ph.p_flags(e) & PF_X != 0,
-            };
-            if seg.filesz > seg.memsz {
-                return Err(ElfError::FileLargerThanMemory {
-                    index,
-                    filesz: seg.filesz,
-                    memsz: seg.memsz,
-                });
+        let little = data.len() >= 6 && data[5] == object::elf::ELFDATA2LSB;
+        match (data.get(4).copied(), kinds) {
+            (Some(ELFCLASS64), _) if little => {
+                let hdr =
+                    FileHeader64::<LE>::parse(data).map_err(|_| ElfError::Malformed("header"))?;
+                parse_header(hdr, data, EM_X86_64, load_min, load_max)
             }
-            match seg.offset.checked_add(seg.filesz) {
-                Some(end) if end <= data.len() as u64 => {}
-                _ => return Err(ElfError::Malformed("segment data past end of file")),
+            (Some(ELFCLASS32), ElfKinds::Elf32Or64) if little => {
+                let hdr =
+                    FileHeader32::<LE>::parse(data).map_err(|_| ElfError::Malformed("header"))?;
+                parse_header(hdr, data, EM_386, load_min, load_max)
             }
-            if seg.memsz == 0 {
-                // Loads nothing (linkers emit these for empty output sections): no place to check.
-                continue;
-            }
-            let fits = seg.paddr >= load_min
-                && seg.paddr.checked_add(seg.memsz).is_some_and(|end| end <= load_max);
-            if !fits {
-                return Err(ElfError::OutsideRam {
-                    index,
-                    paddr: seg.paddr,
-                    memsz: seg.memsz,
-                    min: load_min,
-                    max: load_max,
-                });
-            }
-            segments.push(seg);
+            (_, ElfKinds::Elf64Only) => Err(ElfError::NotElf64),
+            _ => Err(ElfError::NotElfX86),
         }
-        if segments.is_empty() {
-            return Err(ElfError::NoSegments);
-        }
-        for (a, sa) in segments.iter().enumerate() {
-            for (b, sb) in segments.iter().enumerate().skip(a + 1) {
-                if sa.paddr < sb.paddr + sb.memsz && sb.paddr < sa.paddr + sa.memsz {
-                    return Err(ElfError::Overlap { a, b });
-                }
-            }
-        }
-        let entry_vaddr = hdr.e_entry(e);
-        let entry = entry_vaddr;
-        // e_entry is a virtual address; vCPUs start on identity paging, so start at its
-        // physical twin (the same address unless the segment is linked elsewhere).
-        let entry = segments
-            .iter()
-            .filter(|s| s.executable)
-            .find_map(|s| {
-                let off = entry.checked_sub(s.vaddr).filter(|off| *off < s.memsz)?;
-                Some(s.paddr + off)
-            })
-            .ok_or(ElfError::BadEntry(entry))?;
-        let mut code_roots = vec![entry_vaddr];
-        code_roots.extend(function_symbols(hdr, data).into_iter().filter(|va| {
-            segments.iter().any(|s| s.executable && va.wrapping_sub(s.vaddr) < s.memsz)
-        }));
-        code_roots.sort_unstable();
-        code_roots.dedup();
-        Ok(Self { entry, segments, code_roots })
     }
 
     /// Copy the segments into `ram` (zero-filling each segment's tail).
@@ -165,16 +134,106 @@ impl ElfImage {
     }
 }
 
+/// Check and read an ELF file's header, segments and symbols (either class).
+fn parse_header<H: FileHeader<Endian = LE>>(
+    hdr: &H,
+    data: &[u8],
+    machine: u16,
+    load_min: u64,
+    load_max: u64,
+) -> Result<ElfImage, ElfError> {
+    let e = LE;
+    if hdr.e_machine(e) != machine {
+        return Err(ElfError::WrongMachine(hdr.e_machine(e)));
+    }
+    if hdr.e_type(e) != ET_EXEC {
+        return Err(ElfError::NotExecutable(hdr.e_type(e)));
+    }
+    let phdrs = hdr.program_headers(e, data).map_err(|_| ElfError::Malformed("program headers"))?;
+    let mut segments = Vec::new();
+    for (index, ph) in phdrs.iter().filter(|ph| ph.p_type(e) == PT_LOAD).enumerate() {
+        let seg = Segment {
+            paddr: ph.p_paddr(e).into(),
+            vaddr: ph.p_vaddr(e).into(),
+            memsz: ph.p_memsz(e).into(),
+            filesz: ph.p_filesz(e).into(),
+            offset: ph.p_offset(e).into(),
+            executable: ph.p_flags(e) & PF_X != 0,
+        };
+        if seg.filesz > seg.memsz {
+            return Err(ElfError::FileLargerThanMemory {
+                index,
+                filesz: seg.filesz,
+                memsz: seg.memsz,
+            });
+        }
+        match seg.offset.checked_add(seg.filesz) {
+            Some(end) if end <= data.len() as u64 => {}
+            _ => return Err(ElfError::Malformed("segment data past end of file")),
+        }
+        if seg.memsz == 0 {
+            // Loads nothing (linkers emit these for empty output sections): no place to check.
+            continue;
+        }
+        let fits = seg.paddr >= load_min
+            && seg.paddr.checked_add(seg.memsz).is_some_and(|end| end <= load_max);
+        if !fits {
+            return Err(ElfError::OutsideRam {
+                index,
+                paddr: seg.paddr,
+                memsz: seg.memsz,
+                min: load_min,
+                max: load_max,
+            });
+        }
+        segments.push(seg);
+    }
+    if segments.is_empty() {
+        return Err(ElfError::NoSegments);
+    }
+    for (a, sa) in segments.iter().enumerate() {
+        for (b, sb) in segments.iter().enumerate().skip(a + 1) {
+            if sa.paddr < sb.paddr + sb.memsz && sb.paddr < sa.paddr + sa.memsz {
+                return Err(ElfError::Overlap { a, b });
+            }
+        }
+    }
+    let entry_vaddr: u64 = hdr.e_entry(e).into();
+    // e_entry is a virtual address; vCPUs start with paging off or on identity paging, so
+    // start at its physical twin (the same address unless the segment is linked elsewhere).
+    let entry = segments
+        .iter()
+        .filter(|s| s.executable)
+        .find_map(|s| {
+            let off = entry_vaddr.checked_sub(s.vaddr).filter(|off| *off < s.memsz)?;
+            Some(s.paddr + off)
+        })
+        .ok_or(ElfError::BadEntry(entry_vaddr))?;
+    let bits = if machine == EM_386 { 32 } else { 64 };
+    let mut code_roots = vec![CodeRoot { vaddr: entry_vaddr, bits }];
+    code_roots.extend(
+        function_symbols(hdr, data)
+            .into_iter()
+            .filter(|va| {
+                segments.iter().any(|s| s.executable && va.wrapping_sub(s.vaddr) < s.memsz)
+            })
+            .map(|vaddr| CodeRoot { vaddr, bits }),
+    );
+    code_roots.sort_unstable_by_key(|r| r.vaddr);
+    code_roots.dedup_by_key(|r| r.vaddr);
+    Ok(ElfImage { entry, segments, code_roots, bits })
+}
+
 /// Values of the STT_FUNC symbols in the image's symbol table (none if it is stripped or
 /// malformed: symbols only ever add decoding roots).
-fn function_symbols(hdr: &FileHeader64<LE>, data: &[u8]) -> Vec<u64> {
+fn function_symbols<H: FileHeader<Endian = LE>>(hdr: &H, data: &[u8]) -> Vec<u64> {
     let Ok(sections) = hdr.sections(LE, data) else { return Vec::new() };
     let Ok(symbols) = sections.symbols(LE, data, SHT_SYMTAB) else { return Vec::new() };
     symbols
         .symbols()
         .iter()
-        .filter(|sym| sym.st_type() == STT_FUNC && sym.st_value(LE) != 0)
-        .map(|sym| sym.st_value(LE))
+        .filter(|sym| sym.st_type() == STT_FUNC && sym.st_value(LE).into() != 0)
+        .map(|sym| sym.st_value(LE).into())
         .collect()
 }
 

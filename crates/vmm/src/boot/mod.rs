@@ -3,6 +3,7 @@
 //! instruction (`docs/guest-abi.md` is the contract this module implements).
 
 pub mod elf;
+pub mod multiboot;
 
 use vmcall_abi::layout::*;
 use vmcall_abi::{ports, selectors, BootInfo, ABI_VERSION, BOOT_INFO_MAGIC};
@@ -34,12 +35,6 @@ const STUB_STRIDE: u64 = 16;
 /// The IDT covers the 32 exception vectors.
 pub const EXCEPTION_VECTORS: u8 = 32;
 
-/// The IDTR of the VMM's own IDT (64-bit gates for the exception vectors, at [`IDT`]): while a
-/// vCPU's IDTR holds this, exceptions reach the VMM's stubs.
-pub fn vmm_idt() -> DescriptorTable {
-    DescriptorTable { base: IDT, limit: 16 * u16::from(EXCEPTION_VECTORS) - 1 }
-}
-
 /// Guest-physical address of vector `v`'s stub.
 pub fn stub_gpa(vector: u8) -> u64 {
     IDT_STUBS + u64::from(vector) * STUB_STRIDE
@@ -58,8 +53,8 @@ pub fn setup(ram: &GuestRam, p: &BootParams) -> Result<Vec<VcpuInit>, OutOfBound
     // RAM comes zeroed from the kernel (anonymous mapping); writing zeroes here would only
     // fault in the whole VMM area for nothing.
     write_gdt(ram, p.vcpus)?;
-    write_idt(ram)?;
-    write_tss(ram, p.vcpus)?;
+    write_idt(ram, Width::Long)?;
+    write_tss(ram, p.vcpus, Width::Long)?;
     write_page_tables(ram)?;
     ram.write(CMDLINE, p.cmdline)?;
 
@@ -90,7 +85,7 @@ pub fn setup(ram: &GuestRam, p: &BootParams) -> Result<Vec<VcpuInit>, OutOfBound
                 rflags: 0x2,
                 ..Default::default()
             };
-            Ok(VcpuInit { regs, sregs: initial_sregs(id, p.vcpus) })
+            Ok(VcpuInit { regs, sregs: initial_sregs(id, p.vcpus, Width::Long) })
         })
         .collect()
 }
@@ -138,19 +133,19 @@ const GDT_CODE_DATA: [u64; 6] = [
 ];
 const _: () = assert!(selectors::TSS_BASE as usize == 8 * (GDT_CODE_DATA.len() + 1));
 
-fn tss_gpa(id: u32) -> u64 {
+pub(crate) fn tss_gpa(id: u32) -> u64 {
     TSS + u64::from(id) * TSS_STRIDE
 }
 
-fn tss_limit(id: u32) -> u32 {
+pub(crate) fn tss_limit(id: u32) -> u32 {
     (IO_BITMAP - tss_gpa(id) + 8192) as u32
 }
 
-fn gdt_limit(vcpus: u32) -> u16 {
+pub(crate) fn gdt_limit(vcpus: u32) -> u16 {
     (u64::from(selectors::TSS_BASE) + 16 * u64::from(vcpus) - 1) as u16
 }
 
-fn write_gdt(ram: &GuestRam, vcpus: u32) -> Result<(), OutOfBounds> {
+pub(crate) fn write_gdt(ram: &GuestRam, vcpus: u32) -> Result<(), OutOfBounds> {
     for (i, d) in GDT_CODE_DATA.iter().enumerate() {
         ram.write_u64(GDT + 8 * (i as u64 + 1), *d)?;
     }
@@ -169,36 +164,69 @@ fn write_gdt(ram: &GuestRam, vcpus: u32) -> Result<(), OutOfBounds> {
     Ok(())
 }
 
+/// The width of the VMM's IDT: 16-byte long-mode gates and 64-bit stubs (vmcall's own boot),
+/// or 8-byte gates and 32-bit stubs (multiboot kernels start in 32-bit protected mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Width {
+    Long,
+    Protected,
+}
+
 /// The stub of vector `v`. #UD and #GP ring the hypercall-trap port and return (the host decides
 /// whether a hypercall instruction raised it and, if so, moves the frame's RIP past it; #GP also
 /// drops its error code first); every other exception reports its vector on the fault port and
 /// halts, since the host ends the run. `out imm8, al` changes no register, so the host sees the
 /// caller's registers untouched.
-fn stub(vector: u8) -> Vec<u8> {
-    if vector == UD_VECTOR {
-        vec![0xe6, ports::PORT_HC_TRAP as u8, 0x48, 0xcf] // out imm8, al; iretq
-    } else if vector == GP_VECTOR {
-        // out imm8, al; add rsp, 8; iretq
-        vec![0xe6, ports::PORT_HC_TRAP as u8, 0x48, 0x83, 0xc4, 0x08, 0x48, 0xcf]
-    } else {
-        // mov al, v; out imm8, al; 1: hlt; jmp 1b
-        vec![0xb0, vector, 0xe6, ports::PORT_FAULT as u8, 0xf4, 0xeb, 0xfd]
+fn stub(vector: u8, width: Width) -> Vec<u8> {
+    let trap = [0xe6, ports::PORT_HC_TRAP as u8]; // out imm8, al
+    match (vector, width) {
+        (UD_VECTOR, Width::Long) => [&trap[..], &[0x48, 0xcf]].concat(), // iretq
+        (UD_VECTOR, Width::Protected) => [&trap[..], &[0xcf]].concat(),  // iretd
+        // add rsp, 8; iretq / add esp, 4; iretd
+        (GP_VECTOR, Width::Long) => [&trap[..], &[0x48, 0x83, 0xc4, 0x08, 0x48, 0xcf]].concat(),
+        (GP_VECTOR, Width::Protected) => [&trap[..], &[0x83, 0xc4, 0x04, 0xcf]].concat(),
+        // mov al, v; out imm8, al; 1: hlt; jmp 1b (the same bytes in both widths)
+        _ => vec![0xb0, vector, 0xe6, ports::PORT_FAULT as u8, 0xf4, 0xeb, 0xfd],
     }
 }
 
-fn write_idt(ram: &GuestRam) -> Result<(), OutOfBounds> {
+/// The IDTR of the VMM's IDT of `width`.
+fn idtr(width: Width) -> DescriptorTable {
+    let gate = match width {
+        Width::Long => 16,
+        Width::Protected => 8,
+    };
+    DescriptorTable { base: IDT, limit: gate * u16::from(EXCEPTION_VECTORS) - 1 }
+}
+
+/// Whether `idt` is the VMM's own IDT (of either width): exceptions then reach its stubs.
+pub fn is_vmm_idt(idt: DescriptorTable) -> bool {
+    idt == idtr(Width::Long) || idt == idtr(Width::Protected)
+}
+
+pub(crate) fn write_idt(ram: &GuestRam, width: Width) -> Result<(), OutOfBounds> {
     for v in 0..EXCEPTION_VECTORS {
         let handler = stub_gpa(v);
-        ram.write(handler, &stub(v))?;
-        // 64-bit interrupt gate, present, DPL 0, IST 1: every exception runs on the per-vCPU
-        // exception stack, so the frame never lands in the interrupted code's red zone.
-        let low = (handler & 0xffff)
-            | (u64::from(selectors::KERNEL_CS) << 16)
-            | (1 << 32)
-            | (0x8e << 40)
-            | (((handler >> 16) & 0xffff) << 48);
-        ram.write_u64(IDT + 16 * u64::from(v), low)?;
-        ram.write_u64(IDT + 16 * u64::from(v) + 8, handler >> 32)?;
+        ram.write(handler, &stub(v, width))?;
+        let offset_bits = (handler & 0xffff) | (((handler >> 16) & 0xffff) << 48);
+        match width {
+            Width::Long => {
+                // 64-bit interrupt gate, present, DPL 0, IST 1: every exception runs on the
+                // per-vCPU exception stack, so the frame never lands in the interrupted code's
+                // red zone.
+                let low = offset_bits
+                    | (u64::from(selectors::KERNEL_CS) << 16)
+                    | (1 << 32)
+                    | (0x8e << 40);
+                ram.write_u64(IDT + 16 * u64::from(v), low)?;
+                ram.write_u64(IDT + 16 * u64::from(v) + 8, handler >> 32)?;
+            }
+            Width::Protected => {
+                // 32-bit interrupt gate, present, DPL 0, in the 32-bit kernel code segment.
+                let gate = offset_bits | (u64::from(selectors::KERNEL_CS32) << 16) | (0x8e << 40);
+                ram.write_u64(IDT + 8 * u64::from(v), gate)?;
+            }
+        }
     }
     Ok(())
 }
@@ -210,12 +238,21 @@ const USER_PORTS: [core::ops::RangeInclusive<u16>; 3] = [
     ports::PORT_DOORBELL..=ports::PORT_DOORBELL,
 ];
 
-fn write_tss(ram: &GuestRam, vcpus: u32) -> Result<(), OutOfBounds> {
+pub(crate) fn write_tss(ram: &GuestRam, vcpus: u32, width: Width) -> Result<(), OutOfBounds> {
     for id in 0..vcpus {
         let tss = tss_gpa(id);
         let ist_top = IST_STACKS + (u64::from(id) + 1) * IST_STACK_SIZE;
-        ram.write_u64(tss + 4, ist_top)?; // RSP0
-        ram.write_u64(tss + 36, ist_top)?; // IST1
+        match width {
+            Width::Long => {
+                ram.write_u64(tss + 4, ist_top)?; // RSP0
+                ram.write_u64(tss + 36, ist_top)?; // IST1
+            }
+            Width::Protected => {
+                ram.write(tss + 4, &(ist_top as u32).to_le_bytes())?; // ESP0
+                ram.write(tss + 8, &u32::from(selectors::KERNEL_DS).to_le_bytes())?;
+                // SS0
+            }
+        }
         let iomap = (IO_BITMAP - tss) as u16;
         ram.write(tss + 102, &iomap.to_le_bytes())?;
     }
@@ -252,7 +289,7 @@ fn write_page_tables(ram: &GuestRam) -> Result<(), OutOfBounds> {
     Ok(())
 }
 
-fn flat(selector: u16, type_: u8, dpl: u8, l: bool) -> Segment {
+pub(crate) fn flat(selector: u16, type_: u8, dpl: u8, l: bool) -> Segment {
     Segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -269,10 +306,14 @@ fn flat(selector: u16, type_: u8, dpl: u8, l: bool) -> Segment {
     }
 }
 
-fn initial_sregs(id: u32, vcpus: u32) -> SpecialRegs {
+/// Each vCPU's special registers at its first instruction: 64-bit long mode with the VMM's
+/// paging and IDT (vmcall's contract), or 32-bit protected mode with paging off (multiboot).
+pub(crate) fn initial_sregs(id: u32, vcpus: u32, width: Width) -> SpecialRegs {
     let data = flat(selectors::KERNEL_DS, 0x3, 0, false);
+    let long = width == Width::Long;
+    let code = if long { selectors::KERNEL_CS } else { selectors::KERNEL_CS32 };
     SpecialRegs {
-        cs: flat(selectors::KERNEL_CS, 0xb, 0, true),
+        cs: flat(code, 0xb, 0, long),
         ds: data,
         es: data,
         fs: data,
@@ -288,12 +329,16 @@ fn initial_sregs(id: u32, vcpus: u32) -> SpecialRegs {
         },
         ldt: Segment { type_: 0x2, present: true, unusable: true, ..Default::default() },
         gdt: DescriptorTable { base: GDT, limit: gdt_limit(vcpus) },
-        idt: vmm_idt(),
-        cr0: CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG,
+        idt: idtr(width),
+        cr0: if long {
+            CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        } else {
+            CR0_PE | CR0_ET
+        },
         cr2: 0,
-        cr3: PML4,
-        cr4: CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
-        efer: EFER_LME | EFER_LMA,
+        cr3: if long { PML4 } else { 0 },
+        cr4: if long { CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT } else { 0 },
+        efer: if long { EFER_LME | EFER_LMA } else { 0 },
     }
 }
 
