@@ -123,6 +123,20 @@ pub mod ports {
     pub const PORT_HC_TRAP: u16 = 0xf6;
     /// Rung by the VMM-owned handler of every other exception, with the vector in AL.
     pub const PORT_FAULT: u16 = 0xf7;
+    /// QEMU's `isa-debug-exit` as test kernels configure it (`iobase=0xf4`): writing V ends the
+    /// run with status `(V << 1) | 1`.
+    pub const ISA_DEBUG_EXIT: u16 = 0xf4;
+    /// QEMU's fw_cfg: the 16-bit selector register.
+    pub const FW_CFG_SELECTOR: u16 = 0x510;
+    /// QEMU's fw_cfg: the 8-bit data register.
+    pub const FW_CFG_DATA: u16 = 0x511;
+}
+
+/// Guest-physical addresses of memory-mapped devices.
+pub mod mmio {
+    /// The local APIC's register page (xAPIC mode), one per vCPU at the same address.
+    pub const APIC_BASE: u64 = 0xfee0_0000;
+    pub const APIC_SIZE: u64 = 0x1000;
 }
 
 /// GDT selectors of the VMM-built GDT (see `docs/guest-abi.md`).

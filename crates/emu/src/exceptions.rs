@@ -290,7 +290,12 @@ impl Mem<'_> {
                 let n = (t.room().min((size - done) as u64)) as usize;
                 if self.ram.check(t.gpa, n as u64).is_err() {
                     let len = n as u8;
-                    return Err(Fail::Exit(VcpuExit::Mmio { gpa: t.gpa, write: true, len }));
+                    return Err(Fail::Exit(VcpuExit::Mmio {
+                        gpa: t.gpa,
+                        write: true,
+                        len,
+                        data: 0,
+                    }));
                 }
                 let mut piece = [0u8; 8];
                 piece[..n].copy_from_slice(&bytes[done..done + n]);
@@ -317,11 +322,14 @@ fn access_fail(e: VirtError, access: Access, noncanonical: Fail) -> Fail {
         VirtError::Walk(WalkError::ReadOnly { va } | WalkError::Supervisor { va }) => pf(va, true),
         VirtError::Walk(WalkError::NonCanonical { .. }) => noncanonical,
         VirtError::Walk(WalkError::TableOutsideRam { table, .. }) => {
-            Fail::Exit(VcpuExit::Mmio { gpa: table, write: false, len: 8 })
+            Fail::Exit(VcpuExit::Mmio { gpa: table, write: false, len: 8, data: 0 })
         }
-        VirtError::OutOfRam(o) => {
-            Fail::Exit(VcpuExit::Mmio { gpa: o.gpa, write: access.write, len: o.len as u8 })
-        }
+        VirtError::OutOfRam(o) => Fail::Exit(VcpuExit::Mmio {
+            gpa: o.gpa,
+            write: access.write,
+            len: o.len as u8,
+            data: 0,
+        }),
     }
 }
 

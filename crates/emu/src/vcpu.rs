@@ -17,7 +17,6 @@ use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
 use vmcall_abi::insn;
 use vmcall_vmm::backend::{BackendError, InlineExits, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot::VcpuInit;
-use vmcall_vmm::devices::port_in;
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::{mode, CpuMode, Regs};
 
@@ -289,10 +288,15 @@ fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>
         }
     })
     .map_err(uc_err("hook"))?;
-    uc.add_insn_in_hook(|_: &mut Engine<'_>, port: u32, size: usize| {
-        port_in(port as u16, size as u8)
+    uc.add_insn_in_hook(|uc: &mut Engine<'_>, port: u32, size: usize| {
+        match uc.get_data().sink {
+            // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there).
+            Some(SinkPtr(sink)) => unsafe { &mut *sink }.port_in(port as u16, size as u8),
+            None => u32::MAX,
+        }
     })
     .map_err(uc_err("hook"))?;
+    map_apic(&mut uc, ram.size())?;
     uc.add_intr_hook(on_exception).map_err(uc_err("hook"))?;
     uc.add_mem_hook(
         HookType::MEM_UNMAPPED,
@@ -300,13 +304,41 @@ fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>
         0,
         |uc: &mut Engine<'_>, kind: MemType, addr: u64, size: usize, _| {
             let write = matches!(kind, MemType::WRITE_UNMAPPED);
-            uc.get_data_mut().stop_with(VcpuExit::Mmio { gpa: addr, write, len: size as u8 });
+            uc.get_data_mut().stop_with(VcpuExit::Mmio {
+                gpa: addr,
+                write,
+                len: size as u8,
+                data: 0,
+            });
             let _ = uc.emu_stop();
             false
         },
     )
     .map_err(uc_err("hook"))?;
     Ok(uc)
+}
+
+/// The local APIC's page, answered inline by the VMM's device model like port I/O (unless RAM
+/// reaches that high and hides it, as a memory slot does on KVM).
+fn map_apic(uc: &mut Engine<'_>, ram_size: u64) -> Result<(), BackendError> {
+    use vmcall_abi::mmio::{APIC_BASE, APIC_SIZE};
+    if ram_size > APIC_BASE {
+        return Ok(());
+    }
+    let read = |uc: &mut Engine<'_>, off: u64, size: usize| {
+        let Some(SinkPtr(sink)) = uc.get_data().sink else { return 0 };
+        // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there); MMIO
+        // callbacks run only inside it.
+        let sink = unsafe { &mut *sink };
+        sink.mmio_read(APIC_BASE + off, size as u8).unwrap_or(0)
+    };
+    let write = |uc: &mut Engine<'_>, off: u64, size: usize, value: u64| {
+        if let Some(SinkPtr(sink)) = uc.get_data().sink {
+            // SAFETY: as for reads.
+            unsafe { &mut *sink }.mmio_write(APIC_BASE + off, size as u8, value);
+        }
+    };
+    uc.mmio_map(APIC_BASE, APIC_SIZE, Some(read), Some(write)).map_err(uc_err("map the APIC page"))
 }
 
 macro_rules! gpr_list {
@@ -355,6 +387,10 @@ impl Vcpu for EmuVcpu {
 
     fn complete_io_in(&mut self, _data: u32) -> Result<(), BackendError> {
         Err(BackendError::new("the emulator answers port reads itself; no read is pending"))
+    }
+
+    fn complete_mmio_read(&mut self, _data: u64) -> Result<(), BackendError> {
+        Err(BackendError::new("the emulator answers device reads itself; no read is pending"))
     }
 
     fn regs(&mut self) -> Result<Regs, BackendError> {

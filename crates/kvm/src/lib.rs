@@ -436,8 +436,11 @@ impl VmBackend for KvmVm {
         let mut cpuid = self.cpuid.clone();
         for e in cpuid.as_mut_slice() {
             if e.function == 1 {
-                // Initial APIC id = vCPU id.
+                // Initial APIC id = vCPU id; an xAPIC (EDX bit 9), and no x2APIC (ECX bit 21),
+                // which vmcall does not implement.
                 e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24);
+                e.edx |= 1 << 9;
+                e.ecx &= !(1 << 21);
             }
             // The KVM leaves say what vmcall implements, the same on every backend (the
             // kernel would advertise its own PV features, which vmcall's guests never get).

@@ -66,6 +66,10 @@ enum Pending {
     /// Stopped in an exception's handler — the guest's own (at its first instruction) or the
     /// VMM's stub: return to the caller as the handler's `iret` would, past the instruction.
     Iret(IretState),
+    /// An MMIO read of this many bytes, answered in `kvm_run.mmio.data`.
+    MmioRead {
+        len: usize,
+    },
     /// An `in` whose data goes at this offset of `kvm_run`.
     IoIn {
         offset: usize,
@@ -477,10 +481,15 @@ impl KvmVcpu {
                 return self.translate_debug(arch.pc, arch.dr6);
             }
             KvmExit::MmioRead(gpa, data) => {
-                VcpuExit::Mmio { gpa, write: false, len: data.len() as u8 }
+                let len = data.len().min(8);
+                self.pending = Pending::MmioRead { len };
+                VcpuExit::Mmio { gpa, write: false, len: len as u8, data: 0 }
             }
             KvmExit::MmioWrite(gpa, data) => {
-                VcpuExit::Mmio { gpa, write: true, len: data.len() as u8 }
+                let mut word = [0u8; 8];
+                let len = data.len().min(8);
+                word[..len].copy_from_slice(&data[..len]);
+                VcpuExit::Mmio { gpa, write: true, len: len as u8, data: u64::from_le_bytes(word) }
             }
             KvmExit::Intr => VcpuExit::Interrupted,
             KvmExit::Unsupported(kvm_bindings::KVM_EXIT_XEN) => self.translate_xen(),
@@ -567,6 +576,19 @@ impl Vcpu for KvmVcpu {
         // which kvm-ioctls mapped), and `offset..offset + size` lies inside it (checked above);
         // we write `size` <= 4 bytes there while no other reference to that area exists.
         unsafe { std::ptr::copy_nonoverlapping(data.to_le_bytes().as_ptr(), dst, size) };
+        Ok(())
+    }
+
+    fn complete_mmio_read(&mut self, data: u64) -> Result<(), BackendError> {
+        let Pending::MmioRead { len } = std::mem::replace(&mut self.pending, Pending::None) else {
+            return Err(BackendError::new("no MMIO read to complete"));
+        };
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO (a read: `pending` says so), so `mmio` is the
+        // active union field; KVM copies `data[..len]` into the guest's register on the next
+        // KVM_RUN, and `len` <= 8 = the array's size.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        mmio.data[..len].copy_from_slice(&data.to_le_bytes()[..len]);
         Ok(())
     }
 

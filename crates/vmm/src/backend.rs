@@ -62,8 +62,9 @@ pub enum VcpuExit {
     Shutdown { rip: u64 },
     /// A debug exit the backend did not consume.
     Debug { rip: u64 },
-    /// An access to a guest-physical address with no RAM behind it.
-    Mmio { gpa: u64, write: bool, len: u8 },
+    /// An access to a guest-physical address with no RAM behind it (`data`: what a write
+    /// writes); answer a read with [`Vcpu::complete_mmio_read`].
+    Mmio { gpa: u64, write: bool, len: u8, data: u64 },
     /// Stopped from another thread through [`Interrupter::interrupt`].
     Interrupted,
     /// Anything else; the text says what.
@@ -103,6 +104,13 @@ pub trait InlineExits {
     /// Perform a port write. Returns true if the write needs the vCPU loop (it ends the run):
     /// the backend must then stop and report it as a [`VcpuExit::IoOut`] instead.
     fn port_out(&mut self, port: u16, size: u8, data: u32) -> bool;
+    /// Perform a port read of `size` bytes.
+    fn port_in(&mut self, port: u16, size: u8) -> u32;
+    /// Perform an MMIO read of `len` bytes; `None` when no device answers there (the backend
+    /// must then stop and report a [`VcpuExit::Mmio`]).
+    fn mmio_read(&mut self, gpa: u64, len: u8) -> Option<u64>;
+    /// Perform an MMIO write; false when no device is there (as for `mmio_read`).
+    fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> bool;
 }
 
 /// One virtual CPU. The VMM moves it to its own thread before calling any method.
@@ -114,6 +122,8 @@ pub trait Vcpu: Send {
     fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError>;
     /// Finish the `in` of the last exit with `data`.
     fn complete_io_in(&mut self, data: u32) -> Result<(), BackendError>;
+    /// Finish the MMIO read of the last exit with `data` (its low `len` bytes).
+    fn complete_mmio_read(&mut self, data: u64) -> Result<(), BackendError>;
     /// Current general-purpose registers (diagnostics, tests).
     fn regs(&mut self) -> Result<Regs, BackendError>;
     /// The guest's TSC now.

@@ -9,7 +9,7 @@ use crate::backend::{BackendError, GuestInfo, Hypervisor, Interrupter, VmBackend
 use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::multiboot::{self, MultibootError};
 use crate::boot::{self, BootParams, VcpuInit};
-use crate::devices::{Console, ConsoleWriter};
+use crate::devices::{Console, ConsoleWriter, Devices};
 use crate::hypercall::HypercallTable;
 use crate::memory::{GuestRam, RamError};
 use crate::stats::VcpuStats;
@@ -127,11 +127,12 @@ impl VmBuilder {
             .create_vm(prepared.ram.clone(), &prepared.guest)
             .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
         let console = Console::new(self.console.unwrap_or_else(|| Box::new(std::io::stdout())));
+        let devices = Devices::new(console, self.vcpus, prepared.ram.size());
         Ok(Vm {
             backend,
             inits: prepared.inits,
             timeout: self.timeout,
-            shared: Arc::new(Shared::new(prepared.ram, self.table, console, self.vcpus)),
+            shared: Arc::new(Shared::new(prepared.ram, self.table, devices, self.vcpus)),
             backend_name: hv.name(),
         })
     }
@@ -393,7 +394,7 @@ impl Vm {
                 }
             }
         });
-        self.shared.console.flush();
+        self.shared.devices.console().flush();
         let result = self
             .shared
             .end

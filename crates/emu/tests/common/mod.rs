@@ -272,7 +272,7 @@ impl Machine {
 
 /// The test's VMM side: records hypercalls and answers each with `0x1000 + nr`, except
 /// `nr == 9` (CLOCK_PAIRING), answered with the backend's guest TSC. Any port write ends the
-/// run.
+/// run; port reads see absent hardware and no device answers MMIO.
 #[derive(Default)]
 pub struct Sink {
     pub calls: Vec<HypercallExit>,
@@ -290,6 +290,18 @@ impl InlineExits for Sink {
 
     fn port_out(&mut self, _port: u16, _size: u8, _data: u32) -> bool {
         true
+    }
+
+    fn port_in(&mut self, _port: u16, _size: u8) -> u32 {
+        u32::MAX
+    }
+
+    fn mmio_read(&mut self, _gpa: u64, _len: u8) -> Option<u64> {
+        None
+    }
+
+    fn mmio_write(&mut self, _gpa: u64, _len: u8, _data: u64) -> bool {
+        false
     }
 }
 

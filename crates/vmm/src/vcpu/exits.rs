@@ -9,7 +9,7 @@ use vmcall_abi::ExitReason;
 
 use super::{RunError, Shared};
 use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
-use crate::devices::{port_in, port_out, PortWrite};
+use crate::devices::PortWrite;
 use crate::hypercall::{emulate, HypercallExit, Platform};
 use crate::stats::VcpuStats;
 
@@ -67,13 +67,14 @@ fn backend(vcpu: u32) -> impl FnOnce(BackendError) -> RunError {
 fn handle_io(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     match *exit {
         VcpuExit::IoOut { port, size, data } => {
-            Ok(match port_out(ctx.vcpu_id, &ctx.shared.console, ctx.line, port, size, data) {
+            Ok(match ctx.shared.devices.port_out(ctx.vcpu_id, ctx.line, port, size, data) {
                 PortWrite::Done => Flow::Continue,
                 PortWrite::Exit(status) => Flow::Exit(status),
             })
         }
         VcpuExit::IoIn { port, size } => {
-            ctx.vcpu.complete_io_in(port_in(port, size)).map_err(backend(ctx.vcpu_id))?;
+            let value = ctx.shared.devices.port_in(port, size);
+            ctx.vcpu.complete_io_in(value).map_err(backend(ctx.vcpu_id))?;
             Ok(Flow::Continue)
         }
         _ => unreachable!("dispatched by reason"),
@@ -159,7 +160,7 @@ impl InlineExits for Inline<'_> {
     }
 
     fn port_out(&mut self, port: u16, size: u8, data: u32) -> bool {
-        match port_out(self.vcpu_id, &self.shared.console, self.line, port, size, data) {
+        match self.shared.devices.port_out(self.vcpu_id, self.line, port, size, data) {
             PortWrite::Done => {
                 self.stats.exit(ExitReason::Io);
                 false
@@ -167,6 +168,25 @@ impl InlineExits for Inline<'_> {
             // Anything else must reach the vCPU loop: the backend reports it as an exit.
             PortWrite::Exit(_) => true,
         }
+    }
+
+    fn port_in(&mut self, port: u16, size: u8) -> u32 {
+        self.stats.exit(ExitReason::Io);
+        self.shared.devices.port_in(port, size)
+    }
+
+    fn mmio_read(&mut self, gpa: u64, len: u8) -> Option<u64> {
+        let v = self.shared.devices.mmio_read(self.vcpu_id, gpa, len)?;
+        self.stats.exit(ExitReason::Mmio);
+        Some(v)
+    }
+
+    fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> bool {
+        let done = self.shared.devices.mmio_write(self.vcpu_id, gpa, len, data);
+        if done {
+            self.stats.exit(ExitReason::Mmio);
+        }
+        done
     }
 }
 
@@ -181,7 +201,21 @@ fn handle_fault(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunE
 }
 
 fn handle_mmio(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
-    let VcpuExit::Mmio { gpa, write, len } = *exit else { unreachable!("dispatched by reason") };
+    let VcpuExit::Mmio { gpa, write, len, data } = *exit else {
+        unreachable!("dispatched by reason")
+    };
+    let devices = &ctx.shared.devices;
+    let handled = if write {
+        devices.mmio_write(ctx.vcpu_id, gpa, len, data)
+    } else if let Some(value) = devices.mmio_read(ctx.vcpu_id, gpa, len) {
+        ctx.vcpu.complete_mmio_read(value).map_err(backend(ctx.vcpu_id))?;
+        true
+    } else {
+        false
+    };
+    if handled {
+        return Ok(Flow::Continue);
+    }
     Err(RunError::Unhandled {
         vcpu: ctx.vcpu_id,
         what: format!(

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::{RunError, RunStatus};
-use crate::devices::Console;
+use crate::devices::Devices;
 use crate::hypercall::HypercallTable;
 use crate::memory::GuestRam;
 
@@ -28,7 +28,7 @@ pub struct Shared {
     pub ram: Arc<GuestRam>,
     pub table: Arc<HypercallTable>,
     pub vcpu_count: u32,
-    pub(crate) console: Console,
+    pub(crate) devices: Devices,
     halts: Mutex<Halts>,
     halt_cv: Condvar,
     stop: AtomicBool,
@@ -40,14 +40,14 @@ impl Shared {
     pub(crate) fn new(
         ram: Arc<GuestRam>,
         table: Arc<HypercallTable>,
-        console: Console,
+        devices: Devices,
         n: u32,
     ) -> Self {
         Self {
             ram,
             table,
             vcpu_count: n,
-            console,
+            devices,
             halts: Mutex::new(Halts {
                 state: vec![HaltState::Running; n as usize],
                 pending_kick: vec![false; n as usize],
@@ -61,7 +61,7 @@ impl Shared {
     }
 
     pub(crate) fn console_write(&self, bytes: &[u8]) {
-        self.console.write(bytes);
+        self.devices.console().write(bytes);
     }
 
     pub(crate) fn stopping(&self) -> bool {
