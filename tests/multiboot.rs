@@ -54,3 +54,52 @@ fn boot_protocol_choice_is_explicit_when_asked() {
     let chain = format!("{:?}", err);
     assert!(chain.contains("NoHeader"), "{chain}");
 }
+
+/// What `multiboot_kernel` prints, in order (the higher-half address line checked apart).
+const KERNEL_LINES: [&str; 16] = [
+    "multiboot kernel: magic 0x2badb002, command line \"kernel.elf a b\"",
+    "fw_cfg: signature QEMU, 0x2 CPUs",
+    "local APIC: id 0x0, version 0x14",
+    "own GDT and IDT loaded",
+    "32-bit static vmcall nr=20 a0=0x32: 0x32",
+    "32-bit static vmmcall nr=20 a0=0x33: 0x33",
+    "32-bit static vmcall nr=999: 0xfffffc18",
+    "32-bit run-time vmcall nr=20 a0=0x34: 0x34",
+    "32-bit #UD handler ran 0x0 times",
+    "long mode: running in the higher half at 0xffffffff801",
+    "64-bit static vmcall nr=20 a0=0x1234567890: 0x1234567890",
+    "64-bit static vmmcall nr=20 a0=0x2234567890: 0x2234567890",
+    "64-bit static vmcall nr=999: 0xfffffffffffffc18",
+    "64-bit run-time vmmcall nr=20 a0=0x65: 0x65",
+    "64-bit ud2 reached the kernel's #UD handler, count 0x1",
+    "done, exiting through isa-debug-exit ",
+];
+
+/// The "bring your own kernel" case: a multiboot ELF32 kernel written for QEMU's `-kernel`
+/// (own GDT, IDT and page tables, the higher half, its own switch to long mode, a polled
+/// 16550, fw_cfg, the APIC, isa-debug-exit) runs unchanged with no extra flag, gives the same
+/// output on every backend, and exits with QEMU's status: (0x10 << 1) | 1.
+#[test]
+fn a_kernel_written_for_qemu_runs_unchanged_on_every_backend() {
+    let mut first: Option<(String, String)> = None;
+    for b in backends("a_kernel_written_for_qemu_runs_unchanged_on_every_backend") {
+        let out = run_image(b.hv.as_ref(), guest("c-multiboot_kernel"), "a b", table(), |v| {
+            v.image_name("kernel.elf").vcpus(2)
+        });
+        out.expect_status(RunStatus::Exited(33), &b.name);
+        let lines: Vec<&str> = out.console.lines().collect();
+        assert_eq!(lines.len(), KERNEL_LINES.len(), "{}: {}", b.name, out.console);
+        for (got, want) in lines.iter().zip(KERNEL_LINES) {
+            assert!(got.starts_with(want), "{}: got {got:?}, want {want:?}", b.name);
+        }
+        if b.sees_every_call {
+            assert_eq!(out.stats.total_hypercalls(), 8, "{}", b.name);
+        }
+        match &first {
+            None => first = Some((b.name.clone(), out.console.clone())),
+            Some((name, console)) => {
+                assert_eq!(&out.console, console, "{} differs from {name}", b.name)
+            }
+        }
+    }
+}

@@ -13,12 +13,11 @@ vmcall_guest::entry!(main);
 static mut PAIRING: [u64; 8] = [0; 8];
 
 fn main(_: &'static BootInfo) -> i32 {
-    // SAFETY: CPUID and RDTSC are available on every x86-64 CPU.
-    let (sig, features) = unsafe { (__cpuid(0x4000_0000), __cpuid(0x4000_0001)) };
+    let (sig, features) = (__cpuid(0x4000_0000), __cpuid(0x4000_0001));
     println!("cpuid 0x40000000: eax={} ebx={} ecx={} edx={}", Hex(sig.eax.into()), Hex(sig.ebx.into()), Hex(sig.ecx.into()), Hex(sig.edx.into()));
     println!("cpuid 0x40000001: eax={} edx={}", Hex(features.eax.into()), Hex(features.edx.into()));
     let pairing = core::ptr::addr_of_mut!(PAIRING);
-    // SAFETY: as above.
+    // SAFETY: RDTSC is available on every x86-64 CPU and has no memory effects.
     let before = unsafe { _rdtsc() };
     let ret = hypercall2(vmcall_guest::hc::KVM_HC_CLOCK_PAIRING, pairing as u64, 0);
     // SAFETY: as above.
