@@ -15,6 +15,7 @@ use vmcall_vmm::hypercall::handlers::{self, Builtin};
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
+use vmcall_vmm::x86::cpuid::PvCpuid;
 
 /// Exit status when the guest did not finish within --timeout (as timeout(1)).
 const EXIT_TIMEOUT: u8 = 124;
@@ -88,6 +89,19 @@ struct VmArgs {
     /// multiboot header in its first 8 KiB (docs/guest-abi.md).
     #[arg(long, default_value = "auto", value_name = "PROTOCOL", value_parser = ["auto", "elf64", "multiboot"])]
     boot: String,
+    /// What the other vendor's hypercall instruction does (VMCALL on AMD, VMMCALL on Intel):
+    /// patch (KVM's default FIX_HYPERCALL_INSN quirk: rewritten to the native one, then
+    /// answered), ud (the quirk off: #UD in the guest), or answer (answered, nothing rewritten).
+    #[arg(long, default_value = "patch", value_name = "MODE", value_parser = ["patch", "ud", "answer"])]
+    foreign_hypercall: String,
+    /// The PV features CPUID leaf 0x40000001 advertises (default: what vmcall implements,
+    /// KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SCHED_YIELD).
+    #[arg(long, value_name = "MASK", value_parser = vmcall_vmm::hypercall::handlers::parse_u64)]
+    pv_features: Option<u64>,
+    /// Refuse hypercalls (-KVM_ENOSYS) and PV MSRs (#GP) whose feature --pv-features does not
+    /// offer, as KVM_CAP_ENFORCE_PV_FEATURE_CPUID does (off by default, as in KVM).
+    #[arg(long)]
+    enforce_pv_cpuid: bool,
     /// How the KVM backend traps hypercalls: auto, rewrite, ud, hwbp or xen (docs/kvm-backend.md).
     #[arg(long, default_value = "auto", value_name = "STRATEGY", value_parser = ["auto", "rewrite", "ud", "hwbp", "xen"])]
     trap: String,
@@ -191,6 +205,15 @@ fn run(
         .timeout(a.timeout.0)
         .cmdline(cmdline)
         .boot(a.boot.parse()?)
+        .foreign_hypercall(a.foreign_hypercall.parse()?)
+        .pv_cpuid(PvCpuid {
+            features: match a.pv_features {
+                Some(mask) => u32::try_from(mask)
+                    .map_err(|_| format!("--pv-features {mask:#x} does not fit in 32 bits"))?,
+                None => vmcall_vmm::x86::cpuid::PV_FEATURES,
+            },
+            enforce: a.enforce_pv_cpuid,
+        })
         .image_name(image_name)
         .table(table.clone())
         .build(hv.as_ref())

@@ -26,7 +26,12 @@ pub fn raw_hypercall_round_trips(
     init: &VcpuInit,
     lat: &mut Latency,
 ) -> Result<(), BackendError> {
-    let mut uc = new_engine(ram, init, Raw { last: None, lat: Latency::default() })?;
+    let mut uc = new_engine(
+        ram,
+        init,
+        Raw { last: None, lat: Latency::default() },
+        vmcall_vmm::x86::cpuid::PV_FEATURES,
+    )?;
     uc.add_insn_invalid_hook(|uc| {
         let now = Instant::now();
         let rip = uc.reg_read(R::RIP).unwrap_or(0);

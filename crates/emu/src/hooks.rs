@@ -7,7 +7,7 @@
 use unicorn_engine::RegisterX86 as R;
 use vmcall_abi::insn;
 use vmcall_vmm::backend::VcpuExit;
-use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
+use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn, InsnAction};
 use vmcall_vmm::x86::mode::{CR0_PE, CR0_PG, CR4_PAE, EFER_LMA};
 use vmcall_vmm::x86::{CpuMode, PagingContext, VirtualMemory};
 
@@ -100,13 +100,9 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
     let (mode, cs_base) = current_mode(uc, cs, &paging);
     let linear = linear_rip(mode, cs_base, rip);
     let mut bytes = [0u8; 3];
-    let read = VirtualMemory::new(&uc.get_data().ram, paging).read(linear, &mut bytes);
-    match read {
-        Ok(()) if insn::is_hypercall(&bytes) => {}
-        Ok(()) => {
-            raise(uc, |_| Ok(Event::exception(exceptions::UD, 0, rip)));
-            return true;
-        }
+    let memory = VirtualMemory::new(&uc.get_data().ram, paging);
+    let found = match memory.read(linear, &mut bytes) {
+        Ok(()) => HypercallInsn::decode(&bytes),
         Err(e) => {
             // The fetch itself would fault (the page tables changed under the emulator's
             // translation cache).
@@ -114,7 +110,22 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
             raise(uc, |_| exceptions::fetch_fault(e, rip, user, &paging));
             return true;
         }
-    }
+    };
+    let state = uc.get_data();
+    let action = found.map(|insn| state.foreign.action(insn, state.native));
+    let insn = match (found, action) {
+        (Some(insn), Some(InsnAction::Answer)) => insn,
+        (Some(insn), Some(InsnAction::PatchThenAnswer { native })) => {
+            // KVM's FIX_HYPERCALL_INSN quirk: the native instruction from now on.
+            let _ = VirtualMemory::new(&state.ram, paging).write(linear, &native.bytes());
+            insn
+        }
+        _ => {
+            // Not a hypercall, or the other vendor's with the quirk off: a real #UD.
+            raise(uc, |_| Ok(Event::exception(exceptions::UD, 0, rip)));
+            return true;
+        }
+    };
     let reg = |r: R| uc.reg_read(r).unwrap_or(0);
     let call = HypercallExit {
         nr: reg(R::RAX),
@@ -122,7 +133,7 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
         cpl: (cs & 3) as u8,
         mode,
         rip,
-        insn: if bytes == insn::VMCALL { HypercallInsn::Vmcall } else { HypercallInsn::Vmmcall },
+        insn,
         paging,
     };
     match uc.get_data().sink {

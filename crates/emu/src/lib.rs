@@ -38,6 +38,7 @@ pub fn unicorn_version() -> String {
 
 struct EmuVm {
     ram: Arc<GuestRam>,
+    config: vcpu::VcpuConfig,
 }
 
 impl Hypervisor for EmuHypervisor {
@@ -48,15 +49,16 @@ impl Hypervisor for EmuHypervisor {
     fn create_vm(
         &self,
         ram: Arc<GuestRam>,
-        _guest: &GuestInfo,
+        guest: &GuestInfo,
     ) -> Result<Box<dyn VmBackend>, BackendError> {
-        Ok(Box::new(EmuVm { ram }))
+        let config = vcpu::VcpuConfig { pv: guest.pv, foreign: guest.foreign };
+        Ok(Box::new(EmuVm { ram, config }))
     }
 }
 
 impl VmBackend for EmuVm {
     fn create_vcpu(&self, _id: u32, init: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError> {
-        Ok(Box::new(vcpu::EmuVcpu::new(self.ram.clone(), *init)))
+        Ok(Box::new(vcpu::EmuVcpu::new(self.ram.clone(), *init, self.config)))
     }
 
     fn describe(&self) -> String {

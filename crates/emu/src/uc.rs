@@ -48,24 +48,27 @@ pub fn read_msr<D>(uc: &Unicorn<'_, D>, index: u32) -> Result<u64, uc_error> {
 /// Answer the guest's CPUID for the leaves that must match the KVM backend, so that a guest
 /// behaves the same on both: leaf 0 gives the host's vendor (which picks VMCALL or VMMCALL),
 /// leaves 0x40000000/1 the KVM signature and PV features, from the one definition every
-/// backend uses (`vmcall_vmm::x86::cpuid::kvm_leaf`). Other leaves are the emulated CPU's own, which
+/// backend uses (`vmcall_vmm::x86::cpuid::PvCpuid`), with the VM's `pv_features`. Other leaves are the emulated CPU's own, which
 /// describe what it can actually run (so leaf 1's initial APIC id is 0 on every vCPU here:
 /// guests learn their id from `BootInfo::vcpu_id`).
 ///
 /// Registered through the C API because the binding's `add_insn_sys_hook` gives the callback no
 /// return value, while unicorn reads one (non-zero: "the hook answered, skip CPUID").
-pub fn add_cpuid_hook<D>(uc: &mut Unicorn<'_, D>) -> Result<(), uc_error> {
+pub fn add_cpuid_hook<D>(uc: &mut Unicorn<'_, D>, pv_features: u32) -> Result<(), uc_error> {
     let mut hook: unicorn_engine::uc_hook = 0;
+    // The features travel in the user-data pointer's value itself: no allocation to free.
+    let user_data = pv_features as usize as *mut c_void;
     // SAFETY: `on_cpuid` has the C signature unicorn calls CPUID hooks with
-    // (`uc_cb_insn_cpuid_t`) and ignores its user data; the range 1..0 means "every address";
-    // the variadic argument names the instruction, as uc_hook_add requires for UC_HOOK_INSN.
+    // (`uc_cb_insn_cpuid_t`) and never dereferences its user data; the range 1..0 means
+    // "every address"; the variadic argument names the instruction, as uc_hook_add requires for
+    // UC_HOOK_INSN.
     unsafe {
         unicorn_engine::uc_hook_add(
             uc.get_handle(),
             &mut hook,
             unicorn_engine::unicorn_const::HookType::INSN.0 as i32,
             on_cpuid as *mut c_void,
-            core::ptr::null_mut(),
+            user_data,
             1,
             0,
             unicorn_engine::unicorn_const::X86Insn::CPUID as u32,
@@ -74,7 +77,9 @@ pub fn add_cpuid_hook<D>(uc: &mut Unicorn<'_, D>) -> Result<(), uc_error> {
     .into()
 }
 
-extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, _user_data: *mut c_void) -> i32 {
+extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, user_data: *mut c_void) -> i32 {
+    let pv =
+        vmcall_vmm::x86::cpuid::PvCpuid { features: user_data as usize as u32, enforce: false };
     let read = |reg: RegisterX86| {
         let mut v = 0u64;
         // SAFETY: `uc` is the engine calling this hook; a GPR read writes one u64.
@@ -88,7 +93,7 @@ extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, _user_data: *mut c_vo
             // The emulated CPU model's (qemu64's) maximum leaf, with the host's vendor string.
             [0xd, host.ebx, host.ecx, host.edx]
         }
-        _ => match vmcall_vmm::x86::cpuid::kvm_leaf(leaf) {
+        _ => match pv.leaf(leaf) {
             Some(answer) => answer,
             None => return 0,
         },

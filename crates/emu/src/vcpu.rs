@@ -17,7 +17,9 @@ use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
 use vmcall_abi::insn;
 use vmcall_vmm::backend::{BackendError, InlineExits, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot::VcpuInit;
+use vmcall_vmm::hypercall::{ForeignInsn, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
+use vmcall_vmm::x86::cpuid::PvCpuid;
 use vmcall_vmm::x86::{mode, CpuMode, Regs};
 
 use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
@@ -47,6 +49,16 @@ pub(crate) struct HookState {
     pub cpu: Option<CpuState>,
     /// CR2 when a hook last ran (the guest's CR2, unless it wrote CR2 itself since).
     pub cr2_seen: u64,
+    /// What the other vendor's hypercall instruction does, and which is the native one.
+    pub foreign: ForeignInsn,
+    pub native: HypercallInsn,
+}
+
+/// What a VM's vCPUs are configured with beyond their registers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct VcpuConfig {
+    pub pv: PvCpuid,
+    pub foreign: ForeignInsn,
 }
 
 /// The `&mut dyn InlineExits` of the current `run`, with its lifetime erased so that the
@@ -101,6 +113,7 @@ pub(crate) struct EmuVcpu {
     stop: Arc<StopState>,
     /// RIP of the hypercall being answered.
     pending_hypercall: Option<u64>,
+    config: VcpuConfig,
 }
 
 // SAFETY: an `EmuVcpu` is moved to its vCPU thread before any method is called (the VMM's
@@ -119,10 +132,10 @@ pub(crate) fn uc_err(what: &'static str) -> impl FnOnce(uc_error) -> BackendErro
 }
 
 impl EmuVcpu {
-    pub(crate) fn new(ram: Arc<GuestRam>, init: VcpuInit) -> Self {
+    pub(crate) fn new(ram: Arc<GuestRam>, init: VcpuInit, config: VcpuConfig) -> Self {
         let stop =
             Arc::new(StopState { handle: Mutex::new(None), requested: AtomicBool::new(false) });
-        Self { engine: None, ram, init, stop, pending_hypercall: None }
+        Self { engine: None, ram, init, stop, pending_hypercall: None, config }
     }
 
     /// The next queued exit, running the engine when none is queued.
@@ -169,7 +182,7 @@ impl EmuVcpu {
 
     fn engine(&mut self) -> Result<&mut Engine<'static>, BackendError> {
         if self.engine.is_none() {
-            let engine = create_engine(&self.ram, &self.init)?;
+            let engine = create_engine(&self.ram, &self.init, self.config)?;
             *self.stop.handle.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(StopHandle(engine.get_handle()));
             self.engine = Some(engine);
@@ -183,6 +196,7 @@ pub(crate) fn new_engine<D: 'static>(
     ram: &Arc<GuestRam>,
     init: &VcpuInit,
     data: D,
+    pv_features: u32,
 ) -> Result<Unicorn<'static, D>, BackendError> {
     let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, data).map_err(uc_err("open"))?;
     let (host, len) = ram.host_mapping();
@@ -215,7 +229,7 @@ pub(crate) fn new_engine<D: 'static>(
     write_mmr(&mut uc, R::TR, mmr(s.tr.base, s.tr.limit, s.tr.selector, TR_FLAGS_TSS64))
         .map_err(uc_err("TR"))?;
     write_regs(&mut uc, &init.regs).map_err(uc_err("registers"))?;
-    add_cpuid_hook(&mut uc).map_err(uc_err("CPUID hook"))?;
+    add_cpuid_hook(&mut uc, pv_features).map_err(uc_err("CPUID hook"))?;
     Ok(uc)
 }
 
@@ -255,8 +269,14 @@ fn enter_protected_mode(
     write_regs(uc, &init.regs).map_err(uc_err("registers"))
 }
 
-fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>, BackendError> {
+fn create_engine(
+    ram: &Arc<GuestRam>,
+    init: &VcpuInit,
+    config: VcpuConfig,
+) -> Result<Engine<'static>, BackendError> {
     let state = HookState {
+        foreign: config.foreign,
+        native: HypercallInsn::native(),
         ram: ram.clone(),
         queue: VecDeque::new(),
         stopped_by_hook: false,
@@ -265,7 +285,7 @@ fn create_engine(ram: &Arc<GuestRam>, init: &VcpuInit) -> Result<Engine<'static>
         cpu: None,
         cr2_seen: init.sregs.cr2,
     };
-    let mut uc = new_engine(ram, init, state)?;
+    let mut uc = new_engine(ram, init, state, config.pv.features)?;
     let mut cpu = CpuState::new(&mut uc).map_err(|e| BackendError::with("unicorn", e))?;
     if init.sregs.efer & mode::EFER_LMA == 0 {
         enter_protected_mode(&mut uc, &mut cpu, init)?;

@@ -22,7 +22,7 @@ fn kvm_cpuid_leaves_are_vmms_definition() {
     let run = m.run();
     assert!(matches!(run.exit, VcpuExit::IoOut { .. }), "{:?}", run.exit);
     for (i, leaf) in [0x4000_0000u32, 0x4000_0001].into_iter().enumerate() {
-        let want = vmcall_vmm::x86::cpuid::kvm_leaf(leaf).unwrap();
+        let want = vmcall_vmm::x86::cpuid::PvCpuid::default().leaf(leaf).unwrap();
         let eax = m.ram.read_u64(RECORDS + 16 * i as u64).unwrap() as u32;
         let ebx = m.ram.read_u64(RECORDS + 16 * i as u64 + 8).unwrap() as u32;
         assert_eq!((eax, ebx), (want[0], want[1]), "leaf {leaf:#x}");

@@ -38,8 +38,9 @@ use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, CpuId, KVM_MAX_C
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, Vcpu, VmBackend};
 use vmcall_vmm::boot::VcpuInit;
-use vmcall_vmm::hypercall::HypercallInsn;
+use vmcall_vmm::hypercall::{HypercallInsn, InsnAction};
 use vmcall_vmm::memory::GuestRam;
+use vmcall_vmm::x86::cpuid::PvCpuid;
 
 pub use rewrite::find_sites;
 
@@ -227,6 +228,7 @@ struct KvmVm {
     /// Linear addresses of the `hwbp` strategy's sites.
     hw_sites: Vec<u64>,
     description: String,
+    pv: PvCpuid,
 }
 
 impl Hypervisor for KvmHypervisor {
@@ -282,7 +284,13 @@ impl Hypervisor for KvmHypervisor {
         let single_vcpu = guest.vcpus == 1;
         let hw_sites = match trap {
             Trap::Rewrite => {
-                for (gpa, insn) in rewrite::prove_sites(&ram, &guest.segments, &guest.code_roots) {
+                let sites_proven = rewrite::prove_sites(&ram, &guest.segments, &guest.code_roots);
+                // With the quirk off the other vendor's instruction must raise #UD: never
+                // rewrite it.
+                let wanted = |insn: &HypercallInsn| {
+                    guest.foreign.action(*insn, HypercallInsn::native()) != InsnAction::RaiseUd
+                };
+                for (gpa, insn) in sites_proven.into_iter().filter(|(_, i)| wanted(i)) {
                     sites
                         .rewrite(&ram, gpa, insn, single_vcpu)
                         .map_err(|e| BackendError::with("rewriting hypercall sites", e))?;
@@ -293,6 +301,9 @@ impl Hypervisor for KvmHypervisor {
                 let mut all: Vec<u64> = rewrite::scan_segments(&ram, &guest.segments)
                     .map_err(|e| BackendError::with("reading code", e))?
                     .into_iter()
+                    .filter(|(_, insn)| {
+                        guest.foreign.action(*insn, HypercallInsn::native()) != InsnAction::RaiseUd
+                    })
                     .map(|(addr, _)| addr)
                     .collect();
                 all.sort_unstable();
@@ -349,11 +360,8 @@ impl Hypervisor for KvmHypervisor {
                 .kvm
                 .get_vcpu_mmap_size()
                 .map_err(|e| BackendError::with("KVM_GET_VCPU_MMAP_SIZE", e))?,
-            native: if vmcall_vmm::vm::host_is_amd() {
-                HypercallInsn::Vmmcall
-            } else {
-                HypercallInsn::Vmcall
-            },
+            native: HypercallInsn::native(),
+            foreign: guest.foreign,
             watch_reported: Default::default(),
         });
         if !vmcall_vmm::vm::host_is_amd() && ram.size() <= 0xfffb_d000 {
@@ -362,7 +370,7 @@ impl Hypervisor for KvmHypervisor {
             let _ = vm.set_tss_address(0xfffb_d000);
         }
         let cpuid = self.supported_cpuid()?;
-        Ok(Box::new(KvmVm { vm, ram, cpuid, traps, hw_sites, description }))
+        Ok(Box::new(KvmVm { vm, ram, cpuid, traps, hw_sites, description, pv: guest.pv }))
     }
 }
 
@@ -442,13 +450,24 @@ impl VmBackend for KvmVm {
                 e.edx |= 1 << 9;
                 e.ecx &= !(1 << 21);
             }
-            // The KVM leaves say what vmcall implements, the same on every backend (the
-            // kernel would advertise its own PV features, which vmcall's guests never get).
-            if let Some([a, b, c, d]) = vmcall_vmm::x86::cpuid::kvm_leaf(e.function) {
+            // The KVM leaves say what vmcall implements (or what the user chose), the same on
+            // every backend, rather than the kernel's own PV features.
+            if let Some([a, b, c, d]) = self.pv.leaf(e.function) {
                 (e.eax, e.ebx, e.ecx, e.edx) = (a, b, c, d);
             }
         }
         fd.set_cpuid2(&cpuid).map_err(|e| BackendError::with("KVM_SET_CPUID2", e))?;
+        if self.pv.enforce {
+            // The kernel then refuses the PV MSRs the guest's CPUID does not offer (#GP), as
+            // the shared emulation refuses such hypercalls.
+            let cap = kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
+                args: [1, 0, 0, 0],
+                ..Default::default()
+            };
+            fd.enable_cap(&cap)
+                .map_err(|e| BackendError::with("KVM_CAP_ENFORCE_PV_FEATURE_CPUID", e))?;
+        }
         let mut sregs = fd.get_sregs().map_err(|e| BackendError::with("KVM_GET_SREGS", e))?;
         regs::apply_sregs(&mut sregs, &init.sregs);
         fd.set_sregs(&sregs).map_err(|e| BackendError::with("KVM_SET_SREGS", e))?;

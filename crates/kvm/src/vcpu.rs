@@ -15,7 +15,7 @@ use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 use vmcall_abi::{insn, ports};
 use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
 use vmcall_vmm::boot;
-use vmcall_vmm::hypercall::{HypercallExit, HypercallInsn};
+use vmcall_vmm::hypercall::{ForeignInsn, HypercallExit, HypercallInsn, InsnAction};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::descriptors::{self, code_segment, read_trap_frame, TrapFrame};
 use vmcall_vmm::x86::mode::EFER_LMA;
@@ -46,6 +46,8 @@ pub(crate) struct Traps {
     pub mmap_size: usize,
     /// The host vendor's hypercall instruction (the only one a Xen exit can come from).
     pub native: HypercallInsn,
+    /// What the other vendor's instruction does.
+    pub foreign: ForeignInsn,
     /// Whether the guest-IDT watch has been reported (once per VM).
     pub watch_reported: std::sync::atomic::AtomicBool,
 }
@@ -182,17 +184,32 @@ impl KvmVcpu {
         }
     }
 
-    /// Rewrite the site at linear `rip` into the doorbell, if this VM does that (only for
-    /// CPL 0 callers: a guest that owns its TSS may deny CPL 3 code the doorbell port).
-    fn rewrite_after_trap(&self, rip: u64, insn: HypercallInsn, cpl: u8) {
-        if !self.traps.rewrite_on_trap || cpl != 0 {
-            return;
-        }
-        if let Ok(gpa) = self.view().gpa(rip) {
-            if let Err(e) = self.traps.sites.rewrite(&self.ram, gpa, insn, self.traps.single_vcpu) {
-                tracing::debug!(gpa, error = %e, "hypercall site not rewritten");
+    /// Decide what becomes of a hypercall instruction that trapped at linear `rip`: whether
+    /// it is answered (false: the other vendor's with the quirk off, a genuine #UD), and what
+    /// happens to its bytes. The other vendor's instruction under KVM's default quirk becomes
+    /// the native one, exactly as KVM patches it. Otherwise the site is rewritten into the
+    /// doorbell if this VM does that, only for CPL 0 callers: a guest that owns its TSS may deny
+    /// CPL 3 code the doorbell port.
+    fn accept(&self, rip: u64, insn: HypercallInsn, cpl: u8) -> bool {
+        let action = self.traps.foreign.action(insn, self.traps.native);
+        let Ok(gpa) = self.view().gpa(rip) else {
+            return action != InsnAction::RaiseUd;
+        };
+        match action {
+            InsnAction::RaiseUd => return false,
+            InsnAction::PatchThenAnswer { native } => {
+                let _ = self.ram.write(gpa, &native.bytes());
             }
+            InsnAction::Answer if self.traps.rewrite_on_trap && cpl == 0 => {
+                if let Err(e) =
+                    self.traps.sites.rewrite(&self.ram, gpa, insn, self.traps.single_vcpu)
+                {
+                    tracing::debug!(gpa, error = %e, "hypercall site not rewritten");
+                }
+            }
+            InsnAction::Answer => {}
         }
+        true
     }
 
     fn translate_out(&mut self, port: u16, data: &[u8]) -> VcpuExit {
@@ -247,7 +264,7 @@ impl KvmVcpu {
         let cpl = (frame.cs & 3) as u8;
         let is_refusal = frame.vector == descriptors::UD_VECTOR
             || (frame.vector == descriptors::GP_VECTOR && cpl != 0 && frame.error_code == Some(0));
-        is_refusal.then_some(Refused { rip, insn, cpl, mode })
+        (is_refusal && self.accept(rip, insn, cpl)).then_some(Refused { rip, insn, cpl, mode })
     }
 
     /// A #UD or #GP stub of the VMM's IDT rang: a hypercall instruction the CPU refused (any
@@ -274,7 +291,6 @@ impl KvmVcpu {
                 frame.cs
             ));
         };
-        self.rewrite_after_trap(call.rip, call.insn, call.cpl);
         self.pending = Pending::Iret(state);
         self.hypercall(call.rip, call.insn, call.cpl, call.mode)
     }
@@ -355,14 +371,17 @@ impl KvmVcpu {
         // dr7 is unreliable on some KVMs (kvm-host-facts.md): classify by pc and dr6 alone.
         match (dr6 & 0xf != 0).then(|| self.debug.hit(pc)).flatten() {
             Some(Slot::Handler { vector, .. }) => self.translate_guest_handler(vector),
-            Some(Slot::Site(_)) => match self.hypercall_at(pc) {
-                Some(insn) => {
-                    let (cpl, mode) = self.current_cpl_mode();
-                    self.pending = Pending::SetRip { resume: self.fd.sync_regs().regs.rip + 3 };
-                    Some(self.hypercall(pc, insn, cpl, mode))
+            Some(Slot::Site(_)) => {
+                let (cpl, mode) = self.current_cpl_mode();
+                match self.hypercall_at(pc).filter(|i| self.accept(pc, *i, cpl)) {
+                    Some(insn) => {
+                        let resume = self.fd.sync_regs().regs.rip + insn::HYPERCALL_LEN;
+                        self.pending = Pending::SetRip { resume };
+                        Some(self.hypercall(pc, insn, cpl, mode))
+                    }
+                    None => Some(VcpuExit::Debug { rip: pc }),
                 }
-                None => Some(VcpuExit::Debug { rip: pc }),
-            },
+            }
             None => Some(VcpuExit::Debug { rip: pc }),
         }
     }
@@ -380,7 +399,6 @@ impl KvmVcpu {
             };
         };
         let state = self.iret_state(&frame)?;
-        self.rewrite_after_trap(call.rip, call.insn, call.cpl);
         self.pending = Pending::Iret(state);
         Some(self.hypercall(call.rip, call.insn, call.cpl, call.mode))
     }
@@ -391,9 +409,8 @@ impl KvmVcpu {
         let rip = self.fd.sync_regs().regs.rip;
         let linear = self.linear(rip);
         if self.traps.resume_shutdown {
-            if let Some(insn) = self.hypercall_at(linear) {
-                let (cpl, mode) = self.current_cpl_mode();
-                self.rewrite_after_trap(linear, insn, cpl);
+            let (cpl, mode) = self.current_cpl_mode();
+            if let Some(insn) = self.hypercall_at(linear).filter(|i| self.accept(linear, *i, cpl)) {
                 self.pending = Pending::SetRip { resume: rip + insn::HYPERCALL_LEN };
                 return self.hypercall(linear, insn, cpl, mode);
             }

@@ -8,8 +8,9 @@ use vmcall_abi::ExitReason;
 
 use crate::boot::elf::{CodeRoot, Segment};
 use crate::boot::VcpuInit;
-use crate::hypercall::HypercallExit;
+use crate::hypercall::{ForeignInsn, HypercallExit};
 use crate::memory::GuestRam;
+use crate::x86::cpuid::PvCpuid;
 use crate::x86::Regs;
 
 /// An error inside a backend (an ioctl or emulator call failed).
@@ -133,7 +134,7 @@ pub trait Vcpu: Send {
 }
 
 /// What a backend learns about the guest when the VM is created.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GuestInfo {
     pub vcpus: u32,
     pub entry: u64,
@@ -141,6 +142,10 @@ pub struct GuestInfo {
     pub segments: Vec<Segment>,
     /// Where code is known to start (entry point, function symbols), and its width.
     pub code_roots: Vec<CodeRoot>,
+    /// The KVM CPUID leaves' PV features, and whether they are enforced.
+    pub pv: PvCpuid,
+    /// What the other vendor's hypercall instruction does.
+    pub foreign: ForeignInsn,
 }
 
 /// A created VM on some backend.

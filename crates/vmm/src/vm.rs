@@ -10,11 +10,12 @@ use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::multiboot::{self, MultibootError};
 use crate::boot::{self, BootParams, VcpuInit};
 use crate::devices::{Console, ConsoleWriter, Devices};
-use crate::hypercall::HypercallTable;
+use crate::hypercall::{ForeignInsn, HypercallTable};
 use crate::memory::{GuestRam, RamError};
 use crate::stats::VcpuStats;
 use crate::vcpu::{vcpu_loop, Shared};
 pub use crate::vcpu::{RunError, RunStatus};
+use crate::x86::cpuid::PvCpuid;
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 32 << 20;
@@ -88,6 +89,19 @@ impl VmBuilder {
         self.boot.boot = boot;
         self
     }
+    /// The PV features the KVM CPUID leaf advertises (default: what vmcall implements), and
+    /// whether hypercalls and PV MSRs the guest was not offered are refused
+    /// (`KVM_CAP_ENFORCE_PV_FEATURE_CPUID`; default off, as in KVM).
+    pub fn pv_cpuid(mut self, pv: PvCpuid) -> Self {
+        self.boot.pv = pv;
+        self
+    }
+    /// What the other vendor's hypercall instruction does (default: KVM's, patched to the
+    /// native one and answered).
+    pub fn foreign_hypercall(mut self, foreign: ForeignInsn) -> Self {
+        self.boot.foreign = foreign;
+        self
+    }
     /// The image's name, for a multiboot kernel's command line.
     pub fn image_name(mut self, name: impl Into<String>) -> Self {
         self.boot.image_name = name.into();
@@ -132,7 +146,13 @@ impl VmBuilder {
             backend,
             inits: prepared.inits,
             timeout: self.timeout,
-            shared: Arc::new(Shared::new(prepared.ram, self.table, devices, self.vcpus)),
+            shared: Arc::new(Shared::new(
+                prepared.ram,
+                self.table,
+                devices,
+                self.vcpus,
+                prepared.guest.pv,
+            )),
             backend_name: hv.name(),
         })
     }
@@ -171,13 +191,18 @@ impl std::str::FromStr for Boot {
     }
 }
 
-/// What the boot protocol needs besides the image.
+/// How the VM is set up besides its size: the boot protocol, and the KVM behaviours a user may
+/// choose as on KVM itself.
 #[derive(Debug, Clone, Default)]
 pub struct BootOptions {
     pub boot: Boot,
     /// The image's name, which multiboot puts first on the kernel's command line (as QEMU
     /// does for `-kernel NAME -append ARGS`); "kernel" if empty.
     pub image_name: String,
+    /// The PV features CPUID advertises, and whether they are enforced.
+    pub pv: PvCpuid,
+    /// What the other vendor's hypercall instruction does.
+    pub foreign: ForeignInsn,
 }
 
 /// Check the settings and the image, allocate RAM, load the image and write the boot
@@ -227,8 +252,14 @@ pub fn prepare_guest(
             (elf, inits)
         }
     };
-    let guest =
-        GuestInfo { vcpus, entry: elf.entry, segments: elf.segments, code_roots: elf.code_roots };
+    let guest = GuestInfo {
+        vcpus,
+        entry: elf.entry,
+        segments: elf.segments,
+        code_roots: elf.code_roots,
+        pv: options.pv,
+        foreign: options.foreign,
+    };
     Ok(PreparedGuest { ram, guest, inits })
 }
 

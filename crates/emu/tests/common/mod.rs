@@ -313,8 +313,7 @@ pub struct Run {
 
 /// Run one vCPU until its first exit, interrupting it after 20 s.
 pub fn run_vcpu(ram: &Arc<GuestRam>, init: &VcpuInit) -> Run {
-    let info =
-        GuestInfo { vcpus: 1, entry: init.regs.rip, segments: Vec::new(), code_roots: Vec::new() };
+    let info = GuestInfo { vcpus: 1, entry: init.regs.rip, ..Default::default() };
     let vm = EmuHypervisor::new().create_vm(ram.clone(), &info).unwrap();
     let mut vcpu = vm.create_vcpu(0, init).unwrap();
     let stop = vcpu.interrupter();

@@ -11,18 +11,12 @@ use vmcall_abi::hc::{KVM_HC_MAP_GPA_RANGE, VMCALL_HC_BATCH};
 
 use super::batch::batch;
 use super::call::{neg, Call};
+pub use super::insn::HypercallInsn;
 use super::platform::Platform;
 use super::standard::{check_map_gpa_range, standard};
 use super::table::{Entry, HypercallTable};
 use crate::memory::GuestRam;
 use crate::x86::{CpuMode, PagingContext};
-
-/// Which instruction made the call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HypercallInsn {
-    Vmcall,
-    Vmmcall,
-}
 
 /// A trapped hypercall, as a backend saw it (before any truncation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +305,34 @@ mod tests {
             1
         );
         assert_eq!(ram.read_u64(0x8000 + 40).unwrap(), 10);
+    }
+
+    #[test]
+    fn pv_hypercalls_are_gated_on_the_guests_pv_cpuid() {
+        struct Offered(u32);
+        impl Platform for Offered {
+            fn vcpu_count(&self) -> u32 {
+                2
+            }
+            fn kick_cpu(&self, _: u64) {}
+            fn yield_to(&self, _: u64) {}
+            fn guest_tsc(&self) -> u64 {
+                0
+            }
+            fn pv_has(&self, bit: u32) -> bool {
+                self.0 & (1 << bit) != 0
+            }
+        }
+        let t = HypercallTable::new();
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let ask = |p: &Offered, nr, args| emulate(&t, &call(nr, args, 0, M64), 0, &ram, p).rax;
+        let none = Offered(0);
+        assert_eq!(ask(&none, 5, [0, 1, 0, 0]), ENOSYS64, "KICK_CPU needs PV_UNHALT");
+        assert_eq!(ask(&none, 10, [1, 0, 0, 0]), ENOSYS64, "SEND_IPI needs PV_SEND_IPI");
+        assert_eq!(ask(&none, 11, [0; 4]), ENOSYS64, "SCHED_YIELD needs PV_SCHED_YIELD");
+        assert_eq!(ask(&none, 1, [0; 4]), 0, "VAPIC_POLL_IRQ is not gated");
+        let all = Offered((1 << 7) | (1 << 11) | (1 << 13));
+        assert_eq!((ask(&all, 5, [0, 1, 0, 0]), ask(&all, 10, [1, 0, 0, 0])), (0, 1));
     }
 
     #[test]

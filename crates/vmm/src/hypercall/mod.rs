@@ -5,11 +5,13 @@ mod batch;
 pub mod call;
 pub mod emulate;
 pub mod handlers;
+pub mod insn;
 pub mod platform;
 mod standard;
 pub mod table;
 
 pub use call::{neg, Call, HypercallError, HypercallHandler, HypercallResult};
-pub use emulate::{emulate, AnsweredBy, Emulated, HypercallExit, HypercallInsn};
+pub use emulate::{emulate, AnsweredBy, Emulated, HypercallExit};
+pub use insn::{ForeignInsn, HypercallInsn, InsnAction};
 pub use platform::{DetachedPlatform, Platform};
 pub use table::{Entry, HypercallTable, TableError, TableSnapshot};

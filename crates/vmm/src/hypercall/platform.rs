@@ -11,6 +11,11 @@ pub trait Platform {
     fn yield_to(&self, apic_id: u64);
     /// The calling vCPU's current TSC value.
     fn guest_tsc(&self) -> u64;
+    /// KVM's `guest_pv_has`: whether the guest may use PV feature `bit` (with PV CPUID
+    /// enforcement off, every feature).
+    fn pv_has(&self, _bit: u32) -> bool {
+        true
+    }
 }
 
 /// A [`Platform`] with no VM behind it: `vcpus` vCPUs that kicks and yields do not reach,

@@ -1,5 +1,8 @@
 //! KVM's own behaviour for the standard `KVM_HC_*` numbers (docs/hypercalls.md, step 7).
 
+use vmcall_abi::cpuid::{
+    KVM_FEATURE_PV_SCHED_YIELD, KVM_FEATURE_PV_SEND_IPI, KVM_FEATURE_PV_UNHALT,
+};
 use vmcall_abi::errno::{KVM_EINVAL, KVM_ENOSYS, KVM_EOPNOTSUPP};
 use vmcall_abi::hc::*;
 use vmcall_abi::{KvmClockPairing, KVM_CLOCK_PAIRING_WALLCLOCK};
@@ -14,6 +17,10 @@ pub(super) fn standard(call: &Call<'_>, platform: &dyn Platform, op_64_bit: bool
     let [a0, a1, a2, a3] = call.args;
     match call.nr {
         KVM_HC_VAPIC_POLL_IRQ => 0,
+        // Gated on the guest's PV CPUID when enforcement is on (KVM's `guest_pv_has`).
+        KVM_HC_KICK_CPU if !platform.pv_has(KVM_FEATURE_PV_UNHALT) => neg(KVM_ENOSYS),
+        KVM_HC_SEND_IPI if !platform.pv_has(KVM_FEATURE_PV_SEND_IPI) => neg(KVM_ENOSYS),
+        KVM_HC_SCHED_YIELD if !platform.pv_has(KVM_FEATURE_PV_SCHED_YIELD) => neg(KVM_ENOSYS),
         KVM_HC_KICK_CPU => {
             platform.kick_cpu(a1);
             platform.yield_to(a1);

@@ -104,6 +104,9 @@ impl Platform for VcpuPlatform<'_> {
     fn guest_tsc(&self) -> u64 {
         (self.guest_tsc.borrow_mut())()
     }
+    fn pv_has(&self, bit: u32) -> bool {
+        self.shared.pv.has(bit)
+    }
 }
 
 /// Answer one hypercall: emulate it, count it, trace it. The one path for hypercall exits

@@ -8,6 +8,7 @@ use super::{RunError, RunStatus};
 use crate::devices::Devices;
 use crate::hypercall::HypercallTable;
 use crate::memory::GuestRam;
+use crate::x86::cpuid::PvCpuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HaltState {
@@ -28,6 +29,8 @@ pub struct Shared {
     pub ram: Arc<GuestRam>,
     pub table: Arc<HypercallTable>,
     pub vcpu_count: u32,
+    /// The guest's PV CPUID, for hypercalls gated on it.
+    pub pv: PvCpuid,
     pub(crate) devices: Devices,
     halts: Mutex<Halts>,
     halt_cv: Condvar,
@@ -42,8 +45,10 @@ impl Shared {
         table: Arc<HypercallTable>,
         devices: Devices,
         n: u32,
+        pv: PvCpuid,
     ) -> Self {
         Self {
+            pv,
             ram,
             table,
             vcpu_count: n,
