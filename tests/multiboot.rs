@@ -103,3 +103,28 @@ fn a_kernel_written_for_qemu_runs_unchanged_on_every_backend() {
         }
     }
 }
+
+/// A multiboot ELF64 image with its 32-bit entry (as 64-bit kernels are built): loaded by its
+/// program headers and entered in 32-bit protected mode all the same.
+#[test]
+fn an_elf64_multiboot_kernel_starts_in_protected_mode_too() {
+    const MAGIC: u32 = 0x1bad_b002;
+    let mut code: Vec<u8> =
+        [MAGIC, 0, MAGIC.wrapping_neg()].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let entry = 0x10_0000 + code.len() as u64;
+    code.extend([
+        0x3d, 0x02, 0xb0, 0xad, 0x2b, // cmp eax, 0x2badb002
+        0x75, 0x0d, // jne bad
+        0xb8, 20, 0, 0, 0, // mov eax, 20
+        0xbb, 0x77, 0, 0, 0, // mov ebx, 0x77 (as 32-bit code: no REX anywhere)
+        0x0f, 0x01, 0xc1, // vmcall
+        0xe7, 0xf8, // out 0xf8, eax
+        0xf4, // bad: hlt
+    ]);
+    let mut elf = vmcall_vmm::boot::elf::minimal_elf(0x10_0000, &code);
+    elf[24..32].copy_from_slice(&entry.to_le_bytes());
+    for b in backends("an_elf64_multiboot_kernel_starts_in_protected_mode_too") {
+        let out = run_image(b.hv.as_ref(), elf.clone(), "", table(), |v| v);
+        out.expect_status(RunStatus::Exited(0x77), &b.name);
+    }
+}
