@@ -5,11 +5,12 @@ mod batch;
 pub mod call;
 pub mod emulate;
 pub mod handlers;
+mod list;
 pub mod platform;
 mod standard;
 pub mod table;
 
 pub use call::{neg, Call, HypercallError, HypercallHandler, HypercallResult};
-pub use emulate::{emulate, AnsweredBy, Emulated, HypercallExit, HypercallInsn};
+pub use emulate::{emulate, emulate_with, AnsweredBy, Emulated, HypercallExit, HypercallInsn};
 pub use platform::{DetachedPlatform, Platform};
-pub use table::{Entry, HypercallTable, TableError, TableSnapshot};
+pub use table::{Entry, HypercallTable, Listed, TableError, TableSnapshot};
