@@ -161,7 +161,7 @@ struct VmArgs {
     /// Open a control socket for `vmcall ctl` (mode 0600, this user only); without a value,
     /// $XDG_RUNTIME_DIR/vmcall/<pid>.sock (docs/control.md).
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
-    control: Option<PathBuf>,
+    control: Option<String>,
     /// Print per-hypercall statistics (count, share, min/median/p99/max host latency) at exit.
     #[arg(long)]
     stats: bool,
@@ -270,7 +270,7 @@ fn run(
         None => None,
         Some(p) => {
             let path =
-                if p.as_os_str().is_empty() { control::server::default_path()? } else { p.clone() };
+                if p.is_empty() { control::server::default_path()? } else { PathBuf::from(p) };
             let target = Arc::new(control::VmTarget { monitor: monitor.clone(), opts });
             let server = control::server::ControlServer::start(&path, target)?;
             eprintln!("vmcall: control socket {} (vmcall ctl {0} list)", server.path().display());

@@ -88,13 +88,17 @@ pub fn exchange(path: &Path, req: &Value) -> Result<Value, Failure> {
     let _ = conn.set_write_timeout(Some(REPLY_TIMEOUT));
     let mut line = req.to_string();
     line.push('\n');
-    conn.write_all(line.as_bytes())
-        .map_err(|e| err(format!("cannot send the request to {shown}: {e}")))?;
+    // A server that refuses the connection replies and closes without reading: the write may
+    // fail while its reply waits to be read.
+    let sent = conn.write_all(line.as_bytes());
     let mut reply = Vec::new();
     let got = BufReader::new(conn).take(1 << 24).read_until(b'\n', &mut reply);
     let not_vmcall = |what: &str| {
         err(format!("{shown} is not a vmcall control socket (or not a working one): {what}"))
     };
+    if let (Err(e), Ok(0) | Err(_)) = (&sent, &got) {
+        return Err(err(format!("cannot send the request to {shown}: {e}")));
+    }
     match got {
         Ok(0) => return Err(not_vmcall("it closed the connection without a reply")),
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
@@ -113,9 +117,16 @@ pub fn exchange(path: &Path, req: &Value) -> Result<Value, Failure> {
     }
 }
 
+/// A value for a table cell: strings as they are, control characters (a newline in an exec
+/// command) as spaces.
+fn cell(v: &Value) -> String {
+    let text = v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
 /// How a reply looks to a person.
 pub fn render(cmd: &Command, reply: &Value) -> String {
-    let s = |v: &Value| v.as_str().map(String::from).unwrap_or_else(|| v.to_string());
+    let s = cell;
     match cmd {
         Command::List => {
             let rows = reply["handlers"].as_array().cloned().unwrap_or_default();
@@ -171,7 +182,7 @@ fn render_stats(reply: &Value) -> String {
         out += &format!(
             "{:>10}  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
             n["nr"],
-            n["name"].as_str().unwrap_or("-"),
+            cell(&n["name"]),
             n["count"],
             ns(&n["min_ns"]),
             ns(&n["median_ns"]),
@@ -181,12 +192,7 @@ fn render_stats(reply: &Value) -> String {
         let handlers = n["handlers"].as_array().cloned().unwrap_or_default();
         if handlers.len() > 1 {
             for h in handlers {
-                out += &format!(
-                    "{:>10}    by {:<21} {:>10}\n",
-                    "",
-                    h["name"].as_str().unwrap_or("?"),
-                    h["count"]
-                );
+                out += &format!("{:>10}    by {:<21} {:>10}\n", "", cell(&h["name"]), h["count"]);
             }
         }
     }
