@@ -25,6 +25,8 @@ use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
 
 /// Exit status when the guest did not finish within --timeout (as timeout(1)).
 const EXIT_TIMEOUT: u8 = 124;
+/// `--timeout` unless given.
+const DEFAULT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 /// Exit status for every failure vmcall reports itself: bad input, a guest crash, a host error.
 const EXIT_FAILURE: u8 = 125;
 
@@ -48,8 +50,9 @@ struct Cli {
 enum Command {
     /// Run a guest ELF.
     Run(RunArgs),
-    /// Run the built-in demo guest (standard hypercalls and the custom hypercall 20).
-    Demo(VmArgs),
+    /// Run the built-in demo guest (standard hypercalls and the custom hypercall 20); with
+    /// --loop, a guest that calls hypercall 20 forever, printing each new answer.
+    Demo(DemoArgs),
     /// Show what this host offers: /dev/kvm, capabilities, CPU vendor, working trap strategies.
     Info,
     /// Measure what a hypercall costs through each path, against the kernel's own path and a
@@ -59,6 +62,17 @@ enum Command {
     /// remove handlers, read statistics, switch the trace, stop it (docs/control.md). Exit
     /// status: 0 ok, 1 an error reply or an unreachable VM, 2 a usage error.
     Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Run the loop guest instead: it calls hypercall 20 with a0 = 7 forever (answered by
+    /// a0 + 1 until you change it, e.g. with `vmcall ctl PATH set 20=const:2`) and prints each
+    /// new answer; stop it with Ctrl-C or `vmcall ctl PATH stop`.
+    #[arg(long = "loop")]
+    looping: bool,
+    #[command(flatten)]
+    vm: VmArgs,
 }
 
 #[derive(Args, Debug)]
@@ -145,8 +159,9 @@ struct VmArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     vcpus: u32,
     /// Stop the guest after this long, e.g. 10s, 500ms; 0 or none for no limit.
-    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = parse::timeout)]
-    timeout: parse::Timeout,
+    /// [default: 30s; none for `demo --loop`]
+    #[arg(long, value_name = "DUR", value_parser = parse::timeout)]
+    timeout: Option<parse::Timeout>,
     /// Add a custom hypercall: NR=HANDLER, with HANDLER one of const:V, echo, add, log,
     /// errno:NAME, exec:CMD (docs/hypercalls.md). Repeatable.
     #[arg(long = "hypercall", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
@@ -182,10 +197,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => std::fs::read(&args.guest)
             .map_err(|e| format!("cannot read guest '{}': {e}", args.guest.display()))
-            .and_then(|image| run(image, &args.vm, args.cmdline.join(" "), None)),
-        Command::Demo(vm) => {
-            run(vmcall_test_guests::DEMO_ELF.to_vec(), &vm, String::new(), Some(demo_table()))
-        }
+            .and_then(|image| run(image, &args.vm, args.cmdline.join(" "), None, DEFAULT_TIMEOUT)),
+        Command::Demo(DemoArgs { looping: false, vm }) => run(
+            vmcall_test_guests::DEMO_ELF.to_vec(),
+            &vm,
+            String::new(),
+            Some(demo_table()),
+            DEFAULT_TIMEOUT,
+        ),
+        Command::Demo(DemoArgs { looping: true, vm }) => run(
+            vmcall_test_guests::HCLOOP_ELF.to_vec(),
+            &vm,
+            "0 20 7".into(),
+            Some(demo_table()),
+            None,
+        ),
         Command::Info => {
             backends::print_info();
             Ok(ExitCode::SUCCESS)
@@ -239,6 +265,7 @@ fn run(
     a: &VmArgs,
     cmdline: String,
     base: Option<HypercallTable>,
+    default_timeout: Option<Duration>,
 ) -> Result<ExitCode, String> {
     init_tracing();
     let opts = BuildOptions { exec_deadline: a.exec_deadline };
@@ -256,7 +283,7 @@ fn run(
     let mut builder = VmBuilder::new(image)
         .memory(a.memory)
         .vcpus(a.vcpus)
-        .timeout(a.timeout.0)
+        .timeout(a.timeout.map_or(default_timeout, |t| t.0))
         .cmdline(cmdline)
         .table(table.clone())
         .trace(TraceSwitch::new(a.trace));

@@ -54,14 +54,9 @@ fn a_python_exec_handler_answers_hypercall_20() {
 #[test]
 fn exec_handlers_that_fail_cost_the_guest_efault_and_are_reported() {
     for (spec, want, extra) in [
-        ("20=exec:exit 3", "closed its output; it exited (exit status: 3)", &[][..]),
+        ("20=exec:exit 3", "it exited (exit status: 3)", &[][..]),
         ("20=exec:sleep 5", "no answer within 100ms", &["--exec-deadline", "100ms"][..]),
         ("20=exec:while read -r l; do echo nonsense; done", "answered \"nonsense\"", &[][..]),
-        (
-            "20=exec:while read -r l; do echo '{\"ret\": 1}'; echo '{\"ret\": 2}'; done",
-            "answered without a call",
-            &[][..],
-        ),
     ] {
         let mut args = vec!["run", hcloop(), "--backend", "emu", "--hypercall", spec];
         args.extend_from_slice(extra);

@@ -316,6 +316,13 @@ mod tests {
 
         let h = ExecHandler::new(20, "exec /nonexistent/handler", DEFAULT_DEADLINE);
         assert_eq!(call(&h, 0), EFAULT);
+
+        // Two answers to one call: the extra one is caught at the next call, once it is there.
+        let two = r#"while read -r l; do echo '{"ret": 1}'; echo '{"ret": 2}'; done"#;
+        let h = ExecHandler::new(20, two, DEFAULT_DEADLINE);
+        assert_eq!(call(&h, 0), Ok(1));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(call(&h, 0), EFAULT);
     }
 
     #[test]
