@@ -213,6 +213,12 @@ impl VcpuStats {
                 fmt_ns(l.quantile_ns(0.99)),
                 fmt_ns(l.max_ns),
             );
+            // A number whose handler changed during the run: the calls each one answered.
+            if let Some(names) = self.handlers.get(nr).filter(|n| n.len() > 1) {
+                for (name, n) in names {
+                    let _ = writeln!(out, "{:>10}    by {:<21} {:>10}", "", name, n);
+                }
+            }
         }
         let exits: Vec<String> = ExitReason::ALL
             .iter()
@@ -291,6 +297,8 @@ mod tests {
         assert_eq!(names(20), vec![("const:1".into(), 2), ("const:2".into(), 2)]);
         assert_eq!(names(21), vec![("const:1".into(), 1)]);
         assert_eq!(a.name_of(20).as_deref(), Some("const:2"));
+        a.hypercall(20, Instant::now(), Duration::from_nanos(1));
+        assert!(a.table(None).contains("by const:1"), "{}", a.table(None));
         assert_eq!(a.name_of(1).as_deref(), Some("KVM_HC_VAPIC_POLL_IRQ"));
         assert!(a.publish_due(Instant::now()) && !a.publish_due(Instant::now()));
     }
