@@ -325,6 +325,11 @@ fn run(
         text.push('\n');
         report::write_to(path, &text)?;
     }
+    // Drop every handler now, so that exec: processes are killed even if a control
+    // connection still holds the VM.
+    for nr in table.numbers() {
+        table.unregister(nr);
+    }
     match report.result {
         Ok(RunStatus::Stopped) if interrupted.is_some() => {
             Ok(ExitCode::from(128 + interrupted.unwrap_or(0) as u8))

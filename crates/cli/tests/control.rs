@@ -534,17 +534,21 @@ fn control_sockets_are_private_and_never_clobbered() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// SIGTERM stops the VM through the normal end of a run: statistics printed and written.
+/// SIGTERM stops the VM through the normal end of a run: statistics printed and written —
+/// even when its control socket file was deleted under it.
 #[test]
 fn sigterm_stops_the_vm_and_still_reports() {
     let dir = scratch("sigterm");
     let stats = dir.join("stats.json");
+    let sock = dir.join("vm.sock");
     let mut vm = Vm::start(
         &dir,
         &[
             guest("hcloop"),
             "--backend",
             "emu",
+            "--control",
+            sock.to_str().unwrap(),
             "--hypercall",
             "20=const:1",
             "--stats",
@@ -555,6 +559,8 @@ fn sigterm_stops_the_vm_and_still_reports() {
         ],
     );
     vm.wait_stdout("the guest running", |o| o.contains("-> 1 (call #1)"));
+    vm.wait_socket(&sock);
+    std::fs::remove_file(&sock).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let kill = Command::new("kill").args(["-TERM", &vm.child.id().to_string()]).status().unwrap();
     assert!(kill.success());
