@@ -147,7 +147,11 @@ fn serve(listener: &UnixListener, target: &Arc<dyn Target + Send + Sync>, shutdo
         if shutdown.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(mut conn) = conn else { continue };
+        let Ok(mut conn) = conn else {
+            // Out of descriptors, say: do not spin.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
         match rustix::net::sockopt::socket_peercred(&conn) {
             Ok(cred) if cred.uid == me => {}
