@@ -69,8 +69,7 @@ fn latency(l: &Latency) -> Map<String, Value> {
 
 /// `[{"name": ..., "count": ...}]`: calls to `nr` by the custom handler that answered them.
 fn handlers(s: &VcpuStats, nr: u64) -> Value {
-    let names = s.handlers.get(&nr).map(Vec::as_slice).unwrap_or_default();
-    Value::Array(names.iter().map(|(n, c)| json!({"name": &**n, "count": c})).collect())
+    Value::Array(s.handlers(nr).iter().map(|(n, c)| json!({"name": &**n, "count": c})).collect())
 }
 
 /// Write `text` to `path`, `-` meaning stdout.

@@ -104,9 +104,11 @@ pub struct VcpuStats {
     /// vCPU — the resume, the guest's code in between and the next exit. In a guest that only
     /// makes hypercalls this is the full cost of one call.
     pub round_trip: Latency,
-    /// Calls answered by custom handlers, per number, by the handler's name at the time of
-    /// each call (in the order the names first answered).
-    pub handlers: BTreeMap<u64, Vec<(Arc<str>, u64)>>,
+    /// Calls answered by custom handlers: (number, the handler's name at the time of the
+    /// call, calls), in the order each pair first answered. See [`VcpuStats::handlers`].
+    by_handler: Vec<(u64, Arc<str>, u64)>,
+    /// Index in `by_handler` of the pair counted last: the next call usually counts there too.
+    last_handler: usize,
     last_arrival: Option<Instant>,
     next_publish: Option<Instant>,
 }
@@ -130,18 +132,43 @@ impl VcpuStats {
     }
 
     fn answered_by_n(&mut self, nr: u64, name: &Arc<str>, n: u64) {
-        let names = self.handlers.entry(nr).or_default();
-        // The same `Arc` as last time is the common case; a handler replaced by one of the same
-        // name (const:1 again) matches by text, and its `Arc` is kept for next time.
-        match names.iter_mut().find(|(seen, _)| Arc::ptr_eq(seen, name) || **seen == **name) {
-            Some(slot) => {
-                if !Arc::ptr_eq(&slot.0, name) {
-                    slot.0 = name.clone();
-                }
-                slot.1 += n;
+        // The same number and handler as last time is the common case: one compare of each.
+        if let Some(slot) = self.by_handler.get_mut(self.last_handler) {
+            if slot.0 == nr && Arc::ptr_eq(&slot.1, name) {
+                slot.2 += n;
+                return;
             }
-            None => names.push((name.clone(), n)),
         }
+        // A handler replaced by one of the same name (const:1 again) matches by text, and its
+        // `Arc` is kept for next time.
+        let found = self
+            .by_handler
+            .iter()
+            .position(|(k, seen, _)| *k == nr && (Arc::ptr_eq(seen, name) || **seen == **name));
+        match found {
+            Some(i) => {
+                let slot = &mut self.by_handler[i];
+                if !Arc::ptr_eq(&slot.1, name) {
+                    slot.1 = name.clone();
+                }
+                slot.2 += n;
+                self.last_handler = i;
+            }
+            None => {
+                self.by_handler.push((nr, name.clone(), n));
+                self.last_handler = self.by_handler.len() - 1;
+            }
+        }
+    }
+
+    /// Calls to `nr` answered by custom handlers, by the handler's name at the time of each
+    /// call, in the order the names first answered.
+    pub fn handlers(&self, nr: u64) -> Vec<(Arc<str>, u64)> {
+        self.by_handler
+            .iter()
+            .filter(|(k, _, _)| *k == nr)
+            .map(|(_, name, n)| (name.clone(), *n))
+            .collect()
     }
 
     /// Whether a copy is due for publication at `now` (and if so, the next one is due
@@ -163,10 +190,8 @@ impl VcpuStats {
         for (nr, l) in &other.hypercalls {
             self.hypercalls.entry(*nr).or_default().merge(l);
         }
-        for (nr, names) in &other.handlers {
-            for (name, n) in names {
-                self.answered_by_n(*nr, name, *n);
-            }
+        for (nr, name, n) in &other.by_handler {
+            self.answered_by_n(*nr, name, *n);
         }
         self.round_trip.merge(&other.round_trip);
     }
@@ -174,10 +199,10 @@ impl VcpuStats {
     /// The name calls to `nr` are reported under: the name of a custom handler that answered
     /// one (the latest to appear, when it changed), else Linux's name for a standard number.
     pub fn name_of(&self, nr: u64) -> Option<String> {
-        self.handlers
-            .get(&nr)
-            .and_then(|names| names.last())
-            .map(|(n, _)| n.to_string())
+        self.by_handler
+            .iter()
+            .rfind(|(k, _, _)| *k == nr)
+            .map(|(_, n, _)| n.to_string())
             .or_else(|| vmcall_abi::hc::name(nr).map(String::from))
     }
 
@@ -214,7 +239,8 @@ impl VcpuStats {
                 fmt_ns(l.max_ns),
             );
             // A number whose handler changed during the run: the calls each one answered.
-            if let Some(names) = self.handlers.get(nr).filter(|n| n.len() > 1) {
+            let names = self.handlers(*nr);
+            if names.len() > 1 {
                 for (name, n) in names {
                     let _ = writeln!(out, "{:>10}    by {:<21} {:>10}", "", name, n);
                 }
@@ -292,7 +318,7 @@ mod tests {
         b.answered_by(21, &v1);
         a.merge(&b);
         let names = |nr| -> Vec<(String, u64)> {
-            a.handlers[&nr].iter().map(|(n, c)| (n.to_string(), *c)).collect()
+            a.handlers(nr).iter().map(|(n, c)| (n.to_string(), *c)).collect()
         };
         assert_eq!(names(20), vec![("const:1".into(), 2), ("const:2".into(), 2)]);
         assert_eq!(names(21), vec![("const:1".into(), 1)]);
