@@ -15,6 +15,8 @@ fn expectations() -> Vec<(&'static str, u64)> {
     v.push(("VMCALL_HC_BASE", hc::VMCALL_HC_BASE));
     v.push(("VMCALL_HC_BATCH", hc::VMCALL_HC_BATCH));
     v.push(("VMCALL_BATCH_MAX", vmcall_abi::VMCALL_BATCH_MAX));
+    v.push(("VMCALL_HC_LIST", hc::VMCALL_HC_LIST));
+    v.push(("VMCALL_NAME_LEN", vmcall_abi::VMCALL_NAME_LEN as u64));
     let errno_names =
         ["KVM_ENOSYS", "KVM_EFAULT", "KVM_EINVAL", "KVM_E2BIG", "KVM_EPERM", "KVM_EOPNOTSUPP"];
     for (c_name, (_, value)) in errno_names.iter().zip(errno::ALL) {
@@ -92,6 +94,18 @@ fn expectations() -> Vec<(&'static str, u64)> {
         };
     }
     batch_entry_offsets!(nr, args, ret);
+    v.push((
+        "sizeof(struct vmcall_hypercall_info)",
+        std::mem::size_of::<vmcall_abi::HypercallInfo>() as u64,
+    ));
+    v.push((
+        "offsetof(struct vmcall_hypercall_info, nr)",
+        std::mem::offset_of!(vmcall_abi::HypercallInfo, nr) as u64,
+    ));
+    v.push((
+        "offsetof(struct vmcall_hypercall_info, name)",
+        std::mem::offset_of!(vmcall_abi::HypercallInfo, name) as u64,
+    ));
     macro_rules! boot_info_offsets {
         ($($f:ident),*) => {
             $(v.push((concat!("offsetof(struct vmcall_boot_info, ", stringify!($f), ")"),

@@ -41,6 +41,11 @@ pub mod hc {
     /// is answered as a single call from the same caller would be, its result written to its
     /// `ret`; the batch returns the number of entries processed (docs/hypercalls.md).
     pub const VMCALL_HC_BATCH: u64 = VMCALL_HC_BASE + 1;
+    /// List the custom hypercalls registered right now: a0 = guest-physical address of an array
+    /// of [`crate::HypercallInfo`], a1 = its size in bytes. Returns the number of registered
+    /// numbers and fills the array, sorted by number; a1 = 0 only asks for the count; an array
+    /// too small for all of them is -KVM_E2BIG and nothing is written (docs/hypercalls.md).
+    pub const VMCALL_HC_LIST: u64 = VMCALL_HC_BASE + 2;
 
     /// Linux's name for a standard number, if it has one.
     pub const fn name(nr: u64) -> Option<&'static str> {
@@ -58,6 +63,7 @@ pub mod hc {
             KVM_HC_SCHED_YIELD => "KVM_HC_SCHED_YIELD",
             KVM_HC_MAP_GPA_RANGE => "KVM_HC_MAP_GPA_RANGE",
             VMCALL_HC_BATCH => "VMCALL_HC_BATCH",
+            VMCALL_HC_LIST => "VMCALL_HC_LIST",
             _ => return None,
         })
     }
@@ -199,6 +205,29 @@ const _: () = assert!(core::mem::size_of::<BatchEntry>() == 48);
 
 /// Most entries one batch may hold; a larger count is refused with -KVM_E2BIG.
 pub const VMCALL_BATCH_MAX: u64 = 4096;
+
+/// Bytes of a handler's name in a [`HypercallInfo`]: at most this minus one, NUL-padded.
+pub const VMCALL_NAME_LEN: usize = 24;
+
+/// One registered custom hypercall, as [`hc::VMCALL_HC_LIST`] writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HypercallInfo {
+    /// The hypercall number.
+    pub nr: u64,
+    /// The handler's name, UTF-8, cut to at most `VMCALL_NAME_LEN - 1` bytes at a character
+    /// boundary and NUL-padded (so always NUL-terminated).
+    pub name: [u8; VMCALL_NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<HypercallInfo>() == 32);
+
+impl HypercallInfo {
+    /// The name as a string (up to the first NUL; empty if it is not UTF-8).
+    pub fn name(&self) -> &str {
+        let end = self.name.iter().position(|b| *b == 0).unwrap_or(VMCALL_NAME_LEN);
+        core::str::from_utf8(&self.name[..end]).unwrap_or("")
+    }
+}
 
 /// Clock type for `KVM_HC_CLOCK_PAIRING`.
 pub const KVM_CLOCK_PAIRING_WALLCLOCK: u64 = 0;

@@ -4,21 +4,30 @@
 
 mod backends;
 mod bench;
+mod control;
+mod handlers;
 mod parse;
+mod report;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use vmcall_vmm::hypercall::handlers::{self, Builtin};
+use handlers::{BuildOptions, HandlerSpec};
+use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::hypercall::HypercallTable;
+use vmcall_vmm::trace::TraceSwitch;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
 use vmcall_vmm::x86::cpuid::PvCpuid;
 
 /// Exit status when the guest did not finish within --timeout (as timeout(1)).
 const EXIT_TIMEOUT: u8 = 124;
+/// `--timeout` unless given.
+const DEFAULT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 /// Exit status for every failure vmcall reports itself: bad input, a guest crash, a host error.
 const EXIT_FAILURE: u8 = 125;
 
@@ -30,7 +39,8 @@ const EXIT_FAILURE: u8 = 125;
     long_about = "Run a guest VM, trap its VMCALL/VMMCALL hypercalls and answer them exactly as \
 Linux KVM's kvm_emulate_hypercall does; add, replace and remove custom hypercalls without \
 rebuilding or reloading the kernel.\n\nExit status: the guest's own status (0 when every vCPU \
-halted), 124 on --timeout, 125 when vmcall reports an error (bad input, guest crash, host failure)."
+halted), 124 on --timeout, 125 when vmcall reports an error (bad input, guest crash, host failure), \
+130/143 when SIGINT/SIGTERM stopped the VM."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,13 +51,70 @@ struct Cli {
 enum Command {
     /// Run a guest ELF.
     Run(RunArgs),
-    /// Run the built-in demo guest (standard hypercalls and the custom hypercall 20).
-    Demo(VmArgs),
+    /// Run the built-in demo guest (standard hypercalls and the custom hypercall 20); with
+    /// --loop, a guest that calls hypercall 20 forever, printing each new answer.
+    Demo(DemoArgs),
     /// Show what this host offers: /dev/kvm, capabilities, CPU vendor, working trap strategies.
     Info,
     /// Measure what a hypercall costs through each path, against the kernel's own path and a
     /// bare exit, in one interleaved run (docs/bench.md).
     Bench(BenchArgs),
+    /// Talk to a running VM's control socket (`vmcall run --control`): list, set, override and
+    /// remove handlers, read statistics, switch the trace, stop it (docs/control.md). Exit
+    /// status: 0 ok, 1 an error reply or an unreachable VM, 2 a usage error.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Run the loop guest instead: it calls hypercall 20 with a0 = 7 forever (answered by
+    /// a0 + 1 until you change it, e.g. with `vmcall ctl PATH set 20=const:2`) and prints each
+    /// new answer; stop it with Ctrl-C or `vmcall ctl PATH stop`.
+    #[arg(long = "loop")]
+    looping: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The control socket (printed by `vmcall run --control` when it starts).
+    socket: PathBuf,
+    /// Print the raw JSON reply instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Registered hypercalls: number, name, kind, calls so far.
+    List,
+    /// Register a handler for NR, or replace the one it has: NR=KIND.
+    Set {
+        #[arg(value_name = "NR=KIND")]
+        assignment: String,
+    },
+    /// Install a handler for any number, standard KVM_HC_* ones included: NR=KIND.
+    Override {
+        #[arg(value_name = "NR=KIND")]
+        assignment: String,
+    },
+    /// Remove the handler of NR (a standard number gets KVM's behaviour back).
+    Remove {
+        #[arg(value_name = "NR")]
+        nr: String,
+    },
+    /// Statistics so far: per number and vCPU, count and latencies, by handler.
+    Stats,
+    /// Turn the per-call trace on stderr on or off.
+    Trace {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Stop the VM (its run ends as if it had finished: statistics are printed and written).
+    Stop,
 }
 
 #[derive(Args, Debug)]
@@ -112,21 +179,37 @@ struct VmArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     vcpus: u32,
     /// Stop the guest after this long, e.g. 10s, 500ms; 0 or none for no limit.
-    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = parse::timeout)]
-    timeout: parse::Timeout,
+    /// [default: 30s; none for `demo --loop`]
+    #[arg(long, value_name = "DUR", value_parser = parse::timeout)]
+    timeout: Option<parse::Timeout>,
     /// Add a custom hypercall: NR=HANDLER, with HANDLER one of const:V, echo, add, log,
-    /// errno:NAME. Repeatable.
+    /// errno:NAME, exec:CMD (docs/hypercalls.md). Repeatable.
     #[arg(long = "hypercall", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
-    hypercalls: Vec<(u64, Builtin)>,
+    hypercalls: Vec<(u64, HandlerSpec)>,
     /// Like --hypercall, but may replace a standard KVM_HC_* number's behaviour.
     #[arg(long = "override", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
-    overrides: Vec<(u64, Builtin)>,
+    overrides: Vec<(u64, HandlerSpec)>,
+    /// Per-call deadline of exec: handlers (then the guest gets -KVM_EFAULT and the process
+    /// is restarted).
+    #[arg(long, default_value = "1s", value_name = "DUR", value_parser = parse::deadline)]
+    exec_deadline: Duration,
+    /// Open a control socket for `vmcall ctl` (mode 0600, this user only); without a value,
+    /// $XDG_RUNTIME_DIR/vmcall/<pid>.sock (docs/control.md).
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+    control: Option<String>,
     /// Print per-hypercall statistics (count, share, min/median/p99/max host latency) at exit.
     #[arg(long)]
     stats: bool,
-    /// Print a trace line for every hypercall (to stderr).
+    /// Write the statistics as JSON at exit: per number and vCPU, by handler (`-`: stdout).
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// Print a trace line for every hypercall (to stderr); `vmcall ctl trace on|off` switches
+    /// it while the VM runs.
     #[arg(long)]
     trace: bool,
+    /// Write one JSON object per hypercall to FILE (`-`: stdout).
+    #[arg(long, value_name = "FILE")]
+    trace_json: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -136,20 +219,42 @@ fn main() -> ExitCode {
             .map_err(|e| format!("cannot read guest '{}': {e}", args.guest.display()))
             .and_then(|image| {
                 let name = args.guest.display().to_string();
-                run(image, &name, &args.vm, args.cmdline.join(" "), None)
+                run(image, &name, &args.vm, args.cmdline.join(" "), None, DEFAULT_TIMEOUT)
             }),
-        Command::Demo(vm) => run(
+        Command::Demo(DemoArgs { looping: false, vm }) => run(
             vmcall_test_guests::DEMO_ELF.to_vec(),
             "demo",
             &vm,
             String::new(),
             Some(demo_table()),
+            DEFAULT_TIMEOUT,
+        ),
+        Command::Demo(DemoArgs { looping: true, vm }) => run(
+            vmcall_test_guests::HCLOOP_ELF.to_vec(),
+            "hcloop",
+            &vm,
+            "0 20 7".into(),
+            Some(demo_table()),
+            None,
         ),
         Command::Info => {
             backends::print_info();
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Ctl(args) => {
+            use control::client::Command as C;
+            let cmd = match args.command {
+                CtlCommand::List => C::List,
+                CtlCommand::Set { assignment } => C::Set(assignment),
+                CtlCommand::Override { assignment } => C::Override(assignment),
+                CtlCommand::Remove { nr } => C::Remove(nr),
+                CtlCommand::Stats => C::Stats,
+                CtlCommand::Trace { state } => C::Trace(state == "on"),
+                CtlCommand::Stop => C::Stop,
+            };
+            return ExitCode::from(control::client::run(&args.socket, &cmd, args.json));
+        }
     };
     result.unwrap_or_else(|msg| {
         eprintln!("vmcall: error: {msg}");
@@ -186,23 +291,25 @@ fn run(
     a: &VmArgs,
     cmdline: String,
     base: Option<HypercallTable>,
+    default_timeout: Option<Duration>,
 ) -> Result<ExitCode, String> {
-    init_tracing(a.trace);
+    init_tracing();
+    let opts = BuildOptions { exec_deadline: a.exec_deadline };
     let table = Arc::new(base.unwrap_or_default());
-    for (nr, b) in &a.hypercalls {
-        let name = b.to_string();
+    for (nr, spec) in &a.hypercalls {
         table
-            .register(*nr, &name, b.clone())
-            .map_err(|e| format!("--hypercall {nr}={b}: {e} (use --override)"))?;
+            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?)
+            .map_err(|e| format!("--hypercall {nr}={spec}: {e} (use --override)"))?;
     }
-    for (nr, b) in &a.overrides {
-        table.override_standard(*nr, &b.to_string(), b.clone());
+    for (nr, spec) in &a.overrides {
+        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?);
     }
+    let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let hv = backends::select(&a.backend, &a.trap)?;
-    let vm = VmBuilder::new(image)
+    let mut builder = VmBuilder::new(image)
         .memory(a.memory)
         .vcpus(a.vcpus)
-        .timeout(a.timeout.0)
+        .timeout(a.timeout.map_or(default_timeout, |t| t.0))
         .cmdline(cmdline)
         .boot(a.boot.parse()?)
         .foreign_hypercall(a.foreign_hypercall.parse()?)
@@ -216,10 +323,31 @@ fn run(
         })
         .image_name(image_name)
         .table(table.clone())
-        .build(hv.as_ref())
-        .map_err(|e| chain(&e))?;
+        .trace(TraceSwitch::new(a.trace));
+    if let Some(t) = &json_trace {
+        builder = builder.sink(t.clone());
+    }
+    let vm = builder.build(hv.as_ref()).map_err(|e| chain(&e))?;
     eprintln!("vmcall: {}", vm.describe());
+    let monitor = vm.monitor();
+    let control = match &a.control {
+        None => None,
+        Some(p) => {
+            let path =
+                if p.is_empty() { control::server::default_path()? } else { PathBuf::from(p) };
+            let target = Arc::new(control::VmTarget { monitor: monitor.clone(), opts });
+            let server = control::server::ControlServer::start(&path, target)?;
+            eprintln!("vmcall: control socket {} (vmcall ctl {0} list)", server.path().display());
+            Some(server)
+        }
+    };
+    let signals = signals::StopOnSignal::install(monitor)?;
     let report = vm.run();
+    drop(control);
+    let interrupted = signals.finish();
+    if let Some(t) = &json_trace {
+        t.finish()?;
+    }
     if a.stats {
         eprintln!(
             "vmcall: {} hypercalls in {:.3}s\n{}",
@@ -228,7 +356,21 @@ fn run(
             report.stats.table(Some(&table))
         );
     }
+    if let Some(path) = &a.stats_json {
+        let doc = report::stats_json(&report.stats, &report.per_vcpu, report.elapsed);
+        let mut text = serde_json::to_string_pretty(&doc).expect("JSON values serialise");
+        text.push('\n');
+        report::write_to(path, &text)?;
+    }
+    // Drop every handler now, so that exec: processes are killed even if a control
+    // connection still holds the VM.
+    for nr in table.numbers() {
+        table.unregister(nr);
+    }
     match report.result {
+        Ok(RunStatus::Stopped) if interrupted.is_some() => {
+            Ok(ExitCode::from(128 + interrupted.unwrap_or(0) as u8))
+        }
         Ok(RunStatus::AllHalted | RunStatus::Stopped) => Ok(ExitCode::SUCCESS),
         Ok(RunStatus::Exited(s)) => Ok(ExitCode::from(s.min(255) as u8)),
         Err(e @ RunError::Timeout(_)) => {
@@ -239,16 +381,14 @@ fn run(
     }
 }
 
-fn init_tracing(trace: bool) {
+/// Warnings and errors, and the per-call trace, whose switch (`--trace`, `vmcall ctl trace`)
+/// decides whether the vCPUs emit it at all.
+fn init_tracing() {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let filter = if trace {
-        Targets::new()
-            .with_default(LevelFilter::WARN)
-            .with_target("vmcall::hypercall", LevelFilter::TRACE)
-    } else {
-        Targets::new().with_default(LevelFilter::WARN)
-    };
+    let filter = Targets::new()
+        .with_default(LevelFilter::WARN)
+        .with_target("vmcall::hypercall", LevelFilter::TRACE);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

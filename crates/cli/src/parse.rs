@@ -50,6 +50,14 @@ pub fn duration(s: &str) -> Result<Option<std::time::Duration>, String> {
     Ok(Some(std::time::Duration::from_secs_f64(secs)))
 }
 
+/// A `--exec-deadline`: a positive duration such as 1s or 200ms.
+pub fn deadline(s: &str) -> Result<std::time::Duration, String> {
+    match duration(s)? {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("'{s}' is not a positive duration like 1s or 200ms")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -238,6 +238,8 @@ fn bench_reports_every_line_as_json() {
         "batch64-emu",
         "cold-raw",
         "cold-emu",
+        "exec-emu",
+        "ctl-set-emu",
         "targets",
     ] {
         assert!(out.contains(key), "no {key} in\n{out}");

@@ -47,6 +47,10 @@
 #define VMCALL_HC_BATCH			0x56430001	/* VMCALL_HC_BASE + 1 */
 /* Most entries one batch may hold (crates/abi VMCALL_BATCH_MAX); more is -KVM_E2BIG. */
 #define VMCALL_BATCH_MAX		4096
+/* List the registered custom hypercalls (crates/abi hc::VMCALL_HC_LIST); see vmcall_list_hypercalls. */
+#define VMCALL_HC_LIST			0x56430002	/* VMCALL_HC_BASE + 2 */
+/* Bytes of a name in struct vmcall_hypercall_info (crates/abi VMCALL_NAME_LEN). */
+#define VMCALL_NAME_LEN			24
 
 /* crates/abi KVM_CLOCK_PAIRING_WALLCLOCK is KVM_CLOCK_PAIRING_WALLCLOCK (asm/kvm_para.h). */
 
@@ -172,6 +176,34 @@ VMCALL_STATIC_ASSERT(__builtin_offsetof(struct vmcall_batch_entry, ret) == 40, "
 static inline long vmcall_hypercall_batch(struct vmcall_batch_entry *entries, unsigned long count)
 {
 	return kvm_hypercall2(VMCALL_HC_BATCH, (unsigned long)entries, count);
+}
+
+/* ---- Discovery (crates/abi HypercallInfo, hc::VMCALL_HC_LIST) ------------------------------ */
+
+/* One registered custom hypercall. */
+struct vmcall_hypercall_info {
+	unsigned long long nr;		/* the hypercall number */
+	char name[VMCALL_NAME_LEN];	/* its handler's name, UTF-8, NUL-terminated and -padded */
+};
+VMCALL_STATIC_ASSERT(sizeof(struct vmcall_hypercall_info) == 32, "HypercallInfo is 32 bytes");
+VMCALL_STATIC_ASSERT(__builtin_offsetof(struct vmcall_hypercall_info, name) == 8, "HypercallInfo");
+
+/*
+ * Fills out[0..count) with the custom hypercalls the host has registered right now, sorted by
+ * number, and returns how many there are. If they do not all fit, nothing is written and the
+ * result is -KVM_E2BIG: ask vmcall_hypercall_count() and call again (the list may grow in
+ * between). -KVM_EFAULT if the array is not inside guest RAM. out is a guest-physical address
+ * (= virtual in vmcall's identity-mapped guests).
+ */
+static inline long vmcall_list_hypercalls(struct vmcall_hypercall_info *out, unsigned long count)
+{
+	return kvm_hypercall2(VMCALL_HC_LIST, (unsigned long)out, count * sizeof(*out));
+}
+
+/* How many custom hypercalls are registered right now. */
+static inline long vmcall_hypercall_count(void)
+{
+	return kvm_hypercall2(VMCALL_HC_LIST, 0, 0);
 }
 
 /* ---- Port I/O (CPL 3 may use COM1 and the exit port: the TSS I/O bitmap allows them) -------- */

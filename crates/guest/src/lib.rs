@@ -10,7 +10,7 @@ use core::fmt as core_fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 pub use vmcall_abi as abi;
-pub use vmcall_abi::{errno, hc, BatchEntry, BootInfo};
+pub use vmcall_abi::{errno, hc, BatchEntry, BootInfo, HypercallInfo};
 
 static USE_VMMCALL: AtomicBool = AtomicBool::new(false);
 
@@ -90,6 +90,21 @@ pub fn hypercall_batch(entries: &mut [BatchEntry]) -> i64 {
     // The hypercall's asm is not `nomem`, so the compiler assumes it reads and writes the
     // array, whose address it is given.
     hypercall2(hc::VMCALL_HC_BATCH, entries.as_mut_ptr() as u64, entries.len() as u64)
+}
+
+/// How many custom hypercalls the host has registered right now (`VMCALL_HC_LIST` with no
+/// array), or a negative KVM error.
+pub fn hypercall_count() -> i64 {
+    hypercall2(hc::VMCALL_HC_LIST, 0, 0)
+}
+
+/// Fill `out` with the custom hypercalls the host has registered right now (number and handler
+/// name), sorted by number, and return how many there are. If `out` cannot hold them all,
+/// nothing is written and the result is -KVM_E2BIG: ask [`hypercall_count`] and call again (the
+/// list may grow in between). An empty `out` only counts them.
+pub fn list_hypercalls(out: &mut [HypercallInfo]) -> i64 {
+    // Not `nomem`: the compiler assumes the hypercall writes the array it is given.
+    hypercall2(hc::VMCALL_HC_LIST, out.as_mut_ptr() as u64, core::mem::size_of_val(out) as u64)
 }
 
 /// Write one byte to an I/O port.

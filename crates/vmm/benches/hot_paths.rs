@@ -64,6 +64,19 @@ fn hot_paths(c: &mut Criterion) {
         })
     });
 
+    c.bench_function("stats: record one hypercall and its handler's name", |b| {
+        let mut stats = VcpuStats::default();
+        let name: std::sync::Arc<str> = "const:0".into();
+        b.iter(|| {
+            stats.hypercall(
+                black_box(20),
+                std::time::Instant::now(),
+                std::time::Duration::from_nanos(150),
+            );
+            stats.answered_by(black_box(20), &name);
+        })
+    });
+
     c.bench_function("table: replace a handler (copy of a 65-entry table)", |b| {
         b.iter_batched(
             || Builtin::Const(1),

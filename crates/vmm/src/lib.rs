@@ -16,7 +16,8 @@
 //!
 //! Layout: [`x86`] (architecture), [`memory`] (the one gate to guest RAM), [`boot`] (ELF and
 //! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
-//! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`stats`], and [`backend`],
+//! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`stats`], [`trace`] (per-call
+//! observers), and [`backend`],
 //! the thin trait KVM and the software CPU implement.
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod devices;
 pub mod hypercall;
 pub mod memory;
 pub mod stats;
+pub mod trace;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -186,6 +186,11 @@ impl RamView<'_> {
         self.slice.read_slice(buf, off).map_err(|_| self.oob(off, buf.len()))
     }
 
+    /// Copy `data` to `off`.
+    pub fn write(&self, off: usize, data: &[u8]) -> Result<(), OutOfBounds> {
+        self.slice.write_slice(data, off).map_err(|_| self.oob(off, data.len()))
+    }
+
     /// Write a little-endian u64 at `off`.
     pub fn write_u64(&self, off: usize, value: u64) -> Result<(), OutOfBounds> {
         self.slice.write_obj(value.to_le(), off).map_err(|_| self.oob(off, 8))

@@ -1,10 +1,14 @@
 //! Per-hypercall-number and per-exit-reason statistics.
 //!
 //! Each vCPU thread owns its [`VcpuStats`] (no lock, no atomics on the hot path); the run loop
-//! merges them when the VM stops. Latencies go into a log-linear histogram (about 3 % precision)
-//! next to exact count, min, max and sum.
+//! merges them when the VM stops. While it runs, each vCPU publishes a copy at most every
+//! [`PUBLISH_EVERY`] (on a call that arrives after that long, and when it halts or stops), for
+//! readers such as the control socket's `stats`. Latencies go into a log-linear histogram
+//! (about 3 % precision) next to exact count, min, max and sum. Calls a custom handler answered
+//! are also counted by the handler's name at the time of the call.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmcall_abi::ExitReason;
@@ -12,6 +16,9 @@ use vmcall_abi::ExitReason;
 const SUB_BITS: u32 = 5;
 const SUB: u64 = 1 << SUB_BITS;
 const BUCKETS: usize = (SUB as usize) * (64 - SUB_BITS as usize + 1);
+
+/// How often a vCPU that keeps making hypercalls publishes a copy of its statistics.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 
 /// Latency distribution of one hypercall number.
 #[derive(Debug, Clone)]
@@ -97,7 +104,13 @@ pub struct VcpuStats {
     /// vCPU — the resume, the guest's code in between and the next exit. In a guest that only
     /// makes hypercalls this is the full cost of one call.
     pub round_trip: Latency,
+    /// Calls answered by custom handlers: (number, the handler's name at the time of the
+    /// call, calls), in the order each pair first answered. See [`VcpuStats::handlers`].
+    by_handler: Vec<(u64, Arc<str>, u64)>,
+    /// Index in `by_handler` of the pair counted last: the next call usually counts there too.
+    last_handler: usize,
     last_arrival: Option<Instant>,
+    next_publish: Option<Instant>,
 }
 
 impl VcpuStats {
@@ -113,6 +126,63 @@ impl VcpuStats {
         }
     }
 
+    /// Count a call to `nr` that the handler called `name` answered.
+    pub fn answered_by(&mut self, nr: u64, name: &Arc<str>) {
+        self.answered_by_n(nr, name, 1);
+    }
+
+    fn answered_by_n(&mut self, nr: u64, name: &Arc<str>, n: u64) {
+        // The same number and handler as last time is the common case: one compare of each.
+        if let Some(slot) = self.by_handler.get_mut(self.last_handler) {
+            if slot.0 == nr && Arc::ptr_eq(&slot.1, name) {
+                slot.2 += n;
+                return;
+            }
+        }
+        // A handler replaced by one of the same name (const:1 again) matches by text, and its
+        // `Arc` is kept for next time.
+        let found = self
+            .by_handler
+            .iter()
+            .position(|(k, seen, _)| *k == nr && (Arc::ptr_eq(seen, name) || **seen == **name));
+        match found {
+            Some(i) => {
+                let slot = &mut self.by_handler[i];
+                if !Arc::ptr_eq(&slot.1, name) {
+                    slot.1 = name.clone();
+                }
+                slot.2 += n;
+                self.last_handler = i;
+            }
+            None => {
+                self.by_handler.push((nr, name.clone(), n));
+                self.last_handler = self.by_handler.len() - 1;
+            }
+        }
+    }
+
+    /// Calls to `nr` answered by custom handlers, by the handler's name at the time of each
+    /// call, in the order the names first answered.
+    pub fn handlers(&self, nr: u64) -> Vec<(Arc<str>, u64)> {
+        self.by_handler
+            .iter()
+            .filter(|(k, _, _)| *k == nr)
+            .map(|(_, name, n)| (name.clone(), *n))
+            .collect()
+    }
+
+    /// Whether a copy is due for publication at `now` (and if so, the next one is due
+    /// [`PUBLISH_EVERY`] later).
+    pub fn publish_due(&mut self, now: Instant) -> bool {
+        match self.next_publish {
+            Some(due) if now < due => false,
+            _ => {
+                self.next_publish = Some(now + PUBLISH_EVERY);
+                true
+            }
+        }
+    }
+
     pub fn merge(&mut self, other: &VcpuStats) {
         for (a, b) in self.exits.iter_mut().zip(other.exits) {
             *a += b;
@@ -120,7 +190,20 @@ impl VcpuStats {
         for (nr, l) in &other.hypercalls {
             self.hypercalls.entry(*nr).or_default().merge(l);
         }
+        for (nr, name, n) in &other.by_handler {
+            self.answered_by_n(*nr, name, *n);
+        }
         self.round_trip.merge(&other.round_trip);
+    }
+
+    /// The name calls to `nr` are reported under: the name of a custom handler that answered
+    /// one (the latest to appear, when it changed), else Linux's name for a standard number.
+    pub fn name_of(&self, nr: u64) -> Option<String> {
+        self.by_handler
+            .iter()
+            .rfind(|(k, _, _)| *k == nr)
+            .map(|(_, n, _)| n.to_string())
+            .or_else(|| vmcall_abi::hc::name(nr).map(String::from))
     }
 
     pub fn total_hypercalls(&self) -> u64 {
@@ -146,7 +229,7 @@ impl VcpuStats {
                 custom
                     .and_then(|t| t.get(*nr))
                     .map(|e| e.name.to_string())
-                    .or_else(|| vmcall_abi::hc::name(*nr).map(String::from))
+                    .or_else(|| self.name_of(*nr))
                     .unwrap_or_else(|| "-".into()),
                 l.count,
                 100.0 * l.count as f64 / total as f64,
@@ -155,6 +238,13 @@ impl VcpuStats {
                 fmt_ns(l.quantile_ns(0.99)),
                 fmt_ns(l.max_ns),
             );
+            // A number whose handler changed during the run: the calls each one answered.
+            let names = self.handlers(*nr);
+            if names.len() > 1 {
+                for (name, n) in names {
+                    let _ = writeln!(out, "{:>10}    by {:<21} {:>10}", "", name, n);
+                }
+            }
         }
         let exits: Vec<String> = ExitReason::ALL
             .iter()
@@ -213,5 +303,29 @@ mod tests {
         let t = crate::hypercall::HypercallTable::new();
         t.register(20, "my-handler", |_: &crate::hypercall::Call<'_>| Ok(0)).unwrap();
         assert!(a.table(Some(&t)).contains("my-handler"));
+    }
+
+    #[test]
+    fn calls_are_counted_by_the_name_of_the_handler_that_answered() {
+        let (v1, v2, v1_again): (Arc<str>, Arc<str>, Arc<str>) =
+            ("const:1".into(), "const:2".into(), "const:1".into());
+        let mut a = VcpuStats::default();
+        a.answered_by(20, &v1);
+        a.answered_by(20, &v2);
+        a.answered_by(20, &v1_again);
+        let mut b = VcpuStats::default();
+        b.answered_by(20, &v2);
+        b.answered_by(21, &v1);
+        a.merge(&b);
+        let names = |nr| -> Vec<(String, u64)> {
+            a.handlers(nr).iter().map(|(n, c)| (n.to_string(), *c)).collect()
+        };
+        assert_eq!(names(20), vec![("const:1".into(), 2), ("const:2".into(), 2)]);
+        assert_eq!(names(21), vec![("const:1".into(), 1)]);
+        assert_eq!(a.name_of(20).as_deref(), Some("const:2"));
+        a.hypercall(20, Instant::now(), Duration::from_nanos(1));
+        assert!(a.table(None).contains("by const:1"), "{}", a.table(None));
+        assert_eq!(a.name_of(1).as_deref(), Some("KVM_HC_VAPIC_POLL_IRQ"));
+        assert!(a.publish_due(Instant::now()) && !a.publish_due(Instant::now()));
     }
 }

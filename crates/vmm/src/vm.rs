@@ -13,6 +13,7 @@ use crate::devices::{Console, ConsoleWriter, Devices};
 use crate::hypercall::{ForeignInsn, HypercallTable};
 use crate::memory::{GuestRam, RamError};
 use crate::stats::VcpuStats;
+use crate::trace::{CallSink, TraceSwitch};
 use crate::vcpu::{vcpu_loop, Shared};
 pub use crate::vcpu::{RunError, RunStatus};
 use crate::x86::cpuid::PvCpuid;
@@ -43,7 +44,10 @@ pub enum BuildError {
 #[derive(Debug)]
 pub struct RunReport {
     pub result: Result<RunStatus, RunError>,
+    /// Every vCPU's statistics, merged.
     pub stats: VcpuStats,
+    /// Each vCPU's own, by vCPU id.
+    pub per_vcpu: Vec<VcpuStats>,
     pub elapsed: Duration,
 }
 
@@ -57,6 +61,8 @@ pub struct VmBuilder {
     table: Arc<HypercallTable>,
     console: Option<ConsoleWriter>,
     boot: BootOptions,
+    trace: TraceSwitch,
+    sink: Option<Arc<dyn CallSink>>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -81,6 +87,8 @@ impl VmBuilder {
             table: Arc::new(HypercallTable::new()),
             console: None,
             boot: BootOptions::default(),
+            trace: TraceSwitch::default(),
+            sink: None,
         }
     }
     /// How the guest boots (default: multiboot if the image has a multiboot header, else
@@ -132,6 +140,17 @@ impl VmBuilder {
         self.console = Some(console);
         self
     }
+    /// The switch of the per-call text trace (default: on, and the `tracing` subscriber's
+    /// filter decides what is shown); keep a clone to turn it on and off while the VM runs.
+    pub fn trace(mut self, switch: TraceSwitch) -> Self {
+        self.trace = switch;
+        self
+    }
+    /// Give every answered hypercall to `sink` (e.g. a JSON trace writer).
+    pub fn sink(mut self, sink: Arc<dyn CallSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
 
     /// Check everything, load the image, set up boot state and create the VM on `hv`.
     pub fn build(self, hv: &dyn Hypervisor) -> Result<Vm, BuildError> {
@@ -152,6 +171,8 @@ impl VmBuilder {
                 devices,
                 self.vcpus,
                 prepared.guest.pv,
+                self.trace,
+                self.sink,
             )),
             backend_name: hv.name(),
         })
@@ -286,6 +307,55 @@ impl VmStopper {
     }
 }
 
+/// Watches and steers a VM from other threads while it runs: its table, its statistics as the
+/// vCPUs last published them, the text trace's switch, and stopping it.
+#[derive(Clone)]
+pub struct VmMonitor(Arc<Shared>);
+
+impl std::fmt::Debug for VmMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VmMonitor")
+    }
+}
+
+/// A VM's statistics while it runs ([`VmMonitor::stats`]).
+#[derive(Debug, Clone)]
+pub struct LiveStats {
+    /// Every vCPU's, merged.
+    pub total: VcpuStats,
+    /// Each vCPU's, by id, as of its last publication (docs/control.md).
+    pub per_vcpu: Vec<VcpuStats>,
+    /// Time since the run started (zero before).
+    pub elapsed: Duration,
+}
+
+impl VmMonitor {
+    pub fn table(&self) -> &Arc<HypercallTable> {
+        &self.0.table
+    }
+    /// Each vCPU's statistics as it last published them: every [`crate::stats::PUBLISH_EVERY`]
+    /// while it makes hypercalls, and when it halts or stops.
+    pub fn stats(&self) -> LiveStats {
+        let per_vcpu = self.0.published();
+        let mut total = VcpuStats::default();
+        for s in &per_vcpu {
+            total.merge(s);
+        }
+        let elapsed = self.0.started.get().map_or(Duration::ZERO, Instant::elapsed);
+        LiveStats { total, per_vcpu, elapsed }
+    }
+    pub fn trace(&self) -> &TraceSwitch {
+        &self.0.trace
+    }
+    pub fn stop(&self) {
+        self.0.finish(Ok(RunStatus::Stopped));
+    }
+    /// Whether the run has ended (or is ending).
+    pub fn stopping(&self) -> bool {
+        self.0.stopping()
+    }
+}
+
 /// A VM ready to run.
 pub struct Vm {
     backend: Box<dyn VmBackend>,
@@ -359,6 +429,11 @@ impl Vm {
         VmStopper(self.shared.clone())
     }
 
+    /// A handle that watches and steers this VM from any thread while it runs.
+    pub fn monitor(&self) -> VmMonitor {
+        VmMonitor(self.shared.clone())
+    }
+
     /// How this VM traps hypercalls.
     pub fn describe(&self) -> String {
         format!("{} backend: {}", self.backend_name, self.backend.describe())
@@ -368,6 +443,7 @@ impl Vm {
     /// it, or the timeout fires.
     pub fn run(self) -> RunReport {
         let start = Instant::now();
+        let _ = self.shared.started.set(start);
         let mut vcpus = Vec::new();
         for (id, init) in self.inits.iter().enumerate() {
             match self.backend.create_vcpu(id as u32, init) {
@@ -377,6 +453,7 @@ impl Vm {
                     return RunReport {
                         result: Err(err),
                         stats: VcpuStats::default(),
+                        per_vcpu: Vec::new(),
                         elapsed: start.elapsed(),
                     };
                 }
@@ -385,6 +462,7 @@ impl Vm {
         let interrupters: Arc<Mutex<Vec<Arc<dyn Interrupter>>>> = Arc::default();
         let running = Running::new(vcpus.len());
         let mut stats = VcpuStats::default();
+        let mut per_vcpu = Vec::new();
         std::thread::scope(|scope| {
             let handles: Vec<_> = vcpus
                 .into_iter()
@@ -417,11 +495,17 @@ impl Vm {
             }
             for h in handles {
                 match h.join() {
-                    Ok(s) => stats.merge(&s),
-                    Err(_) => self.shared.finish(Err(RunError::Unhandled {
-                        vcpu: u32::MAX,
-                        what: "a vCPU thread panicked".into(),
-                    })),
+                    Ok(s) => {
+                        stats.merge(&s);
+                        per_vcpu.push(s);
+                    }
+                    Err(_) => {
+                        per_vcpu.push(VcpuStats::default());
+                        self.shared.finish(Err(RunError::Unhandled {
+                            vcpu: u32::MAX,
+                            what: "a vCPU thread panicked".into(),
+                        }))
+                    }
                 }
             }
         });
@@ -433,7 +517,7 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or(Ok(RunStatus::AllHalted));
-        RunReport { result, stats, elapsed: start.elapsed() }
+        RunReport { result, stats, per_vcpu, elapsed: start.elapsed() }
     }
 
     fn wait_for_end(&self, start: Instant) {

@@ -15,12 +15,16 @@ use vmcall_vmm::vm::{prepare_guest, RunStatus, Vm, VmBuilder};
 
 use crate::BenchArgs;
 
+mod live;
 mod report;
 use report::{json, render};
 
 /// The custom hypercall every vmcall path makes; its handler answers 0.
 const BENCH_NR: u64 = 20;
 const RAM: u64 = 4 << 20;
+/// Calls per run through an exec: handler, and control-socket swaps per round.
+const EXEC_CALLS: u64 = 2000;
+const SWAPS: u32 = 20;
 /// How long the in-kernel VMCALL baseline may take before it is declared hung.
 #[cfg(feature = "kvm")]
 const KERNEL_LIMIT: Duration = Duration::from_secs(2);
@@ -168,6 +172,31 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         emu_raw.unavailable = Some(why.clone());
         emu_vmcall.unavailable = Some(why.clone());
     }
+    let mut live_series: Vec<Series> = ["kvm", "emu"]
+        .iter()
+        .flat_map(|b| {
+            [
+                Series::new(
+                    &format!("exec-{b}"),
+                    &format!("exec: handler round trip (examples/handlers/double.py), {b}"),
+                ),
+                Series::new(
+                    &format!("ctl-set-{b}"),
+                    &format!("control socket `set` to the first call the new handler answers, {b}"),
+                ),
+            ]
+        })
+        .collect();
+    let python = live::python_handler();
+    for s in &mut live_series {
+        let backend_down =
+            if s.key.ends_with("kvm") { kvm.as_ref().err() } else { emu.as_ref().err() };
+        if let Some(why) = backend_down {
+            s.unavailable = Some(why.clone());
+        } else if let (true, Err(why)) = (s.key.starts_with("exec"), &python) {
+            s.unavailable = Some(why.clone());
+        }
+    }
 
     eprintln!("vmcall bench: {} rounds; {n} calls per KVM run, {ne} per emulator run", args.rounds);
     for round in 0..args.rounds {
@@ -187,6 +216,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 s.measure(|lat| vmcall_run(hv.as_ref(), &format!("hc {n} {BENCH_NR}"), lat));
             }
             let rewrite = &list[0].1;
+            live_round(&mut live_series[..2], rewrite.as_ref(), &python, n.min(EXEC_CALLS));
             for (size, (k, _)) in BATCH_SIZES.iter().zip(batches.iter_mut()) {
                 let calls = (n / size).max(20);
                 k.measure(|lat| {
@@ -197,6 +227,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         if let Ok(hv) = &emu {
             emu_raw.measure(|lat| emu_raw_loop(ne, lat));
             emu_vmcall.measure(|lat| vmcall_run(hv.as_ref(), &format!("hc {ne} {BENCH_NR}"), lat));
+            live_round(&mut live_series[2..], hv.as_ref(), &python, ne.min(EXEC_CALLS));
             for (size, (_, e)) in BATCH_SIZES.iter().zip(batches.iter_mut()) {
                 let calls = (ne / size).max(20);
                 e.measure(|lat| {
@@ -225,6 +256,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         bench.series.push(k);
         bench.series.push(e);
     }
+    bench.series.extend(live_series);
+    if let Ok((script, _)) = &python {
+        let _ = std::fs::remove_file(script);
+    }
 
     cold_start(&mut bench, &kvm, &emu, args.rounds.max(10));
     memory(&mut bench, &kvm, &emu);
@@ -237,6 +272,21 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         eprintln!("vmcall bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// One round of the live-handler lines of one backend: `[exec-B, ctl-set-B]`.
+fn live_round(
+    series: &mut [Series],
+    hv: &dyn Hypervisor,
+    python: &Result<(std::path::PathBuf, String), String>,
+    calls: u64,
+) {
+    if let (Ok((_, cmd)), true) = (python, series[0].unavailable.is_none()) {
+        series[0].measure(|lat| live::exec_run(hv, cmd, calls, lat));
+    }
+    if series[1].unavailable.is_none() {
+        series[1].measure(|lat| live::ctl_set(hv, SWAPS, lat));
+    }
 }
 
 type Backends = Result<Vec<(String, Box<dyn Hypervisor>)>, String>;

@@ -108,6 +108,18 @@ fn targets(b: &Bench) -> Vec<Target> {
             at_most: true,
         },
         Target {
+            what: "emu: ctl set to the first call by the new handler (ms)".into(),
+            value: median_of(b, "ctl-set-emu").map(|v| v / 1e6),
+            limit: 1.0,
+            at_most: true,
+        },
+        Target {
+            what: "kvm: ctl set to the first call by the new handler (ms)".into(),
+            value: median_of(b, "ctl-set-kvm").map(|v| v / 1e6),
+            limit: 1.0,
+            at_most: true,
+        },
+        Target {
             what: "kvm: batch-64 per call / in-kernel VMCALL".into(),
             value: ratio(median_of(b, "batch64-kvm"), median_of(b, "kernel")),
             limit: 1.0,

@@ -60,6 +60,12 @@ impl HypercallError {
 /// for long, since that vCPU waits for the answer.
 pub trait HypercallHandler: Send + Sync + 'static {
     fn call(&self, call: &Call<'_>) -> HypercallResult;
+
+    /// What kind of handler this is, for listings: `const`, `echo`, `exec`, ...; `native` for
+    /// code registered through the library.
+    fn kind(&self) -> &str {
+        "native"
+    }
 }
 
 impl<F> HypercallHandler for F

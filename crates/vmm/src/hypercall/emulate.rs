@@ -5,16 +5,18 @@
 //! so the whole path runs in unit tests without any hypervisor.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
 
 use vmcall_abi::errno::{KVM_EINVAL, KVM_EPERM};
-use vmcall_abi::hc::{KVM_HC_MAP_GPA_RANGE, VMCALL_HC_BATCH};
+use vmcall_abi::hc::{KVM_HC_MAP_GPA_RANGE, VMCALL_HC_BATCH, VMCALL_HC_LIST};
 
 use super::batch::batch;
 use super::call::{neg, Call};
 pub use super::insn::HypercallInsn;
+use super::list::list;
 use super::platform::Platform;
 use super::standard::{check_map_gpa_range, standard};
-use super::table::{Entry, HypercallTable};
+use super::table::{Entry, HypercallTable, TableSnapshot};
 use crate::memory::GuestRam;
 use crate::x86::{CpuMode, PagingContext};
 
@@ -70,25 +72,52 @@ pub fn emulate(
     mem: &GuestRam,
     platform: &dyn Platform,
 ) -> Emulated {
+    emulate_with(table, exit, vcpu_id, mem, platform, |done, _| *done)
+}
+
+/// [`emulate`], then `done` with the result and the table entry that answered it (`None` when
+/// no custom handler did), while that entry is still the one the call loaded: what it reports
+/// (the handler's name, say) is the handler's at the time of the call, whatever the table
+/// says by then.
+pub fn emulate_with<R>(
+    table: &HypercallTable,
+    exit: &HypercallExit,
+    vcpu_id: u32,
+    mem: &GuestRam,
+    platform: &dyn Platform,
+    done: impl FnOnce(&Emulated, Option<&Entry>) -> R,
+) -> R {
     let op_64_bit = exit.mode.is_64bit();
     let trunc = |v: u64| if op_64_bit { v } else { v & 0xffff_ffff };
     let nr = trunc(exit.nr);
     let args = exit.args.map(trunc);
-    let (ret, answered_by) = if exit.cpl != 0 {
-        (neg(KVM_EPERM), AnsweredBy::NotPrivileged)
-    } else {
-        let call = Call { nr, args, vcpu_id, mode: exit.mode, mem, paging: exit.paging };
-        table.with(nr, |entry| dispatch(entry, &call, platform, Nesting::Allowed(table)))
-    };
-    Emulated { nr, args, rax: trunc(ret), answered_by }
+    if exit.cpl != 0 {
+        let r = Emulated {
+            nr,
+            args,
+            rax: trunc(neg(KVM_EPERM)),
+            answered_by: AnsweredBy::NotPrivileged,
+        };
+        return done(&r, None);
+    }
+    let call = Call { nr, args, vcpu_id, mode: exit.mode, mem, paging: exit.paging };
+    table.with(nr, |entry| {
+        let (ret, answered_by) = dispatch(entry, &call, platform, Nesting::Allowed(table));
+        let r = Emulated { nr, args, rax: trunc(ret), answered_by };
+        let by = match answered_by {
+            AnsweredBy::Custom | AnsweredBy::Panicked => entry,
+            AnsweredBy::Standard | AnsweredBy::NotPrivileged => None,
+        };
+        done(&r, by)
+    })
 }
 
 /// Whether a call may start a batch (a batch's own entries may not), and the table a batch
-/// takes its snapshot of.
+/// takes its snapshot of (or, inside one, the snapshot it took).
 #[derive(Clone, Copy)]
 pub(super) enum Nesting<'a> {
     Allowed(&'a HypercallTable),
-    InBatch,
+    InBatch(&'a TableSnapshot),
 }
 
 /// Step 7 of docs/hypercalls.md for a call that passed the CPL check: `entry`, the table's
@@ -107,6 +136,7 @@ pub(super) fn dispatch(
                     return (err, AnsweredBy::Custom);
                 }
             }
+            e.calls.fetch_add(1, Ordering::Relaxed);
             match catch_unwind(AssertUnwindSafe(|| e.handler.call(call))) {
                 Ok(Ok(v)) => (v, AnsweredBy::Custom),
                 Ok(Err(err)) => (err.to_rax(), AnsweredBy::Custom),
@@ -118,13 +148,21 @@ pub(super) fn dispatch(
         }
         None if nr == VMCALL_HC_BATCH => match nesting {
             Nesting::Allowed(table) => {
+                let snapshot = table.snapshot();
                 let single = |entry: Option<&Entry>, call: &Call<'_>| {
-                    dispatch(entry, call, platform, Nesting::InBatch).0
+                    dispatch(entry, call, platform, Nesting::InBatch(&snapshot)).0
                 };
-                (batch(&table.snapshot(), call, &single), AnsweredBy::Standard)
+                (batch(&snapshot, call, &single), AnsweredBy::Standard)
             }
-            Nesting::InBatch => (neg(KVM_EINVAL), AnsweredBy::Standard),
+            Nesting::InBatch(_) => (neg(KVM_EINVAL), AnsweredBy::Standard),
         },
+        None if nr == VMCALL_HC_LIST => {
+            let ret = match nesting {
+                Nesting::Allowed(table) => list(&table.snapshot(), call),
+                Nesting::InBatch(snapshot) => list(snapshot, call),
+            };
+            (ret, AnsweredBy::Standard)
+        }
         None => (standard(call, platform, call.mode.is_64bit()), AnsweredBy::Standard),
     }
 }
@@ -333,6 +371,65 @@ mod tests {
         assert_eq!(ask(&none, 1, [0; 4]), 0, "VAPIC_POLL_IRQ is not gated");
         let all = Offered((1 << 7) | (1 << 11) | (1 << 13));
         assert_eq!((ask(&all, 5, [0, 1, 0, 0]), ask(&all, 10, [1, 0, 0, 0])), (0, 1));
+    }
+
+    #[test]
+    fn list_reports_the_registered_numbers() {
+        use vmcall_abi::hc::VMCALL_HC_LIST;
+        let t = HypercallTable::new();
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let m = Mock::default();
+        let list = |a0: u64, a1: u64| {
+            emulate(&t, &call(VMCALL_HC_LIST, [a0, a1, 0, 0], 0, M64), 0, &ram, &m).rax
+        };
+        assert_eq!(list(0, 0), 0);
+        t.register(21, "second", |_: &Call<'_>| Ok(0)).unwrap();
+        t.register(20, "a-name-longer-than-twenty-four-bytes", |_: &Call<'_>| Ok(0)).unwrap();
+        t.override_standard(1, "poll", |_: &Call<'_>| Ok(0));
+        assert_eq!(list(0, 0), 3, "a1 = 0 asks for the count");
+        ram.write_u64(0x8000, 0x55).unwrap();
+        assert_eq!(list(0x8000, 95), neg(vmcall_abi::errno::KVM_E2BIG));
+        assert_eq!(ram.read_u64(0x8000).unwrap(), 0x55, "nothing written when it does not fit");
+        assert_eq!(list(0x8000, 96), 3);
+        let entry = |i: u64| {
+            let mut raw = [0u8; 32];
+            ram.read(0x8000 + 32 * i, &mut raw).unwrap();
+            let mut info = vmcall_abi::HypercallInfo {
+                nr: u64::from_le_bytes(raw[..8].try_into().unwrap()),
+                ..Default::default()
+            };
+            info.name.copy_from_slice(&raw[8..]);
+            (info.nr, info.name().to_string(), info.name[23])
+        };
+        assert_eq!(entry(0), (1, "poll".into(), 0));
+        assert_eq!(entry(1), (20, "a-name-longer-than-twen".into(), 0), "cut to 23 bytes");
+        assert_eq!(entry(2), (21, "second".into(), 0));
+        assert_eq!(list(ram.size() - 64, 96), neg(14), "an array that runs off RAM");
+        assert_eq!(list(u64::MAX - 8, 96), neg(14));
+        assert_eq!(
+            emulate(&t, &call(VMCALL_HC_LIST, [0, 0, 0, 0], 3, M64), 0, &ram, &m).rax,
+            u64::MAX,
+            "CPL 3: -KVM_EPERM"
+        );
+    }
+
+    #[test]
+    fn custom_calls_are_counted_live_and_the_answering_entry_is_reported() {
+        let t = HypercallTable::new();
+        t.register(20, "v1", |_: &Call<'_>| Ok(1)).unwrap();
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let m = Mock::default();
+        let name = emulate_with(&t, &call(20, [0; 4], 0, M64), 0, &ram, &m, |r, e| {
+            t.replace(20, "v2", |_: &Call<'_>| Ok(2)).unwrap();
+            (r.rax, e.map(|e| e.name.to_string()))
+        });
+        assert_eq!(name, (1, Some("v1".into())), "the entry that answered, not the current one");
+        let by = emulate_with(&t, &call(1, [0; 4], 0, M64), 0, &ram, &m, |_, e| e.is_none());
+        assert!(by, "a standard answer has no entry");
+        assert_eq!(run(&t, call(20, [0; 4], 0, M64)).rax, 2);
+        assert_eq!(t.calls(20), 2);
+        run(&t, call(20, [0; 4], 3, M64));
+        assert_eq!(t.calls(20), 2, "a refused call reaches no handler");
     }
 
     #[test]

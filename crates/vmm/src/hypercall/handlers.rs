@@ -104,6 +104,16 @@ impl HypercallHandler for Builtin {
             Builtin::Errno(_, code) => Err(HypercallError::Errno(*code)),
         }
     }
+
+    fn kind(&self) -> &str {
+        match self {
+            Builtin::Const(_) => "const",
+            Builtin::Echo => "echo",
+            Builtin::Add => "add",
+            Builtin::Log => "log",
+            Builtin::Errno(..) => "errno",
+        }
+    }
 }
 
 /// Parse `NR=HANDLER` (as given to `vmcall run --hypercall`).

@@ -6,12 +6,13 @@ pub mod call;
 pub mod emulate;
 pub mod handlers;
 pub mod insn;
+mod list;
 pub mod platform;
 mod standard;
 pub mod table;
 
 pub use call::{neg, Call, HypercallError, HypercallHandler, HypercallResult};
-pub use emulate::{emulate, AnsweredBy, Emulated, HypercallExit};
+pub use emulate::{emulate, emulate_with, AnsweredBy, Emulated, HypercallExit};
 pub use insn::{ForeignInsn, HypercallInsn, InsnAction};
 pub use platform::{DetachedPlatform, Platform};
-pub use table::{Entry, HypercallTable, TableError, TableSnapshot};
+pub use table::{Entry, HypercallTable, Listed, TableError, TableSnapshot};

@@ -5,8 +5,13 @@
 //! the snapshot: a concurrent replace or remove never loses or repeats a call. Writers are rare
 //! and serialise on a mutex, copy the map, change the copy and publish it; a handler that was
 //! replaced stays alive until the last call that loaded it returns (its `Arc`).
+//!
+//! Each number has a live call counter ([`Entry::calls`]): an atomic that every call a custom
+//! handler answers increments, kept across replacements (and a remove and re-register), so that
+//! "calls so far" can be read from any thread while the VM runs.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -26,15 +31,32 @@ pub struct Entry {
     /// its number entirely, `KVM_HC_MAP_GPA_RANGE`'s argument checks included (a plain
     /// [`HypercallTable::register`] of 12 keeps them, as KVM's user-space exit does).
     pub overrides_standard: bool,
+    /// Calls answered by the custom handlers of this number so far (batch entries included),
+    /// shared by every handler the number has had.
+    pub calls: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry")
             .field("name", &self.name)
+            .field("kind", &self.handler.kind())
             .field("overrides_standard", &self.overrides_standard)
+            .field("calls", &self.calls.load(Ordering::Relaxed))
             .finish()
     }
+}
+
+/// One row of [`HypercallTable::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub nr: u64,
+    pub name: String,
+    /// [`HypercallHandler::kind`] of the handler: `const`, `exec`, `native`...
+    pub kind: String,
+    pub overrides_standard: bool,
+    /// Calls answered by this number's custom handlers so far.
+    pub calls: u64,
 }
 
 /// Why a table change was refused.
@@ -90,13 +112,30 @@ impl TableSnapshot {
     pub fn get(&self, nr: u64) -> Option<&Entry> {
         self.0.get(&nr)
     }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.0.iter().map(|(nr, e)| (*nr, e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
+
+/// The live call counter of every number that ever had a handler, kept by the writers.
+type Counters = HashMap<u64, Arc<AtomicU64>>;
 
 /// The table. Cheap to share: wrap it in an `Arc` and keep a clone to change it at run time.
 #[derive(Default)]
 pub struct HypercallTable {
     current: ArcSwap<Snapshot>,
-    writer: Mutex<()>,
+    /// Serialises writers; holds the per-number call counters.
+    writer: Mutex<Counters>,
 }
 
 impl std::fmt::Debug for HypercallTable {
@@ -134,6 +173,30 @@ impl HypercallTable {
         v
     }
 
+    /// Every registered number with its handler's name and kind and its live call count,
+    /// sorted by number.
+    pub fn list(&self) -> Vec<Listed> {
+        let snap = self.current.load();
+        let mut v: Vec<Listed> = snap
+            .iter()
+            .map(|(nr, e)| Listed {
+                nr: *nr,
+                name: e.name.to_string(),
+                kind: e.handler.kind().to_string(),
+                overrides_standard: e.overrides_standard,
+                calls: e.calls.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_unstable_by_key(|l| l.nr);
+        v
+    }
+
+    /// Calls answered by the custom handlers `nr` has had so far (0 if it never had one).
+    pub fn calls(&self, nr: u64) -> u64 {
+        let counters = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        counters.get(&nr).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
     /// Add a handler for a free, non-standard number.
     pub fn register(
         &self,
@@ -141,14 +204,24 @@ impl HypercallTable {
         name: &str,
         handler: impl HypercallHandler,
     ) -> Result<(), TableError> {
-        self.update(|map| {
+        self.register_shared(nr, name, Arc::new(handler))
+    }
+
+    /// [`HypercallTable::register`] for a handler already behind an `Arc`.
+    pub fn register_shared(
+        &self,
+        nr: u64,
+        name: &str,
+        handler: Arc<dyn HypercallHandler>,
+    ) -> Result<(), TableError> {
+        self.update(|map, counters| {
             if let Some(e) = map.get(&nr) {
                 return Err(TableError::Taken { nr, name: e.name.to_string() });
             }
             if is_standard(nr) {
                 return Err(TableError::Standard { nr, name: hc::name(nr).unwrap_or("?") });
             }
-            map.insert(nr, entry(name, handler, false));
+            map.insert(nr, entry(counters, nr, name, handler, false));
             Ok(())
         })
     }
@@ -160,10 +233,32 @@ impl HypercallTable {
         name: &str,
         handler: impl HypercallHandler,
     ) -> Result<Entry, TableError> {
-        self.update(|map| {
+        self.update(|map, counters| {
             let old = map.get(&nr).ok_or(TableError::NotRegistered(nr))?;
             let overrides = old.overrides_standard;
-            Ok(map.insert(nr, entry(name, handler, overrides)).expect("checked above"))
+            let new = entry(counters, nr, name, Arc::new(handler), overrides);
+            Ok(map.insert(nr, new).expect("checked above"))
+        })
+    }
+
+    /// Register a handler for `nr`, or replace the one it has, in one step; returns the
+    /// replaced entry. A standard number is refused unless it is already overridden (then its
+    /// handler is replaced and it stays overridden).
+    pub fn set(
+        &self,
+        nr: u64,
+        name: &str,
+        handler: Arc<dyn HypercallHandler>,
+    ) -> Result<Option<Entry>, TableError> {
+        self.update(|map, counters| {
+            let overrides = match map.get(&nr) {
+                Some(old) => old.overrides_standard,
+                None if is_standard(nr) => {
+                    return Err(TableError::Standard { nr, name: hc::name(nr).unwrap_or("?") })
+                }
+                None => false,
+            };
+            Ok(map.insert(nr, entry(counters, nr, name, handler, overrides)))
         })
     }
 
@@ -174,26 +269,48 @@ impl HypercallTable {
         name: &str,
         handler: impl HypercallHandler,
     ) -> Option<Entry> {
-        self.update(|map| Ok::<_, TableError>(map.insert(nr, entry(name, handler, true))))
-            .expect("infallible")
+        self.override_shared(nr, name, Arc::new(handler))
+    }
+
+    /// [`HypercallTable::override_standard`] for a handler already behind an `Arc`.
+    pub fn override_shared(
+        &self,
+        nr: u64,
+        name: &str,
+        handler: Arc<dyn HypercallHandler>,
+    ) -> Option<Entry> {
+        self.update(|map, counters| {
+            Ok::<_, TableError>(map.insert(nr, entry(counters, nr, name, handler, true)))
+        })
+        .expect("infallible")
     }
 
     /// Remove the handler of `nr` (a standard number gets KVM's behaviour back).
     pub fn unregister(&self, nr: u64) -> Option<Entry> {
-        self.update(|map| Ok::<_, TableError>(map.remove(&nr))).expect("infallible")
+        self.update(|map, _| Ok::<_, TableError>(map.remove(&nr))).expect("infallible")
     }
 
-    fn update<R, E>(&self, f: impl FnOnce(&mut Snapshot) -> Result<R, E>) -> Result<R, E> {
-        let _guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+    fn update<R, E>(
+        &self,
+        f: impl FnOnce(&mut Snapshot, &mut Counters) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let mut counters = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = Snapshot::clone(&self.current.load());
-        let r = f(&mut next)?;
+        let r = f(&mut next, &mut counters)?;
         self.current.store(Arc::new(next));
         Ok(r)
     }
 }
 
-fn entry(name: &str, handler: impl HypercallHandler, overrides_standard: bool) -> Entry {
-    Entry { handler: Arc::new(handler), name: name.into(), overrides_standard }
+fn entry(
+    counters: &mut Counters,
+    nr: u64,
+    name: &str,
+    handler: Arc<dyn HypercallHandler>,
+    overrides_standard: bool,
+) -> Entry {
+    let calls = counters.entry(nr).or_default().clone();
+    Entry { handler, name: name.into(), overrides_standard, calls }
 }
 
 #[cfg(test)]
@@ -226,5 +343,26 @@ mod tests {
         assert!(t.unregister(20).is_some());
         assert!(t.unregister(20).is_none());
         assert!(t.get(20).is_none());
+    }
+
+    #[test]
+    fn set_registers_or_replaces_and_counters_survive() {
+        let t = HypercallTable::new();
+        assert!(t.set(20, "a", Arc::new(konst(1))).unwrap().is_none());
+        t.get(20).unwrap().calls.fetch_add(5, Ordering::Relaxed);
+        assert_eq!(&*t.set(20, "b", Arc::new(konst(2))).unwrap().unwrap().name, "a");
+        assert_eq!(t.list()[0].calls, 5, "the count is the number's, not the handler's");
+        assert!(matches!(t.set(5, "k", Arc::new(konst(0))), Err(TableError::Standard { .. })));
+        t.override_standard(5, "k", konst(0));
+        assert!(t.set(5, "k2", Arc::new(konst(0))).is_ok(), "an overridden number may be set");
+        assert!(t.get(5).unwrap().overrides_standard);
+        t.unregister(20);
+        assert_eq!(t.calls(20), 5);
+        t.register(20, "c", konst(3)).unwrap();
+        let l = t.list();
+        assert_eq!(
+            (l[1].nr, l[1].name.as_str(), l[1].kind.as_str(), l[1].calls),
+            (20, "c", "native", 5)
+        );
     }
 }

@@ -10,8 +10,9 @@ use vmcall_abi::ExitReason;
 use super::{RunError, Shared};
 use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
 use crate::devices::PortWrite;
-use crate::hypercall::{emulate, HypercallExit, Platform};
+use crate::hypercall::{emulate_with, HypercallExit, Platform};
 use crate::stats::VcpuStats;
+use crate::trace::CallRecord;
 
 /// What the vCPU loop does after an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,24 +121,49 @@ fn answer_hypercall(
 ) -> u64 {
     let start = Instant::now();
     let platform = VcpuPlatform { shared, guest_tsc: RefCell::new(guest_tsc) };
-    let done = emulate(&shared.table, hc, vcpu_id, &shared.ram, &platform);
-    stats.hypercall(done.nr, start, start.elapsed());
-    tracing::trace!(
-        target: "vmcall::hypercall",
-        vcpu = vcpu_id,
-        nr = done.nr,
-        a0 = done.args[0],
-        a1 = done.args[1],
-        a2 = done.args[2],
-        a3 = done.args[3],
-        ret = done.rax as i64,
-        cpl = hc.cpl,
-        mode = hc.mode.name(),
-        rip = hc.rip,
-        by = ?done.answered_by,
-        "hypercall"
-    );
-    done.rax
+    emulate_with(&shared.table, hc, vcpu_id, &shared.ram, &platform, |done, entry| {
+        let took = start.elapsed();
+        stats.hypercall(done.nr, start, took);
+        if let Some(e) = entry {
+            stats.answered_by(done.nr, &e.name);
+        }
+        if shared.trace.is_on() {
+            tracing::trace!(
+                target: "vmcall::hypercall",
+                vcpu = vcpu_id,
+                nr = done.nr,
+                a0 = done.args[0],
+                a1 = done.args[1],
+                a2 = done.args[2],
+                a3 = done.args[3],
+                ret = done.rax as i64,
+                cpl = hc.cpl,
+                mode = hc.mode.name(),
+                rip = hc.rip,
+                by = ?done.answered_by,
+                handler = entry.map(|e| &*e.name),
+                "hypercall"
+            );
+        }
+        if let Some(sink) = &shared.sink {
+            sink.record(&CallRecord {
+                vcpu: vcpu_id,
+                nr: done.nr,
+                args: done.args,
+                ret: done.rax,
+                cpl: hc.cpl,
+                mode: hc.mode,
+                rip: hc.rip,
+                answered_by: done.answered_by,
+                handler: entry.map(|e| &*e.name),
+                latency_ns: took.as_nanos() as u64,
+            });
+        }
+        if stats.publish_due(start) {
+            shared.publish(vcpu_id, stats);
+        }
+        done.rax
+    })
 }
 
 fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {

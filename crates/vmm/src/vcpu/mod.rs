@@ -86,6 +86,7 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
             Ok(Flow::Continue) => {}
             Ok(Flow::Halt) => {
                 shared.console_write(&std::mem::take(&mut line));
+                shared.publish(id, &stats);
                 if !shared.halt(id) {
                     break;
                 }
@@ -102,5 +103,6 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
         }
     }
     shared.console_write(&line);
+    shared.publish(id, &stats);
     stats
 }

@@ -2,12 +2,15 @@
 //! and how the run ended.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Instant;
 
 use super::{RunError, RunStatus};
 use crate::devices::Devices;
 use crate::hypercall::HypercallTable;
 use crate::memory::GuestRam;
+use crate::stats::VcpuStats;
+use crate::trace::{CallSink, TraceSwitch};
 use crate::x86::cpuid::PvCpuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +40,14 @@ pub struct Shared {
     stop: AtomicBool,
     pub(crate) end: Mutex<Option<Result<RunStatus, RunError>>>,
     pub(crate) end_cv: Condvar,
+    /// The text trace's switch.
+    pub trace: TraceSwitch,
+    /// Sees every call, if set.
+    pub sink: Option<Arc<dyn CallSink>>,
+    /// Each vCPU's statistics as it last published them.
+    pub(crate) live: Vec<Mutex<VcpuStats>>,
+    /// When the run started.
+    pub(crate) started: OnceLock<Instant>,
 }
 
 impl Shared {
@@ -46,9 +57,15 @@ impl Shared {
         devices: Devices,
         n: u32,
         pv: PvCpuid,
+        trace: TraceSwitch,
+        sink: Option<Arc<dyn CallSink>>,
     ) -> Self {
         Self {
             pv,
+            trace,
+            sink,
+            live: (0..n).map(|_| Mutex::default()).collect(),
+            started: OnceLock::new(),
             ram,
             table,
             vcpu_count: n,
@@ -63,6 +80,18 @@ impl Shared {
             end: Mutex::new(None),
             end_cv: Condvar::new(),
         }
+    }
+
+    /// Publish a copy of vCPU `id`'s statistics for live readers.
+    pub(crate) fn publish(&self, id: u32, stats: &VcpuStats) {
+        if let Some(slot) = self.live.get(id as usize) {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).clone_from(stats);
+        }
+    }
+
+    /// Every vCPU's statistics as last published.
+    pub(crate) fn published(&self) -> Vec<VcpuStats> {
+        self.live.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect()
     }
 
     pub(crate) fn console_write(&self, bytes: &[u8]) {

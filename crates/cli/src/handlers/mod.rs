@@ -1,0 +1,104 @@
+//! The handler kinds `vmcall run --hypercall NR=KIND` and the control socket's `set NR=KIND`
+//! accept, parsed in one place: [`HandlerSpec`]. A new kind is one more variant, one more arm
+//! in [`HandlerSpec::from_str`] and in [`HandlerSpec::build`].
+
+mod exec;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmcall_vmm::hypercall::handlers::{parse_u64, Builtin, SpecError};
+use vmcall_vmm::hypercall::HypercallHandler;
+
+pub use exec::ExecHandler;
+
+/// A parsed handler kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerSpec {
+    /// `const:V`, `echo`, `add`, `log`, `errno:NAME`.
+    Builtin(Builtin),
+    /// `exec:CMD`: an external process answering one JSON line per call (docs/hypercalls.md).
+    Exec(String),
+}
+
+/// What building a handler may depend on besides its spec.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildOptions {
+    /// Per-call deadline of `exec:` handlers.
+    pub exec_deadline: Duration,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self { exec_deadline: exec::DEFAULT_DEADLINE }
+    }
+}
+
+/// What every kind's syntax looks like, for error messages.
+pub const KINDS: &str = "const:V, echo, add, log, errno:NAME or exec:CMD";
+
+impl std::str::FromStr for HandlerSpec {
+    type Err = String;
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let spec = spec.trim();
+        if let Some(cmd) = spec.strip_prefix("exec:") {
+            let cmd = cmd.trim();
+            if cmd.is_empty() {
+                return Err("exec: needs a command, e.g. exec:python3 handler.py".into());
+            }
+            return Ok(HandlerSpec::Exec(cmd.to_string()));
+        }
+        spec.parse::<Builtin>().map(HandlerSpec::Builtin).map_err(|e| match e {
+            SpecError::UnknownKind(k) => format!("unknown handler kind '{k}'; expected {KINDS}"),
+            other => other.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for HandlerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerSpec::Builtin(b) => b.fmt(f),
+            HandlerSpec::Exec(cmd) => write!(f, "exec:{cmd}"),
+        }
+    }
+}
+
+impl HandlerSpec {
+    /// The handler this spec describes, ready for the table (an `exec:` process starts on its
+    /// first call).
+    pub fn build(&self, nr: u64, opts: &BuildOptions) -> Result<Arc<dyn HypercallHandler>, String> {
+        Ok(match self {
+            HandlerSpec::Builtin(b) => Arc::new(b.clone()),
+            HandlerSpec::Exec(cmd) => Arc::new(ExecHandler::new(nr, cmd, opts.exec_deadline)),
+        })
+    }
+}
+
+/// Parse `NR=KIND` (as given to `--hypercall`, `--override` and the control socket's `set`).
+pub fn parse_assignment(s: &str) -> Result<(u64, HandlerSpec), String> {
+    let (nr, spec) = s.split_once('=').ok_or_else(|| SpecError::BadAssignment.to_string())?;
+    Ok((parse_u64(nr.trim()).map_err(|e| e.to_string())?, spec.parse()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_kind() {
+        assert_eq!("const:2".parse(), Ok(HandlerSpec::Builtin(Builtin::Const(2))));
+        assert_eq!(
+            parse_assignment("20=exec:python3 h.py --x=1"),
+            Ok((20, HandlerSpec::Exec("python3 h.py --x=1".into())))
+        );
+        assert_eq!(HandlerSpec::Exec("cat".into()).to_string(), "exec:cat");
+        assert!("exec:  ".parse::<HandlerSpec>().unwrap_err().contains("needs a command"));
+        let e = "wasm2:x".parse::<HandlerSpec>().unwrap_err();
+        assert!(e.contains("unknown handler kind 'wasm2:x'") && e.contains("exec:CMD"), "{e}");
+        assert!(parse_assignment("x=echo").unwrap_err().contains("not a number"));
+        assert!(parse_assignment("20").unwrap_err().contains("NR=HANDLER"));
+        let h = HandlerSpec::Builtin(Builtin::Echo).build(20, &BuildOptions::default()).unwrap();
+        assert_eq!(h.kind(), "echo");
+    }
+}
