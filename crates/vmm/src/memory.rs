@@ -29,8 +29,9 @@ pub enum RamError {
     Mmap(#[source] vm_memory::mmap::FromRangesError),
 }
 
-/// Guest RAM mapped at guest-physical 0.
-#[derive(Debug)]
+/// Guest RAM mapped at guest-physical 0. A clone is another handle to the same RAM (the
+/// mapping lives until its last handle is dropped).
+#[derive(Debug, Clone)]
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     size: u64,
@@ -156,6 +157,11 @@ impl GuestRam {
             .and_then(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
             .expect("RAM is one region starting at guest-physical 0");
         (ptr, self.size as usize)
+    }
+
+    /// Whether `other` is a handle to the same RAM (the same host mapping).
+    pub fn same_ram(&self, other: &GuestRam) -> bool {
+        self.host_mapping() == other.host_mapping()
     }
 
     fn oob(&self, gpa: u64, len: usize) -> OutOfBounds {

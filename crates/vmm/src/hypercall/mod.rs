@@ -8,6 +8,8 @@ pub mod handlers;
 pub mod platform;
 mod standard;
 pub mod table;
+#[cfg(feature = "wasm")]
+pub mod wasm;
 
 pub use call::{neg, Call, HypercallError, HypercallHandler, HypercallResult};
 pub use emulate::{emulate, AnsweredBy, Emulated, HypercallExit, HypercallInsn};
