@@ -95,7 +95,7 @@ struct VmArgs {
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = parse::timeout)]
     timeout: parse::Timeout,
     /// Add a custom hypercall: NR=HANDLER, with HANDLER one of const:V, echo, add, log,
-    /// errno:NAME. Repeatable.
+    /// errno:NAME, wasm:PATH (a WebAssembly module, docs/wasm.md). Repeatable.
     #[arg(long = "hypercall", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
     hypercalls: Vec<(u64, Builtin)>,
     /// Like --hypercall, but may replace a standard KVM_HC_* number's behaviour.
