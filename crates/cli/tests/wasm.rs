@@ -76,3 +76,43 @@ fn bad_wasm_handlers_are_refused_before_the_guest_runs() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bench_reports_the_wasm_handlers_cost_over_a_native_closure() {
+    let json = std::env::temp_dir().join(format!("vmcall-bench-wasm-{}.json", std::process::id()));
+    let o = vmcall(&[
+        "bench",
+        "--rounds",
+        "1",
+        "--calls",
+        "20",
+        "--emu-calls",
+        "2000",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    for key in [
+        "wasm-kvm",
+        "wasm-emu",
+        "wasm handler over a native closure",
+        "a wasm handler's extra cost",
+    ] {
+        assert!(out.contains(key), "no {key} in\n{out}");
+    }
+    // The software CPU runs everywhere, so its figures are always there.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let emu = doc["wasm_over_native"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["backend"] == "emu")
+        .unwrap()
+        .clone();
+    for key in ["native_ns", "wasm_ns", "extra_ns", "ratio"] {
+        assert!(emu[key].is_number(), "{key} in {emu}");
+    }
+}
