@@ -159,11 +159,6 @@ impl GuestRam {
         (ptr, self.size as usize)
     }
 
-    /// Whether `other` is a handle to the same RAM (the same host mapping).
-    pub fn same_ram(&self, other: &GuestRam) -> bool {
-        self.host_mapping() == other.host_mapping()
-    }
-
     fn oob(&self, gpa: u64, len: usize) -> OutOfBounds {
         OutOfBounds { gpa, len: len as u64, ram_size: self.size }
     }

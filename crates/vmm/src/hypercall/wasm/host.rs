@@ -92,9 +92,12 @@ pub(super) struct HostState {
     pub limits: StoreLimits,
     /// The instance's exported `memory`, if it has one.
     pub memory: Option<Memory>,
-    /// A handle to the RAM of the guest that called last (kept between calls: comparing it
-    /// with the next caller's RAM is cheaper than taking a new handle each call).
+    /// A handle to the RAM of the guest that called last (kept between calls: comparing its
+    /// mapping with the next caller's is cheaper than taking a new handle each call). While it
+    /// is held the mapping cannot go away, so an equal `ram_key` means the same RAM.
     pub ram: Option<GuestRam>,
+    /// `ram`'s host mapping: address and length.
+    pub ram_key: (usize, usize),
     /// Set while a call runs; `None` during instantiation (no guest to see).
     pub call: Option<CallCtx>,
     pub log: LogLimiter,

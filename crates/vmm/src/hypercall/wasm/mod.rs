@@ -25,7 +25,6 @@ mod tests;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vmcall_abi::errno::KVM_EFAULT;
@@ -150,17 +149,11 @@ impl WasmCounters {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    calls: AtomicU64,
-    traps: AtomicU64,
-    out_of_fuel: AtomicU64,
-    memory_limit: AtomicU64,
-}
-
 struct Instance {
     store: Store<HostState>,
     func: TypedFunc<Params, i64>,
+    /// Kept under the instance's lock, which every call takes anyway.
+    counters: WasmCounters,
 }
 
 /// A hypercall handler running a WebAssembly module (see the module documentation).
@@ -168,7 +161,6 @@ pub struct WasmHandler {
     name: Arc<str>,
     fuel: u64,
     instance: Mutex<Instance>,
-    counters: Counters,
 }
 
 impl std::fmt::Debug for WasmHandler {
@@ -226,6 +218,7 @@ impl WasmHandler {
                 .build(),
             memory: None,
             ram: None,
+            ram_key: (0, 0),
             call: None,
             log: LogLimiter::new(config.log_lines_per_sec, config.log_sink.clone()),
             name: name.clone(),
@@ -249,8 +242,7 @@ impl WasmHandler {
         Ok(Self {
             name,
             fuel: config.fuel,
-            instance: Mutex::new(Instance { store, func }),
-            counters: Counters::default(),
+            instance: Mutex::new(Instance { store, func, counters: WasmCounters::default() }),
         })
     }
 
@@ -261,58 +253,59 @@ impl WasmHandler {
 
     /// Calls and failures so far.
     pub fn counters(&self) -> WasmCounters {
-        let c = &self.counters;
-        WasmCounters {
-            calls: c.calls.load(Ordering::Relaxed),
-            traps: c.traps.load(Ordering::Relaxed),
-            out_of_fuel: c.out_of_fuel.load(Ordering::Relaxed),
-            memory_limit: c.memory_limit.load(Ordering::Relaxed),
-        }
+        self.lock().counters
     }
 
-    fn failed(&self, call: &Call<'_>, err: &wasmi::Error) {
-        let (what, counter) = match err.as_trap_code() {
-            Some(TrapCode::OutOfFuel) => ("ran out of fuel", &self.counters.out_of_fuel),
-            Some(TrapCode::GrowthOperationLimited) => {
-                ("grew its memory past the cap", &self.counters.memory_limit)
-            }
-            _ => ("trapped", &self.counters.traps),
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        let failures = self.counters().failures();
-        if failures.is_power_of_two() {
-            tracing::warn!(
-                handler = %self.name,
-                nr = call.nr,
-                vcpu = call.vcpu_id,
-                "wasm handler {what}: {err}; the guest gets -KVM_EFAULT ({failures} failed calls so far; reporting the 1st, 2nd, 4th, 8th, ...)"
-            );
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Instance> {
+        self.instance.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Count a failed call; what to report, if this one is to be reported.
+fn failed(counters: &mut WasmCounters, err: &wasmi::Error) -> Option<(&'static str, u64)> {
+    let (what, counter) = match err.as_trap_code() {
+        Some(TrapCode::OutOfFuel) => ("ran out of fuel", &mut counters.out_of_fuel),
+        Some(TrapCode::GrowthOperationLimited) => {
+            ("grew its memory past the cap", &mut counters.memory_limit)
+        }
+        _ => ("trapped", &mut counters.traps),
+    };
+    *counter += 1;
+    let failures = counters.failures();
+    failures.is_power_of_two().then_some((what, failures))
 }
 
 impl HypercallHandler for WasmHandler {
     fn call(&self, c: &Call<'_>) -> HypercallResult {
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        let mut guard = self.instance.lock().unwrap_or_else(PoisonError::into_inner);
-        let Instance { store, func } = &mut *guard;
+        let mut guard = self.lock();
+        let Instance { store, func, counters } = &mut *guard;
+        counters.calls += 1;
         let state = store.data_mut();
-        if !state.ram.as_ref().is_some_and(|r| r.same_ram(c.mem)) {
+        let (ptr, len) = c.mem.host_mapping();
+        if state.ram_key != (ptr as usize, len) {
             state.ram = Some(c.mem.clone());
+            state.ram_key = (ptr as usize, len);
         }
         state.call = Some(CallCtx { paging: c.paging, vcpu: c.vcpu_id });
         store.set_fuel(self.fuel).expect("fuel is enabled");
         let [a0, a1, a2, a3] = c.args.map(|a| a as i64);
         let result = func.call(&mut *store, (c.nr as i64, a0, a1, a2, a3, c.vcpu_id as i32));
         store.data_mut().call = None;
+        let err = match result {
+            Ok(v) => return Ok(v as u64),
+            Err(e) => e,
+        };
+        let report = failed(counters, &err);
         drop(guard);
-        match result {
-            Ok(v) => Ok(v as u64),
-            Err(e) => {
-                self.failed(c, &e);
-                Err(HypercallError::Errno(KVM_EFAULT))
-            }
+        if let Some((what, failures)) = report {
+            tracing::warn!(
+                handler = %self.name,
+                nr = c.nr,
+                vcpu = c.vcpu_id,
+                "wasm handler {what}: {err}; the guest gets -KVM_EFAULT ({failures} failed calls so far; reporting the 1st, 2nd, 4th, 8th, ...)"
+            );
         }
+        Err(HypercallError::Errno(KVM_EFAULT))
     }
 }
 
