@@ -2,14 +2,17 @@
 //! backend: the `.wat` handler (no toolchain needed) and the same handler written in C, built
 //! here with clang --target=wasm32 and wasm-ld. State persists in the instance, guest memory is
 //! read and written through the host API (physical and virtual), and a trap, an endless loop
-//! and a memory grab each answer -KVM_EFAULT without disturbing the VM or the next call.
+//! and a memory grab each answer -KVM_EFAULT without disturbing the VM or the next call. A wasm
+//! handler also follows guest-virtual pointers through a kernel-like guest's own page tables.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use vmcall_conformance::{backends, run, visible, Outcome};
+use vmcall_conformance::{
+    backends, byte_sum, check_run, kernel_table, run, visible, Outcome, Verdicts, HC_VIRT_SUM,
+};
 use vmcall_vmm::hypercall::wasm::{WasmConfig, WasmCounters, WasmHandler};
 use vmcall_vmm::hypercall::{Call, HypercallHandler, HypercallTable};
 use vmcall_vmm::vm::RunStatus;
@@ -170,4 +173,54 @@ fn replacing_a_wasm_handler_while_the_guest_runs_starts_a_fresh_instance() {
         );
         assert_eq!(out.lines("wasm count after="), vec!["wasm count after=2"], "{}", b.name);
     }
+}
+
+/// Hypercall 0x30 of the kernel guests (`vmcall_conformance::virt_sum`) as a wasm handler: the
+/// sum of a1 (at most 4096) bytes at guest-virtual a0, read with `read_virt`.
+const VIRT_SUM_WAT: &str = r#"(module
+  (import "vmcall" "read_virt" (func $read_virt (param i64 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "vmcall_handle")
+        (param $nr i64) (param $va i64) (param $len i64) (param i64) (param i64) (param i32)
+        (result i64)
+    (local $n i32) (local $i i32) (local $r i32) (local $s i64)
+    (local.set $n (i32.wrap_i64
+      (select (local.get $len) (i64.const 4096) (i64.lt_u (local.get $len) (i64.const 4096)))))
+    (local.set $r (call $read_virt (local.get $va) (i32.const 0) (local.get $n)))
+    (if (local.get $r) (then (return (i64.extend_i32_s (local.get $r)))))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
+      (local.set $s (i64.add (local.get $s) (i64.load8_u (local.get $i))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    (local.get $s)))"#;
+
+#[test]
+fn a_wasm_handler_follows_guest_virtual_pointers_through_the_guests_own_tables() {
+    // kernel_virt's virtptr case (tests/virt.rs) with the native handler of 0x30 replaced.
+    let one = "a string only mapped at a high virtual address";
+    let cross = "this string crosses from one page into the next";
+    let identity = "an identity-mapped string";
+    let want = vec![
+        "virtptr: own page tables, strings mapped only at 0x60000000000".to_string(),
+        format!("virtptr one-page: va=0x60000000100 len={} ret={}", one.len(), byte_sum(one)),
+        format!("virtptr cross-page: va=0x60000001ff0 len={} ret={}", cross.len(), byte_sum(cross)),
+        format!("virtptr identity: len={} ret={}", identity.len(), byte_sum(identity)),
+        "virtptr unmapped: va=0x70000000000 len=16 ret=-14".into(),
+        "virtptr half-mapped: va=0x60000002ff8 len=16 ret=-14".into(),
+        "virtptr: done".into(),
+    ];
+    let mut verdicts = Verdicts::default();
+    let case = "kernel_virt virtptr, wasm handler";
+    for b in backends(case) {
+        let table = kernel_table();
+        let h =
+            WasmHandler::from_bytes("virt-sum.wat", VIRT_SUM_WAT.as_bytes(), WasmConfig::default())
+                .unwrap();
+        table.replace(HC_VIRT_SUM, "virt-sum.wat", h).unwrap();
+        let out = run(b.hv.as_ref(), "kernel_virt", "virtptr", table);
+        let verdict = check_run(&out, &b, &want, &[(HC_VIRT_SUM, 5)]);
+        verdicts.record(case, &b.name, verdict, &out.console);
+    }
+    verdicts.finish();
 }
