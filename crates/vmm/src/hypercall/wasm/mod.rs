@@ -165,10 +165,12 @@ pub struct WasmHandler {
 
 impl std::fmt::Debug for WasmHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // try_lock: formatting must not wait for (or deadlock on) a call in progress.
+        let counters = self.instance.try_lock().map(|i| i.counters).ok();
         f.debug_struct("WasmHandler")
             .field("name", &self.name)
             .field("fuel", &self.fuel)
-            .field("counters", &self.counters())
+            .field("counters", &counters)
             .finish_non_exhaustive()
     }
 }
