@@ -9,6 +9,10 @@ command -v ld >/dev/null || missing+=(binutils)
 # The software-CPU backend builds the unicorn engine from source.
 command -v cmake >/dev/null || missing+=(cmake)
 dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+# WebAssembly hypercall handlers in C (sdk/wasm, docs/wasm.md): clang --target=wasm32 and
+# wasm-ld, which Debian's lld package provides. The tests build a C handler with them.
+command -v clang >/dev/null || missing+=(clang)
+command -v wasm-ld >/dev/null || missing+=(lld)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -17,6 +21,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq "${missing[@]}"
 fi
 command -v cargo >/dev/null || {
-  echo "vmcall needs a Rust toolchain (cargo, rustc >= 1.85): see https://rustup.rs" >&2
+  echo "vmcall needs a Rust toolchain (cargo, rustc >= 1.86): see https://rustup.rs" >&2
   exit 1
 }

@@ -183,7 +183,8 @@ struct VmArgs {
     #[arg(long, value_name = "DUR", value_parser = parse::timeout)]
     timeout: Option<parse::Timeout>,
     /// Add a custom hypercall: NR=HANDLER, with HANDLER one of const:V, echo, add, log,
-    /// errno:NAME, exec:CMD (docs/hypercalls.md). Repeatable.
+    /// errno:NAME, exec:CMD (docs/hypercalls.md), wasm:PATH (a WebAssembly module, docs/wasm.md).
+    /// Repeatable.
     #[arg(long = "hypercall", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
     hypercalls: Vec<(u64, HandlerSpec)>,
     /// Like --hypercall, but may replace a standard KVM_HC_* number's behaviour.

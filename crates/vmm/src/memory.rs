@@ -29,8 +29,9 @@ pub enum RamError {
     Mmap(#[source] vm_memory::mmap::FromRangesError),
 }
 
-/// Guest RAM mapped at guest-physical 0.
-#[derive(Debug)]
+/// Guest RAM mapped at guest-physical 0. A clone is another handle to the same RAM (the
+/// mapping lives until its last handle is dropped).
+#[derive(Debug, Clone)]
 pub struct GuestRam {
     mem: GuestMemoryMmap<()>,
     size: u64,

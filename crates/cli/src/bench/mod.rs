@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmcall_vmm::backend::Hypervisor;
-use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::stats::Latency;
@@ -72,10 +71,36 @@ fn image() -> &'static [u8] {
     vmcall_test_guests::BENCH_ELF
 }
 
+/// The table every vmcall path uses: a native closure answering 0.
 fn table() -> Arc<HypercallTable> {
     let t = Arc::new(HypercallTable::new());
-    t.register(BENCH_NR, "bench", Builtin::Const(0)).expect("empty table");
+    t.register(BENCH_NR, "bench", |_: &Call<'_>| Ok(0)).expect("empty table");
     t
+}
+
+/// The wasm handler of the `wasm-*` lines: it counts its calls in a global and answers 0,
+/// the same answer as [`table`]'s closure.
+#[cfg(feature = "wasm")]
+const WASM_HANDLER: &str = r#"(module
+  (global $calls (mut i64) (i64.const 0))
+  (func (export "vmcall_handle") (param i64 i64 i64 i64 i64 i32) (result i64)
+    (global.set $calls (i64.add (global.get $calls) (i64.const 1)))
+    (i64.const 0)))"#;
+
+/// A table with [`WASM_HANDLER`] for the bench number (a fresh instance each run).
+#[cfg(feature = "wasm")]
+fn wasm_table() -> Result<Arc<HypercallTable>, String> {
+    use vmcall_vmm::hypercall::wasm::{WasmConfig, WasmHandler};
+    let h = WasmHandler::from_bytes("bench.wat", WASM_HANDLER.as_bytes(), WasmConfig::default())
+        .map_err(|e| crate::chain(&e))?;
+    let t = Arc::new(HypercallTable::new());
+    t.register(BENCH_NR, "wasm", h).expect("empty table");
+    Ok(t)
+}
+
+#[cfg(not(feature = "wasm"))]
+fn wasm_table() -> Result<Arc<HypercallTable>, String> {
+    Err("built without the wasm feature".into())
 }
 
 /// A VM for `image` with `cmdline` and `table` on `hv`, its console discarded.
@@ -97,7 +122,17 @@ fn bench_vm(
 
 /// Run the bench guest with `cmdline` on `hv`; its round trips go into `lat`.
 fn vmcall_run(hv: &dyn Hypervisor, cmdline: &str, lat: &mut Latency) -> Result<(), String> {
-    let report = bench_vm(hv, image().to_vec(), cmdline, table())?.run();
+    vmcall_run_with(hv, cmdline, table(), lat)
+}
+
+/// The same with the handlers of `table`.
+fn vmcall_run_with(
+    hv: &dyn Hypervisor,
+    cmdline: &str,
+    table: Arc<HypercallTable>,
+    lat: &mut Latency,
+) -> Result<(), String> {
+    let report = bench_vm(hv, image().to_vec(), cmdline, table)?.run();
     match report.result {
         Ok(RunStatus::Exited(0)) => {
             lat.merge(&report.stats.round_trip);
@@ -152,6 +187,13 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         "raw unicorn loop: invalid-instruction hook answers VMCALL, nothing else",
     );
     let mut emu_vmcall = Series::new("vmcall-emu", "vmcall custom hypercall, software CPU");
+    // The same custom hypercall answered by a wasm handler instead of the native closure.
+    let mut wasm_kvm = Series::new("wasm-kvm", "the same, answered by a wasm handler, kvm/rewrite");
+    let mut wasm_emu =
+        Series::new("wasm-emu", "the same, answered by a wasm handler, software CPU");
+    if let Err(why) = &kvm {
+        wasm_kvm.unavailable = Some(why.clone());
+    }
     let mut batches: Vec<(Series, Series)> = BATCH_SIZES
         .iter()
         .map(|s| {
@@ -171,6 +213,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     if let Err(why) = &emu {
         emu_raw.unavailable = Some(why.clone());
         emu_vmcall.unavailable = Some(why.clone());
+        wasm_emu.unavailable = Some(why.clone());
     }
     let mut live_series: Vec<Series> = ["kvm", "emu"]
         .iter()
@@ -217,6 +260,9 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             }
             let rewrite = &list[0].1;
             live_round(&mut live_series[..2], rewrite.as_ref(), &python, n.min(EXEC_CALLS));
+            wasm_kvm.measure(|lat| {
+                vmcall_run_with(rewrite.as_ref(), &format!("hc {n} {BENCH_NR}"), wasm_table()?, lat)
+            });
             for (size, (k, _)) in BATCH_SIZES.iter().zip(batches.iter_mut()) {
                 let calls = (n / size).max(20);
                 k.measure(|lat| {
@@ -228,6 +274,9 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             emu_raw.measure(|lat| emu_raw_loop(ne, lat));
             emu_vmcall.measure(|lat| vmcall_run(hv.as_ref(), &format!("hc {ne} {BENCH_NR}"), lat));
             live_round(&mut live_series[2..], hv.as_ref(), &python, ne.min(EXEC_CALLS));
+            wasm_emu.measure(|lat| {
+                vmcall_run_with(hv.as_ref(), &format!("hc {ne} {BENCH_NR}"), wasm_table()?, lat)
+            });
             for (size, (_, e)) in BATCH_SIZES.iter().zip(batches.iter_mut()) {
                 let calls = (ne / size).max(20);
                 e.measure(|lat| {
@@ -250,8 +299,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     bench.series.push(kernel);
     bench.series.push(bare);
     bench.series.extend(kvm_series);
+    bench.series.push(wasm_kvm);
     bench.series.push(emu_raw);
     bench.series.push(emu_vmcall);
+    bench.series.push(wasm_emu);
     for (k, e) in batches {
         bench.series.push(k);
         bench.series.push(e);

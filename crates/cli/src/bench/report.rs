@@ -47,6 +47,32 @@ fn median_of(b: &Bench, key: &str) -> Option<f64> {
     find(b, key).and_then(Series::median)
 }
 
+/// A wasm handler against the native closure on the same path, in this run.
+pub(super) struct WasmCost {
+    pub backend: &'static str,
+    pub native_ns: Option<f64>,
+    pub wasm_ns: Option<f64>,
+}
+
+impl WasmCost {
+    /// What the wasm handler adds to a call.
+    pub fn extra_ns(&self) -> Option<f64> {
+        Some(self.wasm_ns? - self.native_ns?)
+    }
+    pub fn ratio(&self) -> Option<f64> {
+        ratio(self.wasm_ns, self.native_ns)
+    }
+}
+
+pub(super) fn wasm_costs(b: &Bench) -> [WasmCost; 2] {
+    let cost = |backend, native, wasm| WasmCost {
+        backend,
+        native_ns: median_of(b, native),
+        wasm_ns: median_of(b, wasm),
+    };
+    [cost("kvm/rewrite", "vmcall-kvm/rewrite", "wasm-kvm"), cost("emu", "vmcall-emu", "wasm-emu")]
+}
+
 fn targets(b: &Bench) -> Vec<Target> {
     let bare = median_of(b, "bare-exit");
     let best_kvm = ["vmcall-kvm/rewrite", "vmcall-kvm/ud", "vmcall-kvm/hwbp"]
@@ -76,6 +102,12 @@ fn targets(b: &Bench) -> Vec<Target> {
             value: ratio(median_of(b, "emu-raw"), single_emu),
             limit: 0.9,
             at_most: false,
+        },
+        Target {
+            what: "emu: a wasm handler's extra cost per call over a native closure (ns)".into(),
+            value: wasm_costs(b)[1].extra_ns(),
+            limit: 100.0,
+            at_most: true,
         },
         Target {
             what: "cold start: vmcall on kvm / raw KVM".into(),
@@ -154,6 +186,23 @@ pub(super) fn render(b: &Bench) -> String {
     let _ = writeln!(
         o,
         "
+wasm handler over a native closure (same path, same run)
+backend                         native       wasm      extra    ratio"
+    );
+    for c in wasm_costs(b) {
+        let _ = writeln!(
+            o,
+            "{:<28} {:>10} {:>10} {:>10} {:>8}",
+            c.backend,
+            opt(c.native_ns, ns),
+            opt(c.wasm_ns, ns),
+            opt(c.extra_ns(), |d| format!("{d:+.0}ns")),
+            opt(c.ratio(), |r| format!("{r:.2}")),
+        );
+    }
+    let _ = writeln!(
+        o,
+        "
 cold start                      median        p99"
     );
     for s in &b.cold {
@@ -223,9 +272,14 @@ pub(super) fn json(b: &Bench) -> String {
         .iter()
         .map(|t| serde_json::json!({"what": t.what, "value": t.value, "limit": t.limit, "at_most": t.at_most, "verdict": t.verdict()}))
         .collect();
+    let wasm: Vec<_> = wasm_costs(b)
+        .iter()
+        .map(|c| serde_json::json!({"backend": c.backend, "native_ns": c.native_ns, "wasm_ns": c.wasm_ns, "extra_ns": c.extra_ns(), "ratio": c.ratio()}))
+        .collect();
     let doc = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "per_call": series(&b.series),
+        "wasm_over_native": wasm,
         "cold_start": series(&b.cold),
         "memory": memory,
         "targets": targets,

@@ -15,7 +15,7 @@ pub use exec::ExecHandler;
 /// A parsed handler kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HandlerSpec {
-    /// `const:V`, `echo`, `add`, `log`, `errno:NAME`.
+    /// `const:V`, `echo`, `add`, `log`, `errno:NAME`, `wasm:PATH`.
     Builtin(Builtin),
     /// `exec:CMD`: an external process answering one JSON line per call (docs/hypercalls.md).
     Exec(String),
@@ -35,7 +35,7 @@ impl Default for BuildOptions {
 }
 
 /// What every kind's syntax looks like, for error messages.
-pub const KINDS: &str = "const:V, echo, add, log, errno:NAME or exec:CMD";
+pub const KINDS: &str = "const:V, echo, add, log, errno:NAME, exec:CMD or wasm:PATH";
 
 impl std::str::FromStr for HandlerSpec {
     type Err = String;

@@ -1,5 +1,6 @@
 //! Built-in handler kinds, so people can experiment without writing Rust:
-//! `const:V`, `echo`, `add`, `log`, `errno:NAME`.
+//! `const:V`, `echo`, `add`, `log`, `errno:NAME`, and `wasm:PATH` (a WebAssembly module,
+//! feature `wasm`).
 
 use super::call::{Call, HypercallError, HypercallHandler, HypercallResult};
 
@@ -16,12 +17,54 @@ pub enum Builtin {
     Log,
     /// Return `-KVM_<NAME>`.
     Errno(&'static str, i64),
+    /// Run a WebAssembly module (`wasm:PATH`), loaded and instantiated when the spec is parsed.
+    Wasm(WasmSpec),
+}
+
+/// A `wasm:PATH` handler: the path as given, and the instance loaded from it. Each parse loads
+/// its own instance; clones share it. Equal only to itself (or a clone).
+#[derive(Debug, Clone)]
+pub struct WasmSpec {
+    pub path: String,
+    #[cfg(feature = "wasm")]
+    pub handler: std::sync::Arc<super::wasm::WasmHandler>,
+}
+
+impl PartialEq for WasmSpec {
+    fn eq(&self, other: &Self) -> bool {
+        #[cfg(feature = "wasm")]
+        return std::sync::Arc::ptr_eq(&self.handler, &other.handler);
+        #[cfg(not(feature = "wasm"))]
+        return self.path == other.path;
+    }
+}
+impl Eq for WasmSpec {}
+
+#[cfg(feature = "wasm")]
+fn load_wasm(path: &str) -> Result<Builtin, SpecError> {
+    let handler = super::wasm::WasmHandler::load(path).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(cause) = src {
+            msg += &format!(": {cause}");
+            src = cause.source();
+        }
+        SpecError::Wasm(msg)
+    })?;
+    Ok(Builtin::Wasm(WasmSpec { path: path.to_string(), handler: std::sync::Arc::new(handler) }))
+}
+
+#[cfg(not(feature = "wasm"))]
+fn load_wasm(_: &str) -> Result<Builtin, SpecError> {
+    Err(SpecError::Wasm("this vmcall was built without the `wasm` feature".into()))
 }
 
 /// Why a handler spec did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
-    #[error("unknown handler kind '{0}'; expected const:V, echo, add, log or errno:NAME")]
+    #[error(
+        "unknown handler kind '{0}'; expected const:V, echo, add, log, errno:NAME or wasm:PATH"
+    )]
     UnknownKind(String),
     #[error("'{0}' is not a number (decimal, 0x hex, or negative decimal)")]
     BadNumber(String),
@@ -29,6 +72,8 @@ pub enum SpecError {
     BadErrno(String),
     #[error("expected NR=HANDLER, e.g. 20=const:42")]
     BadAssignment,
+    #[error("{0}")]
+    Wasm(String),
 }
 
 fn error_names() -> String {
@@ -56,6 +101,7 @@ impl std::str::FromStr for Builtin {
             ("echo", None) => Ok(Builtin::Echo),
             ("add", None) => Ok(Builtin::Add),
             ("log", None) => Ok(Builtin::Log),
+            ("wasm", Some(path)) if !path.is_empty() => load_wasm(path),
             ("errno", Some(name)) => {
                 let upper = name.to_ascii_uppercase();
                 let upper = upper.strip_prefix("KVM_").unwrap_or(&upper);
@@ -78,6 +124,7 @@ impl std::fmt::Display for Builtin {
             Builtin::Add => f.write_str("add"),
             Builtin::Log => f.write_str("log"),
             Builtin::Errno(n, _) => write!(f, "errno:{n}"),
+            Builtin::Wasm(w) => write!(f, "wasm:{}", w.path),
         }
     }
 }
@@ -102,6 +149,11 @@ impl HypercallHandler for Builtin {
                 Ok(0)
             }
             Builtin::Errno(_, code) => Err(HypercallError::Errno(*code)),
+            #[cfg(feature = "wasm")]
+            Builtin::Wasm(w) => w.handler.call(c),
+            // Never parsed without the feature; built by hand, it answers as no handler would.
+            #[cfg(not(feature = "wasm"))]
+            Builtin::Wasm(_) => Err(HypercallError::Errno(vmcall_abi::errno::KVM_ENOSYS)),
         }
     }
 
@@ -112,6 +164,7 @@ impl HypercallHandler for Builtin {
             Builtin::Add => "add",
             Builtin::Log => "log",
             Builtin::Errno(..) => "errno",
+            Builtin::Wasm(_) => "wasm",
         }
     }
 }
@@ -138,5 +191,41 @@ mod tests {
         assert!(matches!("const:x".parse::<Builtin>(), Err(SpecError::BadNumber(_))));
         assert_eq!(parse_assignment("20=add"), Ok((20, Builtin::Add)));
         assert_eq!(parse_assignment("20"), Err(SpecError::BadAssignment));
+        assert!(matches!("wasm:".parse::<Builtin>(), Err(SpecError::UnknownKind(_))));
+    }
+
+    #[cfg(feature = "wasm")]
+    #[test]
+    fn parses_wasm_specs_and_loads_the_module() {
+        let dir = std::env::temp_dir().join(format!("vmcall-spec-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h.wat");
+        std::fs::write(
+            &path,
+            r#"(module (func (export "vmcall_handle") (param i64 i64 i64 i64 i64 i32) (result i64)
+                 (i64.mul (local.get 1) (i64.const 3))))"#,
+        )
+        .unwrap();
+        let spec = format!("20=wasm:{}", path.display());
+        let (nr, b) = parse_assignment(&spec).unwrap();
+        assert_eq!(nr, 20);
+        assert_eq!(b.to_string(), format!("wasm:{}", path.display()));
+        assert_eq!(b, b.clone(), "a clone shares the instance");
+        assert_ne!(b, parse_assignment(&spec).unwrap().1, "each parse loads its own instance");
+        let ram = crate::memory::GuestRam::new(2 << 20).unwrap();
+        let call = Call {
+            nr: 20,
+            args: [5, 0, 0, 0],
+            vcpu_id: 0,
+            mode: crate::x86::CpuMode::Long64,
+            mem: &ram,
+            paging: Default::default(),
+        };
+        assert_eq!(b.call(&call), Ok(15));
+        let err = parse_assignment("20=wasm:/nonexistent.wasm").unwrap_err();
+        assert!(matches!(err, SpecError::Wasm(_)));
+        assert!(err.to_string().contains("cannot read wasm handler '/nonexistent.wasm'"), "{err}");
+        assert!(err.to_string().contains("No such file"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -10,6 +10,8 @@ mod list;
 pub mod platform;
 mod standard;
 pub mod table;
+#[cfg(feature = "wasm")]
+pub mod wasm;
 
 pub use call::{neg, Call, HypercallError, HypercallHandler, HypercallResult};
 pub use emulate::{emulate, emulate_with, AnsweredBy, Emulated, HypercallExit};
