@@ -157,8 +157,8 @@ fn answer(stdout: &str, key: &str) -> u64 {
 
 /// The README's headline scenario, as written there: `vmcall demo --loop --control PATH` runs a
 /// guest that calls hypercall 20 forever, and `vmcall ctl` changes the answer while it runs — to
-/// a constant, then to the Python exec handler — reads the list, the statistics and the trace
-/// switch, then stops it. On the software CPU and, where it is usable, KVM.
+/// a constant, then to a WebAssembly module, then to the Python exec handler — reads the list,
+/// the statistics and the trace switch, then stops it. On the software CPU and, where it is usable, KVM.
 #[test]
 fn ctl_changes_the_answer_of_a_running_guest() {
     let mut backends = vec!["emu"];
@@ -191,6 +191,12 @@ fn headline(backend: &str) {
     let o = ctl(&sock, &["set", "20=const:2"]);
     assert_eq!(text(&o).0, "hypercall 20: const:2 (replaced my_vmcall)\n", "{:?}", text(&o));
     vm.wait_stdout("the new answer", |o| o.contains("hypercall 20(7) -> 2 "));
+
+    // The seed's story: a new version of the hypercall, hot-loaded as WebAssembly.
+    let v2 = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/handlers/v2.wat");
+    let o = ctl(&sock, &["set", &format!("20=wasm:{v2}")]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    vm.wait_stdout("the wasm handler's answer", |o| o.contains("hypercall 20(7) -> 21 "));
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/handlers/double.py");
     let o = ctl(&sock, &["set", &format!("20=exec:python3 {script}")]);
