@@ -49,10 +49,16 @@ pub enum PortWrite {
     Done,
     /// The guest asked to end the run with this status.
     Exit(u32),
+    /// A 1- or 2-byte write to the exit port. Only the SDKs' full-width `out PORT_EXIT, eax`
+    /// ends a run with a status; a narrower write is what a guest gone wrong leaves behind (a
+    /// probe loop or a crash writing a stray byte to every port), so the run ends with an
+    /// error instead of a status that could read as success (docs/guest-abi.md).
+    StrayExit { size: u8, data: u32 },
 }
 
-/// What a port write does: COM1 adds to the vCPU's console line, the exit port ends the run,
-/// anything else is ignored as on a PC with nothing at that port. The one device model for
+/// What a port write does: COM1 adds to the vCPU's console line, a 4-byte write to the exit
+/// port ends the run (a narrower one is a [`PortWrite::StrayExit`]), anything else is ignored
+/// as on a PC with nothing at that port. The one device model for
 /// port writes, whether they arrive as exits or inline ([`InlineExits`]).
 pub fn port_out(
     vcpu_id: u32,
@@ -71,10 +77,11 @@ pub fn port_out(
             }
             PortWrite::Done
         }
-        ports::PORT_EXIT => {
-            let status = if size >= 4 { data } else { data & ((1 << (8 * u32::from(size))) - 1) };
-            PortWrite::Exit(status)
-        }
+        ports::PORT_EXIT if size == 4 => PortWrite::Exit(data),
+        ports::PORT_EXIT => PortWrite::StrayExit {
+            size,
+            data: data & (u32::MAX >> (32 - 8 * u32::from(size.clamp(1, 4)))),
+        },
         _ => {
             tracing::debug!(vcpu = vcpu_id, port, size, data, "write to an unclaimed port ignored");
             PortWrite::Done
@@ -90,5 +97,42 @@ pub fn port_in(port: u16, size: u8) -> u32 {
         p if p == ports::COM1 + 5 => 0x60,
         p if (ports::COM1..=ports::COM1_END).contains(&p) => 0,
         _ => u32::MAX >> (32 - 8 * u32::from(size.clamp(1, 4))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(port: u16, size: u8, data: u32) -> PortWrite {
+        let console = Console::new(Box::new(std::io::sink()));
+        port_out(0, &console, &mut Vec::new(), port, size, data)
+    }
+
+    #[test]
+    fn only_a_full_width_write_to_the_exit_port_ends_a_run_with_a_status() {
+        assert_eq!(out(ports::PORT_EXIT, 4, 0), PortWrite::Exit(0));
+        assert_eq!(out(ports::PORT_EXIT, 4, 0x1_0003), PortWrite::Exit(0x1_0003));
+        // A stray byte of 0 (a crash spraying every port) must not read as success.
+        assert_eq!(
+            out(ports::PORT_EXIT, 1, 0xffff_ff00),
+            PortWrite::StrayExit { size: 1, data: 0 }
+        );
+        assert_eq!(
+            out(ports::PORT_EXIT, 2, 0x1234_5678),
+            PortWrite::StrayExit { size: 2, data: 0x5678 }
+        );
+        for port in ports::PORT_EXIT + 1..=ports::PORT_EXIT + 3 {
+            assert_eq!(out(port, 1, 0), PortWrite::Done, "port {port:#x} is not the exit port");
+        }
+    }
+
+    #[test]
+    fn reads_answer_only_the_bytes_asked_for() {
+        assert_eq!(port_in(ports::COM1 + 5, 1), 0x60);
+        assert_eq!(
+            (port_in(0x80, 1), port_in(0x80, 2), port_in(0x80, 4)),
+            (0xff, 0xffff, u32::MAX)
+        );
     }
 }

@@ -24,6 +24,11 @@ pub enum RunError {
     Timeout(Duration),
     #[error("vCPU {vcpu}: unhandled exit: {what}")]
     Unhandled { vcpu: u32, what: String },
+    #[error(
+        "vCPU {vcpu}: {size}-byte write of {data:#x} to the exit port: only a 4-byte write \
+         (`out 0xf8, eax`, the SDKs' exit) ends a run, so the guest has gone wrong"
+    )]
+    StrayExit { vcpu: u32, size: u8, data: u32 },
     #[error("vCPU {vcpu}: backend failure")]
     Backend { vcpu: u32, source: BackendError },
 }
