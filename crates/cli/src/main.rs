@@ -4,6 +4,7 @@
 
 mod backends;
 mod bench;
+mod guest_file;
 mod parse;
 
 use std::path::PathBuf;
@@ -112,9 +113,10 @@ struct VmArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => std::fs::read(&args.guest)
-            .map_err(|e| format!("cannot read guest '{}': {e}", args.guest.display()))
-            .and_then(|image| run(image, &args.vm, args.cmdline.join(" "), None)),
+        Command::Run(args) => {
+            guest_file::read(&args.guest, guest_file::image_limit(args.vm.memory))
+                .and_then(|image| run(image, &args.vm, args.cmdline.join(" "), None))
+        }
         Command::Demo(vm) => {
             run(vmcall_test_guests::DEMO_ELF.to_vec(), &vm, String::new(), Some(demo_table()))
         }
