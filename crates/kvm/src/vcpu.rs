@@ -271,8 +271,10 @@ impl KvmVcpu {
             });
         };
         self.rewrite_after_trap(call.rip, call.insn, call.cpl);
-        self.pending =
-            Pending::Frame { rip_slot: frame.rip_slot, resume: frame.rip + insn::HYPERCALL_LEN };
+        self.pending = Pending::Frame {
+            rip_slot: frame.rip_slot,
+            resume: frame.rip.wrapping_add(insn::HYPERCALL_LEN),
+        };
         self.hypercall(call.rip, call.insn, call.cpl, call.mode)
     }
 
@@ -324,7 +326,9 @@ impl KvmVcpu {
             Some(Slot::Site(_)) => match self.hypercall_at(pc) {
                 Some(insn) => {
                     let (cpl, mode) = self.current_cpl_mode();
-                    self.pending = Pending::SetRip { resume: self.fd.sync_regs().regs.rip + 3 };
+                    self.pending = Pending::SetRip {
+                        resume: self.fd.sync_regs().regs.rip.wrapping_add(insn::HYPERCALL_LEN),
+                    };
                     Some(self.hypercall(pc, insn, cpl, mode))
                 }
                 None => Some(VcpuExit::Debug { rip: pc }),
@@ -366,7 +370,7 @@ impl KvmVcpu {
         };
         self.rewrite_after_trap(call.rip, call.insn, call.cpl);
         self.pending = Pending::Iret(IretState {
-            rip: frame.rip + insn::HYPERCALL_LEN,
+            rip: frame.rip.wrapping_add(insn::HYPERCALL_LEN),
             rflags: frame.rflags,
             rsp,
             segments,
@@ -383,7 +387,7 @@ impl KvmVcpu {
             if let Some(insn) = self.hypercall_at(linear) {
                 let (cpl, mode) = self.current_cpl_mode();
                 self.rewrite_after_trap(linear, insn, cpl);
-                self.pending = Pending::SetRip { resume: rip + insn::HYPERCALL_LEN };
+                self.pending = Pending::SetRip { resume: rip.wrapping_add(insn::HYPERCALL_LEN) };
                 return self.hypercall(linear, insn, cpl, mode);
             }
         }
