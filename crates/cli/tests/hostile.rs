@@ -62,7 +62,7 @@ fn paths_that_are_not_guest_files_are_refused_before_a_byte_is_read() {
         (dangling.display().to_string(), "No such file or directory"),
         ("/etc/hostname/x".into(), "Not a directory"),
     ] {
-        refused(&["run", &path], 125, &want);
+        refused(&["run", &path], 125, want);
         assert!(stderr(&bounded(&["run", &path])).contains(&format!("guest '{path}'")));
     }
     let _ = std::fs::remove_dir_all(&dir);
