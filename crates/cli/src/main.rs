@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use vmcall_vmm::hypercall::handlers::{self, Builtin};
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::hypercall::HypercallTable;
+use vmcall_vmm::seccomp::Seccomp;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
 
 /// Exit status when the guest did not finish within --timeout (as timeout(1)).
@@ -108,6 +109,10 @@ struct VmArgs {
     /// Print a trace line for every hypercall (to stderr).
     #[arg(long)]
     trace: bool,
+    /// Run without the seccomp filters that otherwise confine every vCPU thread and the main
+    /// thread (docs/security.md): for debugging only, e.g. under a tracer.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -179,6 +184,7 @@ fn run(
         .timeout(a.timeout.0)
         .cmdline(cmdline)
         .table(table.clone())
+        .seccomp(if a.no_seccomp { Seccomp::Off } else { Seccomp::AllThreads })
         .build(hv.as_ref())
         .map_err(|e| chain(&e))?;
     eprintln!("vmcall: {}", vm.describe());

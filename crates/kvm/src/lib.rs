@@ -27,6 +27,7 @@ pub mod coverage;
 mod debugregs;
 mod regs;
 mod rewrite;
+mod seccomp;
 mod signal;
 mod sites;
 mod vcpu;
@@ -465,6 +466,10 @@ impl VmBackend for KvmVm {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn syscalls(&self, kind: vmcall_vmm::seccomp::ThreadKind) -> Vec<vmcall_vmm::seccomp::Allowed> {
+        seccomp::syscalls(kind)
     }
 }
 

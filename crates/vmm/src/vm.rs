@@ -11,6 +11,7 @@ use crate::boot::{self, BootParams, VcpuInit};
 use crate::devices::{Console, ConsoleWriter};
 use crate::hypercall::HypercallTable;
 use crate::memory::{GuestRam, RamError};
+use crate::seccomp::{self, Allowed, Seccomp, SeccompError, ThreadKind};
 use crate::stats::VcpuStats;
 use crate::vcpu::{vcpu_loop, Shared};
 pub use crate::vcpu::{RunError, RunStatus};
@@ -33,6 +34,8 @@ pub enum BuildError {
     Memory(#[from] crate::memory::OutOfBounds),
     #[error("{backend} backend")]
     Backend { backend: &'static str, source: BackendError },
+    #[error("seccomp filter")]
+    Seccomp(#[from] SeccompError),
 }
 
 /// The result of [`Vm::run`].
@@ -52,6 +55,8 @@ pub struct VmBuilder {
     timeout: Option<Duration>,
     table: Arc<HypercallTable>,
     console: Option<ConsoleWriter>,
+    seccomp: Seccomp,
+    seccomp_allow: Vec<Allowed>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -75,6 +80,8 @@ impl VmBuilder {
             timeout: None,
             table: Arc::new(HypercallTable::new()),
             console: None,
+            seccomp: Seccomp::default(),
+            seccomp_allow: Vec::new(),
         }
     }
     pub fn memory(mut self, bytes: u64) -> Self {
@@ -102,6 +109,20 @@ impl VmBuilder {
         self.console = Some(console);
         self
     }
+    /// Which threads run under seccomp filters (default: the vCPU threads; see
+    /// [`crate::seccomp`]).
+    pub fn seccomp(mut self, seccomp: Seccomp) -> Self {
+        self.seccomp = seccomp;
+        self
+    }
+    /// Let vCPU threads make these syscalls too: what the handlers this VM will run need
+    /// beyond vmcall's own list (a handler that spawns a process needs pipes, polling and
+    /// more). Handlers run on the vCPU thread that made the call, so declare here everything
+    /// a handler installed at any time during the run may do.
+    pub fn seccomp_allow(mut self, syscalls: impl IntoIterator<Item = Allowed>) -> Self {
+        self.seccomp_allow.extend(syscalls);
+        self
+    }
 
     /// Check everything, load the image, set up boot state and create the VM on `hv`.
     pub fn build(self, hv: &dyn Hypervisor) -> Result<Vm, BuildError> {
@@ -109,8 +130,10 @@ impl VmBuilder {
         let backend = hv
             .create_vm(prepared.ram.clone(), &prepared.guest)
             .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
+        let filters = Filters::compile(self.seccomp, backend.as_ref(), &self.seccomp_allow)?;
         let console = Console::new(self.console.unwrap_or_else(|| Box::new(std::io::stdout())));
         Ok(Vm {
+            filters,
             backend,
             inits: prepared.inits,
             timeout: self.timeout,
@@ -177,8 +200,41 @@ impl VmStopper {
     }
 }
 
+/// The compiled filters of a run's threads.
+#[derive(Default)]
+struct Filters {
+    vcpu: Option<seccompiler::BpfProgram>,
+    main: Option<seccompiler::BpfProgram>,
+}
+
+impl Filters {
+    fn compile(
+        mode: Seccomp,
+        backend: &dyn VmBackend,
+        allow: &[Allowed],
+    ) -> Result<Self, SeccompError> {
+        let audit = seccomp::audit_requested();
+        let program = |kind: ThreadKind, extra: &[Allowed]| {
+            let mut extra = extra.to_vec();
+            extra.extend(backend.syscalls(kind));
+            seccomp::compile(&seccomp::rules(kind, &extra), audit)
+        };
+        Ok(match mode {
+            Seccomp::Off => Self::default(),
+            Seccomp::VcpuThreads => {
+                Self { vcpu: Some(program(ThreadKind::Vcpu, allow)?), main: None }
+            }
+            Seccomp::AllThreads => Self {
+                vcpu: Some(program(ThreadKind::Vcpu, allow)?),
+                main: Some(program(ThreadKind::Main, &[])?),
+            },
+        })
+    }
+}
+
 /// A VM ready to run.
 pub struct Vm {
+    filters: Filters,
     backend: Box<dyn VmBackend>,
     inits: Vec<VcpuInit>,
     timeout: Option<Duration>,
@@ -284,10 +340,17 @@ impl Vm {
                     let shared = &self.shared;
                     let interrupters = interrupters.clone();
                     let running = &running;
+                    let filter = self.filters.vcpu.as_ref();
                     std::thread::Builder::new()
                         .name(format!("vcpu{id}"))
                         .spawn_scoped(scope, move || {
                             let _done = running.guard();
+                            // Confined before the guest runs a single instruction.
+                            if let Some(Err(source)) = filter.map(seccomp::install) {
+                                let thread = format!("vCPU {id}");
+                                shared.finish(Err(RunError::Seccomp { thread, source }));
+                                return VcpuStats::default();
+                            }
                             interrupters
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -297,6 +360,10 @@ impl Vm {
                         .expect("spawn vCPU thread")
                 })
                 .collect();
+            if let Some(Err(source)) = self.filters.main.as_ref().map(seccomp::install) {
+                let thread = "the thread running the VM".into();
+                self.shared.finish(Err(RunError::Seccomp { thread, source }));
+            }
             self.wait_for_end(start);
             // Stop every vCPU still inside the backend; repeat, since an interrupt that lands
             // just before a vCPU re-enters the backend can be missed.

@@ -29,6 +29,8 @@ pub enum RunError {
          (`out 0xf8, eax`, the SDKs' exit) ends a run, so the guest has gone wrong"
     )]
     StrayExit { vcpu: u32, size: u8, data: u32 },
+    #[error("cannot confine {thread} with its seccomp filter (--no-seccomp runs without)")]
+    Seccomp { thread: String, source: crate::seccomp::SeccompError },
     #[error("vCPU {vcpu}: backend failure")]
     Backend { vcpu: u32, source: BackendError },
 }
