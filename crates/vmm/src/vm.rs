@@ -1,11 +1,11 @@
 //! The VM: builder, one thread per vCPU, timeout and the end of a run.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmcall_abi::layout::{CMDLINE_MAX, GUEST_LOAD_MIN, MAX_VCPUS};
 
-use crate::backend::{BackendError, GuestInfo, Hypervisor, Interrupter, VmBackend};
+use crate::backend::{BackendError, GuestInfo, Hypervisor, VmBackend};
 use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::{self, BootParams, VcpuInit};
 use crate::devices::{Console, ConsoleWriter};
@@ -13,11 +13,14 @@ use crate::hypercall::HypercallTable;
 use crate::memory::{GuestRam, RamError};
 use crate::seccomp::{self, Allowed, Seccomp, SeccompError, ThreadKind};
 use crate::stats::VcpuStats;
-use crate::vcpu::{vcpu_loop, Shared};
 pub use crate::vcpu::{RunError, RunStatus};
+use crate::vcpu::{Shared, Threads};
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 32 << 20;
+/// How long a run waits, once it has ended, for its vCPU threads to stop before it leaves
+/// behind those that do not (a handler that never returns).
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,9 @@ pub struct RunReport {
     pub result: Result<RunStatus, RunError>,
     pub stats: VcpuStats,
     pub elapsed: Duration,
+    /// vCPUs whose threads had not stopped when the stop grace ran out (held by a handler
+    /// that never returned): left running, detached, their statistics not counted.
+    pub stuck_vcpus: Vec<u32>,
 }
 
 /// Builds a [`Vm`].
@@ -57,6 +63,7 @@ pub struct VmBuilder {
     console: Option<ConsoleWriter>,
     seccomp: Seccomp,
     seccomp_allow: Vec<Allowed>,
+    stop_grace: Duration,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -82,6 +89,7 @@ impl VmBuilder {
             console: None,
             seccomp: Seccomp::default(),
             seccomp_allow: Vec::new(),
+            stop_grace: DEFAULT_STOP_GRACE,
         }
     }
     pub fn memory(mut self, bytes: u64) -> Self {
@@ -98,6 +106,13 @@ impl VmBuilder {
     }
     pub fn timeout(mut self, t: Option<Duration>) -> Self {
         self.timeout = t;
+        self
+    }
+    /// How long [`Vm::run`] waits, once the run has ended, for vCPU threads to stop; a thread
+    /// still running then (held by a handler that does not return) is left behind and named
+    /// in [`RunReport::stuck_vcpus`]. Default [`DEFAULT_STOP_GRACE`].
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
         self
     }
     /// Use `table` (keep a clone of the `Arc` to change it while the VM runs).
@@ -134,6 +149,7 @@ impl VmBuilder {
         let console = Console::new(self.console.unwrap_or_else(|| Box::new(std::io::stdout())));
         Ok(Vm {
             filters,
+            stop_grace: self.stop_grace,
             backend,
             inits: prepared.inits,
             timeout: self.timeout,
@@ -203,7 +219,7 @@ impl VmStopper {
 /// The compiled filters of a run's threads.
 #[derive(Default)]
 struct Filters {
-    vcpu: Option<seccompiler::BpfProgram>,
+    vcpu: Option<Arc<seccompiler::BpfProgram>>,
     main: Option<seccompiler::BpfProgram>,
 }
 
@@ -222,10 +238,10 @@ impl Filters {
         Ok(match mode {
             Seccomp::Off => Self::default(),
             Seccomp::VcpuThreads => {
-                Self { vcpu: Some(program(ThreadKind::Vcpu, allow)?), main: None }
+                Self { vcpu: Some(Arc::new(program(ThreadKind::Vcpu, allow)?)), main: None }
             }
             Seccomp::AllThreads => Self {
-                vcpu: Some(program(ThreadKind::Vcpu, allow)?),
+                vcpu: Some(Arc::new(program(ThreadKind::Vcpu, allow)?)),
                 main: Some(program(ThreadKind::Main, &[])?),
             },
         })
@@ -235,6 +251,7 @@ impl Filters {
 /// A VM ready to run.
 pub struct Vm {
     filters: Filters,
+    stop_grace: Duration,
     backend: Box<dyn VmBackend>,
     inits: Vec<VcpuInit>,
     timeout: Option<Duration>,
@@ -250,45 +267,6 @@ impl std::fmt::Debug for Vm {
             .finish()
     }
 }
-
-/// Counts the vCPU threads still running, so the VM can wait for them without polling.
-struct Running {
-    left: Mutex<usize>,
-    cv: Condvar,
-}
-
-/// Marks one vCPU thread finished when dropped (also when the thread panics).
-struct RunningGuard<'a>(&'a Running);
-
-impl Drop for RunningGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.left.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        self.0.cv.notify_all();
-    }
-}
-
-impl Running {
-    fn new(n: usize) -> Self {
-        Self { left: Mutex::new(n), cv: Condvar::new() }
-    }
-
-    fn guard(&self) -> RunningGuard<'_> {
-        RunningGuard(self)
-    }
-
-    /// Wait up to `timeout` for every thread to finish; whether they all have.
-    fn wait_all(&self, timeout: Duration) -> bool {
-        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        let (left, _) = self
-            .cv
-            .wait_timeout_while(left, timeout, |left| *left > 0)
-            .unwrap_or_else(|p| p.into_inner());
-        *left == 0
-    }
-}
-
-/// How often a stopping VM re-sends interrupts to vCPUs that are still inside the backend.
-const INTERRUPT_RETRY: Duration = Duration::from_millis(5);
 
 impl Vm {
     /// Guest RAM (for inspection in tests and tools).
@@ -312,7 +290,8 @@ impl Vm {
     }
 
     /// Run every vCPU on its own thread until the guest exits, all vCPUs halt, an error stops
-    /// it, or the timeout fires.
+    /// it (a vCPU thread that panics among them), or the timeout fires. Returns once every
+    /// vCPU thread has stopped, or the stop grace has passed for those that did not.
     pub fn run(self) -> RunReport {
         let start = Instant::now();
         let mut vcpus = Vec::new();
@@ -325,64 +304,26 @@ impl Vm {
                         result: Err(err),
                         stats: VcpuStats::default(),
                         elapsed: start.elapsed(),
+                        stuck_vcpus: Vec::new(),
                     };
                 }
             }
         }
-        let interrupters: Arc<Mutex<Vec<Arc<dyn Interrupter>>>> = Arc::default();
-        let running = Running::new(vcpus.len());
-        let mut stats = VcpuStats::default();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = vcpus
-                .into_iter()
-                .enumerate()
-                .map(|(id, vcpu)| {
-                    let shared = &self.shared;
-                    let interrupters = interrupters.clone();
-                    let running = &running;
-                    let filter = self.filters.vcpu.as_ref();
-                    std::thread::Builder::new()
-                        .name(format!("vcpu{id}"))
-                        .spawn_scoped(scope, move || {
-                            let _done = running.guard();
-                            // Confined before the guest runs a single instruction.
-                            if let Some(Err(source)) = filter.map(seccomp::install) {
-                                let thread = format!("vCPU {id}");
-                                shared.finish(Err(RunError::Seccomp { thread, source }));
-                                return VcpuStats::default();
-                            }
-                            interrupters
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push(vcpu.interrupter());
-                            vcpu_loop(id as u32, vcpu, shared)
-                        })
-                        .expect("spawn vCPU thread")
-                })
-                .collect();
-            if let Some(Err(source)) = self.filters.main.as_ref().map(seccomp::install) {
-                let thread = "the thread running the VM".into();
-                self.shared.finish(Err(RunError::Seccomp { thread, source }));
-            }
-            self.wait_for_end(start);
-            // Stop every vCPU still inside the backend; repeat, since an interrupt that lands
-            // just before a vCPU re-enters the backend can be missed.
-            while !running.wait_all(Duration::ZERO) {
-                for i in interrupters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    i.interrupt();
-                }
-                running.wait_all(INTERRUPT_RETRY);
-            }
-            for h in handles {
-                match h.join() {
-                    Ok(s) => stats.merge(&s),
-                    Err(_) => self.shared.finish(Err(RunError::Unhandled {
-                        vcpu: u32::MAX,
-                        what: "a vCPU thread panicked".into(),
-                    })),
-                }
-            }
-        });
+        let threads = Threads::start(vcpus, &self.shared, self.filters.vcpu.clone());
+        // The vCPU threads are confined; this one follows (only under Seccomp::AllThreads).
+        if let Some(Err(source)) = self.filters.main.as_ref().map(seccomp::install) {
+            let thread = "the thread running the VM".into();
+            self.shared.finish(Err(RunError::Seccomp { thread, source }));
+        }
+        self.wait_for_end(start);
+        let (stats, stuck_vcpus) = threads.stop(self.stop_grace);
+        if !stuck_vcpus.is_empty() {
+            tracing::warn!(
+                vcpus = ?stuck_vcpus,
+                grace = ?self.stop_grace,
+                "vCPU threads did not stop after the run ended (a handler that never returns?); left behind"
+            );
+        }
         self.shared.console.flush();
         let result = self
             .shared
@@ -391,7 +332,7 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or(Ok(RunStatus::AllHalted));
-        RunReport { result, stats, elapsed: start.elapsed() }
+        RunReport { result, stats, elapsed: start.elapsed(), stuck_vcpus }
     }
 
     fn wait_for_end(&self, start: Instant) {
