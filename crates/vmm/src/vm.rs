@@ -19,8 +19,9 @@ use crate::vcpu::{Shared, Threads};
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 32 << 20;
 /// How long a run waits, once it has ended, for its vCPU threads to stop before it leaves
-/// behind those that do not (a handler that never returns).
-pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(1);
+/// behind those that do not (a handler that never returns). Generous: on a loaded machine
+/// a thread that is only waiting for a CPU must not be taken for a stuck one.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
