@@ -42,7 +42,7 @@ use vmcall_vmm::boot::VcpuInit;
 use vmcall_vmm::hypercall::HypercallInsn;
 use vmcall_vmm::memory::GuestRam;
 
-pub use rewrite::find_sites;
+pub use rewrite::{find_sites, prove_sites};
 
 const KVM_CAP_DISABLE_QUIRKS2: u32 = kvm_bindings::KVM_CAP_DISABLE_QUIRKS2;
 const KVM_X86_QUIRK_FIX_HYPERCALL_INSN: u64 = kvm_bindings::KVM_X86_QUIRK_FIX_HYPERCALL_INSN as u64;
