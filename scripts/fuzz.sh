@@ -8,6 +8,8 @@
 #
 # libFuzzer (through the libfuzzer-sys crate) on the stable toolchain: cargo builds the
 # targets with the same SanitizerCoverage flags cargo-fuzz passes, none of which needs nightly.
+# Not --locked: fuzz/Cargo.lock follows the workspace's dependencies, which may gain a crate
+# before it does (cargo then adds that crate and changes nothing else).
 # New inputs go to fuzz/target/corpus/TARGET, crashes to fuzz/artifacts/TARGET; the committed
 # seeds in fuzz/corpus/TARGET are only read. Prints executions and executions per second per
 # target; exits non-zero if any target crashed.
@@ -40,7 +42,7 @@ build() {
   RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cforce-frame-pointers" \
-    cargo build --release --locked --quiet --target "$TRIPLE" --bins
+    cargo build --release --quiet --target "$TRIPLE" --bins
 }
 
 pick() {
