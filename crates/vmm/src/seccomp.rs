@@ -34,7 +34,8 @@ pub enum Seccomp {
     #[default]
     VcpuThreads,
     /// The vCPU threads, and the thread that calls `Vm::run` once they have started (what the
-    /// `vmcall` command does). That thread stays confined after `run` returns.
+    /// `vmcall` command does). That thread stays confined after `run` returns: it can open
+    /// no file and start no thread, so it can run no other VM.
     AllThreads,
 }
 
