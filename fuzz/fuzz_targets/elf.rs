@@ -34,8 +34,10 @@ fuzz_target!(|data: &[u8]| {
         img.entry
     );
     assert!(img.code_roots.windows(2).all(|w| w[0] < w[1]), "code roots sorted and unique");
-    let ram = GuestRam::new(RAM).expect("map guest RAM");
-    img.load(data, &ram).expect("a validated image loads");
+    // One RAM for every input: a load writes every byte it is later checked against.
+    static LOAD_RAM: std::sync::OnceLock<GuestRam> = std::sync::OnceLock::new();
+    let ram = LOAD_RAM.get_or_init(|| GuestRam::new(RAM).expect("map guest RAM"));
+    img.load(data, ram).expect("a validated image loads");
     for s in &img.segments {
         let mut got = vec![0u8; s.memsz.min(4096) as usize];
         ram.read(s.paddr, &mut got).expect("inside RAM");
