@@ -84,8 +84,12 @@ struct Totals {
     swaps: u64,
 }
 
+/// What one VM's soak gives: the calls it made and the handler swaps during it, or what went
+/// wrong.
+type VmResult = Result<(u64, u64), String>;
+
 /// One VM: run the soak guest while a thread swaps hypercall 20's handler; check its counts.
-fn soak_vm(hv: &dyn Hypervisor, vcpus: u32, calls: u64) -> Result<(u64, u64), String> {
+fn soak_vm(hv: &dyn Hypervisor, vcpus: u32, calls: u64) -> VmResult {
     let answered = Arc::new(AtomicU64::new(0));
     let table = Arc::new(HypercallTable::new());
     table.register(20, "tag1", tagged(1, answered.clone())).map_err(|e| e.to_string())?;
@@ -212,7 +216,7 @@ fn main() {
     let mut failures = Vec::new();
     for round in 1..=o.rounds {
         let round_start = Instant::now();
-        let results: Vec<(usize, Result<(u64, u64), String>)> = std::thread::scope(|s| {
+        let results: Vec<(usize, VmResult)> = std::thread::scope(|s| {
             let handles: Vec<_> = backends
                 .iter()
                 .enumerate()
