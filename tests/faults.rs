@@ -89,3 +89,24 @@ fn bad_images_and_settings_are_refused_clearly() {
         "valid input reaches the backend"
     );
 }
+
+/// A byte of 0 to the exit port — alone, or as one of a stray write to every port — ends the
+/// run with an error naming it, never with status 0 (docs/guest-abi.md, "How a run ends").
+/// A spray reaches QEMU's isa-debug-exit at 0xf4 first, which ends the run as QEMU does, with
+/// status (0 << 1) | 1 = 1: not success either.
+#[test]
+fn stray_writes_to_the_exit_port_are_errors_not_a_status() {
+    for b in backends("stray_writes_to_the_exit_port_are_errors_not_a_status") {
+        for what in ["stray-exit", "spray"] {
+            let out = bad(b.hv.as_ref(), what);
+            match &out.result {
+                Err(e @ RunError::StrayExit { size: 1, data: 0, .. }) => {
+                    assert!(e.to_string().contains("only a 4-byte write"), "{e}");
+                }
+                Ok(RunStatus::Exited(1)) if what == "spray" => {}
+                other => panic!("{}: {what}: expected a stray exit write, got {other:?}", b.name),
+            }
+            assert!(!out.console.contains("survived"), "{}: {what}", b.name);
+        }
+    }
+}

@@ -149,14 +149,17 @@ fn replacing_a_wasm_handler_while_the_guest_runs_starts_a_fresh_instance() {
     for b in backends("replacing_a_wasm_handler_while_the_guest_runs_starts_a_fresh_instance") {
         let table = Arc::new(HypercallTable::new());
         let v1 = load_quiet(&path);
+        // Loaded here: a vCPU thread, where handlers run, may open no file (seccomp).
+        let v2 = std::sync::Mutex::new(Some(load_quiet(&path)));
         let swapped = Arc::new(AtomicBool::new(false));
-        let (t, s, p) = (table.clone(), swapped.clone(), path.clone());
+        let (t, s) = (table.clone(), swapped.clone());
         // After v1 has counted to 2, swap in v2 (from inside the call: the table allows it).
         table
             .register(20, "v1", move |c: &Call<'_>| {
                 let r = v1.call(c);
                 if c.args[0] == 0 && r == Ok(2) && !s.swap(true, Ordering::SeqCst) {
-                    t.replace(20, "v2", load_quiet(&p)).unwrap();
+                    let fresh = v2.lock().unwrap().take().expect("swapped once");
+                    t.replace(20, "v2", fresh).unwrap();
                 }
                 r
             })

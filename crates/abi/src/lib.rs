@@ -118,7 +118,8 @@ pub mod ports {
     pub const COM1: u16 = 0x3f8;
     /// Last port of the COM1 block (reads of 0x3f8..=0x3ff return "transmitter empty").
     pub const COM1_END: u16 = 0x3ff;
-    /// `out PORT_EXIT, eax` ends the run with status EAX.
+    /// `out PORT_EXIT, eax` ends the run with status EAX; only that 4-byte write exits (a 1-
+    /// or 2-byte write is taken as a stray write and ends the run with an error).
     pub const PORT_EXIT: u16 = 0xf8;
     /// Doorbell of a rewritten hypercall site (`out imm8, al; nop`); only meaningful from a site
     /// the host rewrote itself.

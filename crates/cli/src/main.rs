@@ -5,6 +5,7 @@
 mod backends;
 mod bench;
 mod control;
+mod guest_file;
 mod handlers;
 mod parse;
 mod report;
@@ -20,6 +21,7 @@ use handlers::{BuildOptions, HandlerSpec};
 use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
 use vmcall_vmm::hypercall::HypercallTable;
+use vmcall_vmm::seccomp::Seccomp;
 use vmcall_vmm::trace::TraceSwitch;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
 use vmcall_vmm::x86::cpuid::PvCpuid;
@@ -211,17 +213,23 @@ struct VmArgs {
     /// Write one JSON object per hypercall to FILE (`-`: stdout).
     #[arg(long, value_name = "FILE")]
     trace_json: Option<PathBuf>,
+    /// Run without the seccomp filters that otherwise confine every vCPU thread and the main
+    /// thread (docs/security.md): for debugging only, e.g. under a tracer.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => std::fs::read(&args.guest)
-            .map_err(|e| format!("cannot read guest '{}': {e}", args.guest.display()))
-            .and_then(|image| {
-                let name = args.guest.display().to_string();
-                run(image, &name, &args.vm, args.cmdline.join(" "), None, DEFAULT_TIMEOUT)
-            }),
+        Command::Run(args) => {
+            guest_file::read(&args.guest, guest_file::image_limit(args.vm.memory)).and_then(
+                |image| {
+                    let name = args.guest.display().to_string();
+                    run(image, &name, &args.vm, args.cmdline.join(" "), None, DEFAULT_TIMEOUT)
+                },
+            )
+        }
         Command::Demo(DemoArgs { looping: false, vm }) => run(
             vmcall_test_guests::DEMO_ELF.to_vec(),
             "demo",
@@ -286,6 +294,30 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The seccomp mode of a run. An `exec:` handler starts its process from the vCPU thread that
+/// calls it, and a process started there inherits the thread's filter (and could run nothing):
+/// a run that has one, or a control socket that can install one at any time, runs its vCPU
+/// threads unconfined, and says so.
+fn seccomp_mode(a: &VmArgs) -> Seccomp {
+    let exec =
+        a.hypercalls.iter().chain(&a.overrides).any(|(_, s)| matches!(s, HandlerSpec::Exec(_)));
+    if a.no_seccomp {
+        Seccomp::Off
+    } else if exec || a.control.is_some() {
+        eprintln!(
+            "vmcall: warning: vCPU threads run without seccomp filters: {} (docs/security.md)",
+            if exec {
+                "an exec: handler starts processes from them"
+            } else {
+                "--control may install exec: handlers"
+            }
+        );
+        Seccomp::Off
+    } else {
+        Seccomp::VcpuThreads
+    }
+}
+
 fn run(
     image: Vec<u8>,
     image_name: &str,
@@ -324,7 +356,11 @@ fn run(
         })
         .image_name(image_name)
         .table(table.clone())
-        .trace(TraceSwitch::new(a.trace));
+        .trace(TraceSwitch::new(a.trace))
+        // The vCPU threads, which run guest-driven code (backends, devices, handlers), are
+        // confined. This thread is not: after the run it writes --stats-json/--trace-json files
+        // and ends the signal thread, which a thread confined by Seccomp::AllThreads cannot.
+        .seccomp(seccomp_mode(a));
     if let Some(t) = &json_trace {
         builder = builder.sink(t.clone());
     }

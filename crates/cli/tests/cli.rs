@@ -50,6 +50,7 @@ fn help_lists_commands_and_options() {
         "--trap",
         "--stats",
         "--trace",
+        "--no-seccomp",
         "const:V",
     ] {
         assert!(out.contains(word), "run --help lacks {word}:\n{out}");
@@ -260,4 +261,17 @@ fn bench_reports_every_line_as_json() {
     let emu_line = out.lines().find(|l| l.starts_with("vmcall-emu ")).unwrap();
     let median = emu_line.split_whitespace().nth(1).unwrap();
     assert!(median.ends_with("ns") || median.ends_with("µs"), "{emu_line}");
+}
+
+/// `--no-seccomp` runs the same guest the same way, without the filters (docs/security.md).
+#[test]
+fn no_seccomp_runs_without_filters() {
+    for extra in [&[][..], &["--no-seccomp"][..]] {
+        let mut args = vec!["demo", "--backend", "emu", "--stats"];
+        args.extend(extra);
+        let o = vmcall(&args);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{args:?}: {out}");
+    }
 }

@@ -36,7 +36,7 @@ pub fn raw_hypercall_round_trips(
         let now = Instant::now();
         let rip = uc.reg_read(R::RIP).unwrap_or(0);
         let _ = uc.reg_write(R::RAX, (-vmcall_abi::errno::KVM_ENOSYS) as u64);
-        let _ = uc.reg_write(R::RIP, rip + insn::HYPERCALL_LEN);
+        let _ = uc.reg_write(R::RIP, rip.wrapping_add(insn::HYPERCALL_LEN));
         let raw = uc.get_data_mut();
         if let Some(prev) = raw.last.replace(now) {
             raw.lat.record(now.duration_since(prev).as_nanos() as u64);

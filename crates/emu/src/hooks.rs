@@ -143,7 +143,7 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
             let sink = unsafe { &mut *sink };
             let rax = sink.hypercall(&call, &mut guest_tsc);
             let _ = uc.reg_write(R::RAX, rax);
-            let _ = uc.reg_write(R::RIP, rip + insn::HYPERCALL_LEN);
+            let _ = uc.reg_write(R::RIP, rip.wrapping_add(insn::HYPERCALL_LEN));
         }
         None => {
             uc.get_data_mut().stop_with(VcpuExit::Hypercall(call));

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, Vcpu, VmBackend};
 use vmcall_vmm::boot::VcpuInit;
 use vmcall_vmm::memory::GuestRam;
+use vmcall_vmm::seccomp::{Allowed, ThreadKind};
 
 /// The software-CPU backend.
 #[derive(Debug, Default, Clone, Copy)]
@@ -66,5 +67,18 @@ impl VmBackend for EmuVm {
             "unicorn {} software CPU (VMCALL/VMMCALL trapped where they execute, no rewriting)",
             unicorn_version()
         )
+    }
+
+    fn syscalls(&self, kind: ThreadKind) -> Vec<Allowed> {
+        match kind {
+            // The engine is created on its vCPU thread, and its JIT maps its translation
+            // buffer there: readable, writable and executable (the common list never allows
+            // PROT_EXEC).
+            ThreadKind::Vcpu => vec![
+                Allowed::any(libc::SYS_mmap, "unicorn's JIT: its executable translation buffer"),
+                Allowed::any(libc::SYS_mprotect, "unicorn's JIT: guard pages of that buffer"),
+            ],
+            ThreadKind::Main => Vec::new(),
+        }
     }
 }

@@ -402,7 +402,7 @@ impl Vcpu for EmuVcpu {
             .ok_or_else(|| BackendError::new("no hypercall to complete"))?;
         let uc = self.engine()?;
         uc.reg_write(R::RAX, rax).map_err(uc_err("RAX"))?;
-        uc.reg_write(R::RIP, rip + insn::HYPERCALL_LEN).map_err(uc_err("RIP"))
+        uc.reg_write(R::RIP, rip.wrapping_add(insn::HYPERCALL_LEN)).map_err(uc_err("RIP"))
     }
 
     fn complete_io_in(&mut self, _data: u32) -> Result<(), BackendError> {

@@ -65,7 +65,8 @@
 #define VMCALL_PORT_COM1		0x3f8
 /* Last port of the COM1 block (reads of 0x3f8..=0x3ff return "transmitter empty"). */
 #define VMCALL_PORT_COM1_END		0x3ff
-/* `out VMCALL_PORT_EXIT, eax` ends the run with status EAX. */
+/* `out VMCALL_PORT_EXIT, eax` ends the run with status EAX; only this 32-bit write exits (an
+ * 8- or 16-bit write there ends the run with an error: docs/guest-abi.md). */
 #define VMCALL_PORT_EXIT		0xf8
 /* Doorbell of a hypercall site the host rewrote itself (`out imm8, al; nop`); not for guests. */
 #define VMCALL_PORT_DOORBELL		0xf5

@@ -203,7 +203,8 @@ macro_rules! println {
     ($($arg:tt)*) => { $crate::_print(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-/// End the whole VM with `status` as the `vmcall run` exit status.
+/// End the whole VM with `status` as the `vmcall run` exit status (a 32-bit `out PORT_EXIT,
+/// eax`: the only width the exit port takes as an exit).
 pub fn exit(status: u32) -> ! {
     outl(abi::ports::PORT_EXIT, status);
     halt_forever()

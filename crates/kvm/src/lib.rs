@@ -27,6 +27,7 @@ pub mod coverage;
 mod debugregs;
 mod regs;
 mod rewrite;
+mod seccomp;
 mod signal;
 mod sites;
 mod vcpu;
@@ -42,7 +43,7 @@ use vmcall_vmm::hypercall::{HypercallInsn, InsnAction};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::cpuid::PvCpuid;
 
-pub use rewrite::find_sites;
+pub use rewrite::{find_sites, prove_sites};
 
 const KVM_CAP_DISABLE_QUIRKS2: u32 = kvm_bindings::KVM_CAP_DISABLE_QUIRKS2;
 const KVM_X86_QUIRK_FIX_HYPERCALL_INSN: u64 = kvm_bindings::KVM_X86_QUIRK_FIX_HYPERCALL_INSN as u64;
@@ -485,6 +486,10 @@ impl VmBackend for KvmVm {
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn syscalls(&self, kind: vmcall_vmm::seccomp::ThreadKind) -> Vec<vmcall_vmm::seccomp::Allowed> {
+        seccomp::syscalls(kind)
     }
 }
 

@@ -23,18 +23,22 @@ pub const DOORBELL_SITE: [u8; 3] = [0xe6, PORT_DOORBELL as u8, 0x90];
 /// Length of `out imm8, al`: RIP at the doorbell exit is site + this.
 pub const DOORBELL_OUT_LEN: u64 = 2;
 
+/// The hypercall a decoded instruction is, if it is one in its plain 3-byte encoding: the
+/// bytes every trap path and the rewrite check. A prefixed form (`66 0f 01 d9`) decodes as
+/// VMMCALL too, but its address is the prefix's, so it is no site.
+fn site(insn: &iced_x86::Instruction) -> Option<HypercallInsn> {
+    match insn.code() {
+        _ if insn.len() != vmcall_abi::insn::HYPERCALL_LEN as usize => None,
+        Code::Vmcall => Some(HypercallInsn::Vmcall),
+        Code::Vmmcall => Some(HypercallInsn::Vmmcall),
+        _ => None,
+    }
+}
+
 /// Hypercall instructions found in `code`, which is loaded at `base`.
 pub fn find_sites(code: &[u8], base: u64) -> Vec<(u64, HypercallInsn)> {
     let mut decoder = Decoder::with_ip(64, code, base, DecoderOptions::NONE);
-    let mut sites = Vec::new();
-    for insn in &mut decoder {
-        match insn.code() {
-            Code::Vmcall => sites.push((insn.ip(), HypercallInsn::Vmcall)),
-            Code::Vmmcall => sites.push((insn.ip(), HypercallInsn::Vmmcall)),
-            _ => {}
-        }
-    }
-    sites
+    (&mut decoder).into_iter().filter_map(|insn| Some((insn.ip(), site(&insn)?))).collect()
 }
 
 /// Every hypercall site a linear sweep finds in the executable segments loaded in `ram`, by
@@ -86,14 +90,8 @@ pub fn prove_sites(
             if !seen.insert(insn.ip()) || insn.is_invalid() {
                 break;
             }
-            match insn.code() {
-                Code::Vmcall => {
-                    sites.push((seg.paddr + (insn.ip() - seg.vaddr), HypercallInsn::Vmcall))
-                }
-                Code::Vmmcall => {
-                    sites.push((seg.paddr + (insn.ip() - seg.vaddr), HypercallInsn::Vmmcall))
-                }
-                _ => {}
+            if let Some(kind) = site(&insn) {
+                sites.push((seg.paddr + (insn.ip() - seg.vaddr), kind));
             }
             match insn.flow_control() {
                 FlowControl::Next | FlowControl::IndirectCall => {}
@@ -130,6 +128,29 @@ mod tests {
         let code = [0xb8, 0x0f, 0x01, 0xc1, 0x00, 0x0f, 0x01, 0xc1, 0x90, 0x0f, 0x01, 0xd9, 0xc3];
         let sites = find_sites(&code, 0x1000);
         assert_eq!(sites, vec![(0x1005, HypercallInsn::Vmcall), (0x1009, HypercallInsn::Vmmcall)]);
+    }
+
+    /// Found by the `trap_decode` fuzz target: a prefixed VMMCALL (`66 0f 01 d9`) was
+    /// reported at its prefix, where the three bytes are not a hypercall (under `--trap hwbp`
+    /// its breakpoint then fired on bytes no trap path takes for a hypercall).
+    #[test]
+    fn prefixed_encodings_are_not_sites() {
+        // 66 vmmcall; vmcall; ret
+        let code = [0x66, 0x0f, 0x01, 0xd9, 0x0f, 0x01, 0xc1, 0xc3];
+        assert_eq!(find_sites(&code, 0x1000), vec![(0x1004, HypercallInsn::Vmcall)]);
+        let ram = GuestRam::new(4 << 20).unwrap();
+        ram.write(0x20_0000, &code).unwrap();
+        let len = code.len() as u64;
+        let seg = Segment {
+            paddr: 0x20_0000,
+            vaddr: 0x20_0000,
+            memsz: len,
+            filesz: len,
+            offset: 0,
+            executable: true,
+        };
+        let proven = prove_sites(&ram, &[seg], &[CodeRoot { vaddr: 0x20_0000, bits: 64 }]);
+        assert_eq!(proven, vec![(0x20_0004, HypercallInsn::Vmcall)]);
     }
 
     #[test]

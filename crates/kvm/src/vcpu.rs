@@ -319,7 +319,7 @@ impl KvmVcpu {
             Some((cs, ss))
         };
         Some(IretState {
-            rip: frame.rip + insn::HYPERCALL_LEN,
+            rip: frame.rip.wrapping_add(insn::HYPERCALL_LEN),
             rflags: frame.rflags,
             rsp,
             segments,
@@ -375,7 +375,7 @@ impl KvmVcpu {
                 let (cpl, mode) = self.current_cpl_mode();
                 match self.hypercall_at(pc).filter(|i| self.accept(pc, *i, cpl)) {
                     Some(insn) => {
-                        let resume = self.fd.sync_regs().regs.rip + insn::HYPERCALL_LEN;
+                        let resume = self.fd.sync_regs().regs.rip.wrapping_add(insn::HYPERCALL_LEN);
                         self.pending = Pending::SetRip { resume };
                         Some(self.hypercall(pc, insn, cpl, mode))
                     }
@@ -411,7 +411,7 @@ impl KvmVcpu {
         if self.traps.resume_shutdown {
             let (cpl, mode) = self.current_cpl_mode();
             if let Some(insn) = self.hypercall_at(linear).filter(|i| self.accept(linear, *i, cpl)) {
-                self.pending = Pending::SetRip { resume: rip + insn::HYPERCALL_LEN };
+                self.pending = Pending::SetRip { resume: rip.wrapping_add(insn::HYPERCALL_LEN) };
                 return self.hypercall(linear, insn, cpl, mode);
             }
         }

@@ -10,6 +10,7 @@ use crate::boot::elf::{CodeRoot, Segment};
 use crate::boot::VcpuInit;
 use crate::hypercall::{ForeignInsn, HypercallExit};
 use crate::memory::GuestRam;
+use crate::seccomp::{Allowed, ThreadKind};
 use crate::x86::cpuid::PvCpuid;
 use crate::x86::Regs;
 
@@ -154,6 +155,12 @@ pub trait VmBackend: Send + Sync {
     fn create_vcpu(&self, id: u32, init: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError>;
     /// One line saying how hypercalls are trapped (for `--stats` and logs).
     fn describe(&self) -> String;
+    /// The syscalls this backend's threads of `kind` make beyond vmcall's common lists
+    /// ([`crate::seccomp`]): for a vCPU thread, the hypervisor's run and register calls.
+    fn syscalls(&self, kind: ThreadKind) -> Vec<Allowed> {
+        let _ = kind;
+        Vec::new()
+    }
 }
 
 /// A way to run VMs: KVM, an emulator, or a test double.

@@ -21,9 +21,9 @@ pub struct OutOfBounds {
 /// Errors creating guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum RamError {
-    #[error("guest RAM of {0} bytes is not supported ({min}..={max} bytes, a multiple of {align})",
-        min = vmcall_abi::layout::MIN_RAM, max = vmcall_abi::layout::MAX_RAM,
-        align = vmcall_abi::layout::RAM_ALIGN)]
+    #[error("guest RAM of {0} bytes is not supported: {min} MiB to {max} GiB, a multiple of {align} MiB",
+        min = vmcall_abi::layout::MIN_RAM >> 20, max = vmcall_abi::layout::MAX_RAM >> 30,
+        align = vmcall_abi::layout::RAM_ALIGN >> 20)]
     BadSize(u64),
     #[error("cannot map guest RAM")]
     Mmap(#[source] vm_memory::mmap::FromRangesError),

@@ -1,25 +1,30 @@
 //! The VM: builder, one thread per vCPU, timeout and the end of a run.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmcall_abi::layout::{CMDLINE_MAX, GUEST_LOAD_MIN, MAX_VCPUS};
 
-use crate::backend::{BackendError, GuestInfo, Hypervisor, Interrupter, VmBackend};
+use crate::backend::{BackendError, GuestInfo, Hypervisor, VmBackend};
 use crate::boot::elf::{ElfError, ElfImage};
 use crate::boot::multiboot::{self, MultibootError};
 use crate::boot::{self, BootParams, VcpuInit};
 use crate::devices::{Console, ConsoleWriter, Devices};
 use crate::hypercall::{ForeignInsn, HypercallTable};
 use crate::memory::{GuestRam, RamError};
+use crate::seccomp::{self, Allowed, Seccomp, SeccompError, ThreadKind};
 use crate::stats::VcpuStats;
 use crate::trace::{CallSink, TraceSwitch};
-use crate::vcpu::{vcpu_loop, Shared};
 pub use crate::vcpu::{RunError, RunStatus};
+use crate::vcpu::{Shared, Threads};
 use crate::x86::cpuid::PvCpuid;
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 32 << 20;
+/// How long a run waits, once it has ended, for its vCPU threads to stop before it leaves
+/// behind those that do not (a handler that never returns). Generous: on a loaded machine
+/// a thread that is only waiting for a CPU must not be taken for a stuck one.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,8 @@ pub enum BuildError {
     Memory(#[from] crate::memory::OutOfBounds),
     #[error("{backend} backend")]
     Backend { backend: &'static str, source: BackendError },
+    #[error("seccomp filter")]
+    Seccomp(#[from] SeccompError),
 }
 
 /// The result of [`Vm::run`].
@@ -49,6 +56,9 @@ pub struct RunReport {
     /// Each vCPU's own, by vCPU id.
     pub per_vcpu: Vec<VcpuStats>,
     pub elapsed: Duration,
+    /// vCPUs whose threads had not stopped when the stop grace ran out (held by a handler
+    /// that never returned): left running, detached, their statistics not counted.
+    pub stuck_vcpus: Vec<u32>,
 }
 
 /// Builds a [`Vm`].
@@ -63,6 +73,9 @@ pub struct VmBuilder {
     boot: BootOptions,
     trace: TraceSwitch,
     sink: Option<Arc<dyn CallSink>>,
+    seccomp: Seccomp,
+    seccomp_allow: Vec<Allowed>,
+    stop_grace: Duration,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -89,6 +102,9 @@ impl VmBuilder {
             boot: BootOptions::default(),
             trace: TraceSwitch::default(),
             sink: None,
+            seccomp: Seccomp::default(),
+            seccomp_allow: Vec::new(),
+            stop_grace: DEFAULT_STOP_GRACE,
         }
     }
     /// How the guest boots (default: multiboot if the image has a multiboot header, else
@@ -131,6 +147,13 @@ impl VmBuilder {
         self.timeout = t;
         self
     }
+    /// How long [`Vm::run`] waits, once the run has ended, for vCPU threads to stop; a thread
+    /// still running then (held by a handler that does not return) is left behind and named
+    /// in [`RunReport::stuck_vcpus`]. Default [`DEFAULT_STOP_GRACE`].
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
+        self
+    }
     /// Use `table` (keep a clone of the `Arc` to change it while the VM runs).
     pub fn table(mut self, table: Arc<HypercallTable>) -> Self {
         self.table = table;
@@ -151,6 +174,20 @@ impl VmBuilder {
         self.sink = Some(sink);
         self
     }
+    /// Which threads run under seccomp filters (default: the vCPU threads; see
+    /// [`crate::seccomp`]).
+    pub fn seccomp(mut self, seccomp: Seccomp) -> Self {
+        self.seccomp = seccomp;
+        self
+    }
+    /// Let vCPU threads make these syscalls too: what the handlers this VM will run need
+    /// beyond vmcall's own list (a handler that spawns a process needs pipes, polling and
+    /// more). Handlers run on the vCPU thread that made the call, so declare here everything
+    /// a handler installed at any time during the run may do.
+    pub fn seccomp_allow(mut self, syscalls: impl IntoIterator<Item = Allowed>) -> Self {
+        self.seccomp_allow.extend(syscalls);
+        self
+    }
 
     /// Check everything, load the image, set up boot state and create the VM on `hv`.
     pub fn build(self, hv: &dyn Hypervisor) -> Result<Vm, BuildError> {
@@ -159,9 +196,12 @@ impl VmBuilder {
         let backend = hv
             .create_vm(prepared.ram.clone(), &prepared.guest)
             .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
+        let filters = Filters::compile(self.seccomp, backend.as_ref(), &self.seccomp_allow)?;
         let console = Console::new(self.console.unwrap_or_else(|| Box::new(std::io::stdout())));
         let devices = Devices::new(console, self.vcpus, prepared.ram.size());
         Ok(Vm {
+            filters,
+            stop_grace: self.stop_grace,
             backend,
             inits: prepared.inits,
             timeout: self.timeout,
@@ -356,8 +396,42 @@ impl VmMonitor {
     }
 }
 
+/// The compiled filters of a run's threads.
+#[derive(Default)]
+struct Filters {
+    vcpu: Option<Arc<seccompiler::BpfProgram>>,
+    main: Option<seccompiler::BpfProgram>,
+}
+
+impl Filters {
+    fn compile(
+        mode: Seccomp,
+        backend: &dyn VmBackend,
+        allow: &[Allowed],
+    ) -> Result<Self, SeccompError> {
+        let audit = seccomp::audit_requested();
+        let program = |kind: ThreadKind, extra: &[Allowed]| {
+            let mut extra = extra.to_vec();
+            extra.extend(backend.syscalls(kind));
+            seccomp::compile(&seccomp::rules(kind, &extra), audit)
+        };
+        Ok(match mode {
+            Seccomp::Off => Self::default(),
+            Seccomp::VcpuThreads => {
+                Self { vcpu: Some(Arc::new(program(ThreadKind::Vcpu, allow)?)), main: None }
+            }
+            Seccomp::AllThreads => Self {
+                vcpu: Some(Arc::new(program(ThreadKind::Vcpu, allow)?)),
+                main: Some(program(ThreadKind::Main, &[])?),
+            },
+        })
+    }
+}
+
 /// A VM ready to run.
 pub struct Vm {
+    filters: Filters,
+    stop_grace: Duration,
     backend: Box<dyn VmBackend>,
     inits: Vec<VcpuInit>,
     timeout: Option<Duration>,
@@ -373,45 +447,6 @@ impl std::fmt::Debug for Vm {
             .finish()
     }
 }
-
-/// Counts the vCPU threads still running, so the VM can wait for them without polling.
-struct Running {
-    left: Mutex<usize>,
-    cv: Condvar,
-}
-
-/// Marks one vCPU thread finished when dropped (also when the thread panics).
-struct RunningGuard<'a>(&'a Running);
-
-impl Drop for RunningGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.left.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        self.0.cv.notify_all();
-    }
-}
-
-impl Running {
-    fn new(n: usize) -> Self {
-        Self { left: Mutex::new(n), cv: Condvar::new() }
-    }
-
-    fn guard(&self) -> RunningGuard<'_> {
-        RunningGuard(self)
-    }
-
-    /// Wait up to `timeout` for every thread to finish; whether they all have.
-    fn wait_all(&self, timeout: Duration) -> bool {
-        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
-        let (left, _) = self
-            .cv
-            .wait_timeout_while(left, timeout, |left| *left > 0)
-            .unwrap_or_else(|p| p.into_inner());
-        *left == 0
-    }
-}
-
-/// How often a stopping VM re-sends interrupts to vCPUs that are still inside the backend.
-const INTERRUPT_RETRY: Duration = Duration::from_millis(5);
 
 impl Vm {
     /// Guest RAM (for inspection in tests and tools).
@@ -440,7 +475,8 @@ impl Vm {
     }
 
     /// Run every vCPU on its own thread until the guest exits, all vCPUs halt, an error stops
-    /// it, or the timeout fires.
+    /// it (a vCPU thread that panics among them), or the timeout fires. Returns once every
+    /// vCPU thread has stopped, or the stop grace has passed for those that did not.
     pub fn run(self) -> RunReport {
         let start = Instant::now();
         let _ = self.shared.started.set(start);
@@ -455,60 +491,26 @@ impl Vm {
                         stats: VcpuStats::default(),
                         per_vcpu: Vec::new(),
                         elapsed: start.elapsed(),
+                        stuck_vcpus: Vec::new(),
                     };
                 }
             }
         }
-        let interrupters: Arc<Mutex<Vec<Arc<dyn Interrupter>>>> = Arc::default();
-        let running = Running::new(vcpus.len());
-        let mut stats = VcpuStats::default();
-        let mut per_vcpu = Vec::new();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = vcpus
-                .into_iter()
-                .enumerate()
-                .map(|(id, vcpu)| {
-                    let shared = &self.shared;
-                    let interrupters = interrupters.clone();
-                    let running = &running;
-                    std::thread::Builder::new()
-                        .name(format!("vcpu{id}"))
-                        .spawn_scoped(scope, move || {
-                            let _done = running.guard();
-                            interrupters
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push(vcpu.interrupter());
-                            vcpu_loop(id as u32, vcpu, shared)
-                        })
-                        .expect("spawn vCPU thread")
-                })
-                .collect();
-            self.wait_for_end(start);
-            // Stop every vCPU still inside the backend; repeat, since an interrupt that lands
-            // just before a vCPU re-enters the backend can be missed.
-            while !running.wait_all(Duration::ZERO) {
-                for i in interrupters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    i.interrupt();
-                }
-                running.wait_all(INTERRUPT_RETRY);
-            }
-            for h in handles {
-                match h.join() {
-                    Ok(s) => {
-                        stats.merge(&s);
-                        per_vcpu.push(s);
-                    }
-                    Err(_) => {
-                        per_vcpu.push(VcpuStats::default());
-                        self.shared.finish(Err(RunError::Unhandled {
-                            vcpu: u32::MAX,
-                            what: "a vCPU thread panicked".into(),
-                        }))
-                    }
-                }
-            }
-        });
+        let threads = Threads::start(vcpus, &self.shared, self.filters.vcpu.clone());
+        // The vCPU threads are confined; this one follows (only under Seccomp::AllThreads).
+        if let Some(Err(source)) = self.filters.main.as_ref().map(seccomp::install) {
+            let thread = "the thread running the VM".into();
+            self.shared.finish(Err(RunError::Seccomp { thread, source }));
+        }
+        self.wait_for_end(start);
+        let (stats, per_vcpu, stuck_vcpus) = threads.stop(self.stop_grace);
+        if !stuck_vcpus.is_empty() {
+            tracing::warn!(
+                vcpus = ?stuck_vcpus,
+                grace = ?self.stop_grace,
+                "vCPU threads did not stop after the run ended (a handler that never returns?); left behind"
+            );
+        }
         self.shared.devices.console().flush();
         let result = self
             .shared
@@ -517,7 +519,7 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or(Ok(RunStatus::AllHalted));
-        RunReport { result, stats, per_vcpu, elapsed: start.elapsed() }
+        RunReport { result, stats, per_vcpu, elapsed: start.elapsed(), stuck_vcpus }
     }
 
     fn wait_for_end(&self, start: Instant) {

@@ -1,5 +1,5 @@
 //! Misbehaving guest: the command line picks the misdeed (null, ud2, divide, wild-write, loop,
-//! triple, panic). The host must report each clearly and survive.
+//! triple, panic, stray-exit, spray). The host must report each clearly and survive.
 #![no_std]
 #![no_main]
 
@@ -33,6 +33,16 @@ fn main(info: &'static BootInfo) -> i32 {
                 asm!("lidt [{}]", "mov rax, [0]", in(reg) zero.as_ptr(), out("rax") _);
             }
             "panic" => panic!("on purpose"),
+            // A byte of 0 to the exit port: not the SDK's exit(0), so it must not end the run
+            // with status 0.
+            "stray-exit" => vmcall_guest::outb(vmcall_guest::abi::ports::PORT_EXIT, 0),
+            // What a crashing kernel or a probe loop does: a byte of 0 to every port, in order;
+            // the exit port comes after 0xf8 others.
+            "spray" => {
+                for port in 0..=u16::MAX {
+                    vmcall_guest::outb(port, 0);
+                }
+            }
             _ => return 2,
         }
     }

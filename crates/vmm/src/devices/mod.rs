@@ -20,6 +20,11 @@ pub enum PortWrite {
     Done,
     /// The guest asked to end the run with this status.
     Exit(u32),
+    /// A 1- or 2-byte write to the exit port. Only the SDKs' full-width `out PORT_EXIT, eax`
+    /// ends a run with a status; a narrower write is what a guest gone wrong leaves behind (a
+    /// probe loop or a crash writing a stray byte to every port), so the run ends with an
+    /// error instead of a status that could read as success (docs/guest-abi.md).
+    StrayExit { size: u8, data: u32 },
 }
 
 /// The devices of one VM.
@@ -66,7 +71,8 @@ impl Devices {
                 self.uart.write((port - ports::COM1) as u8, data as u8, line);
                 PortWrite::Done
             }
-            ports::PORT_EXIT => PortWrite::Exit(sized(data, size)),
+            ports::PORT_EXIT if size == 4 => PortWrite::Exit(data),
+            ports::PORT_EXIT => PortWrite::StrayExit { size, data: sized(data, size) },
             // QEMU's isa-debug-exit: status (V << 1) | 1, so a kernel cannot exit with 0 by it.
             ports::ISA_DEBUG_EXIT => PortWrite::Exit((sized(data, size) << 1) | 1),
             ports::FW_CFG_SELECTOR => {
@@ -133,7 +139,11 @@ mod tests {
     fn ports_of_the_minimal_pc() {
         let d = devices();
         let mut line = Vec::new();
-        assert_eq!(d.port_out(0, &mut line, ports::PORT_EXIT, 1, 0x1ff), PortWrite::Exit(0xff));
+        assert_eq!(d.port_out(0, &mut line, ports::PORT_EXIT, 4, 0x1ff), PortWrite::Exit(0x1ff));
+        assert_eq!(
+            d.port_out(0, &mut line, ports::PORT_EXIT, 1, 0x1ff),
+            PortWrite::StrayExit { size: 1, data: 0xff }
+        );
         assert_eq!(d.port_out(0, &mut line, ports::ISA_DEBUG_EXIT, 4, 0x10), PortWrite::Exit(0x21));
         assert_eq!(d.port_out(0, &mut line, ports::ISA_DEBUG_EXIT, 1, 0x100), PortWrite::Exit(1));
         assert_eq!(d.port_in(ports::COM1 + 5, 1) & 0x60, 0x60, "transmitter empty");
@@ -159,5 +169,37 @@ mod tests {
         assert_eq!(d.mmio_read(1, mmio::APIC_BASE + 0x80, 4), Some(0));
         assert_eq!(d.mmio_read(0, mmio::APIC_BASE + 0x1000, 4), None);
         assert!(!d.mmio_write(0, 0xfec0_0000, 4, 1), "no IOAPIC");
+    }
+
+    fn out(port: u16, size: u8, data: u32) -> PortWrite {
+        devices().port_out(0, &mut Vec::new(), port, size, data)
+    }
+
+    #[test]
+    fn only_a_full_width_write_to_the_exit_port_ends_a_run_with_a_status() {
+        assert_eq!(out(ports::PORT_EXIT, 4, 0), PortWrite::Exit(0));
+        assert_eq!(out(ports::PORT_EXIT, 4, 0x1_0003), PortWrite::Exit(0x1_0003));
+        // A stray byte of 0 (a crash spraying every port) must not read as success.
+        assert_eq!(
+            out(ports::PORT_EXIT, 1, 0xffff_ff00),
+            PortWrite::StrayExit { size: 1, data: 0 }
+        );
+        assert_eq!(
+            out(ports::PORT_EXIT, 2, 0x1234_5678),
+            PortWrite::StrayExit { size: 2, data: 0x5678 }
+        );
+        for port in ports::PORT_EXIT + 1..=ports::PORT_EXIT + 3 {
+            assert_eq!(out(port, 1, 0), PortWrite::Done, "port {port:#x} is not the exit port");
+        }
+    }
+
+    #[test]
+    fn reads_answer_only_the_bytes_asked_for() {
+        let d = devices();
+        assert_eq!(d.port_in(ports::COM1 + 5, 1), 0x60);
+        assert_eq!(
+            (d.port_in(0x80, 1), d.port_in(0x80, 2), d.port_in(0x80, 4)),
+            (0xff, 0xffff, u32::MAX)
+        );
     }
 }

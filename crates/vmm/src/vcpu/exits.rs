@@ -71,6 +71,9 @@ fn handle_io(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunErro
             Ok(match ctx.shared.devices.port_out(ctx.vcpu_id, ctx.line, port, size, data) {
                 PortWrite::Done => Flow::Continue,
                 PortWrite::Exit(status) => Flow::Exit(status),
+                PortWrite::StrayExit { size, data } => {
+                    return Err(RunError::StrayExit { vcpu: ctx.vcpu_id, size, data })
+                }
             })
         }
         VcpuExit::IoIn { port, size } => {
@@ -195,7 +198,7 @@ impl InlineExits for Inline<'_> {
                 false
             }
             // Anything else must reach the vCPU loop: the backend reports it as an exit.
-            PortWrite::Exit(_) => true,
+            PortWrite::Exit(_) | PortWrite::StrayExit { .. } => true,
         }
     }
 

@@ -3,10 +3,12 @@
 
 mod exits;
 mod shared;
+mod threads;
 
 use std::time::Duration;
 
 pub(crate) use shared::Shared;
+pub(crate) use threads::Threads;
 
 use crate::backend::{BackendError, GuestFault, Vcpu};
 use crate::stats::VcpuStats;
@@ -24,6 +26,17 @@ pub enum RunError {
     Timeout(Duration),
     #[error("vCPU {vcpu}: unhandled exit: {what}")]
     Unhandled { vcpu: u32, what: String },
+    #[error(
+        "vCPU {vcpu}: {size}-byte write of {data:#x} to the exit port: only a 4-byte write \
+         (`out 0xf8, eax`, the SDKs' exit) ends a run, so the guest has gone wrong"
+    )]
+    StrayExit { vcpu: u32, size: u8, data: u32 },
+    #[error("vCPU {vcpu}: its thread panicked: {message}")]
+    VcpuPanicked { vcpu: u32, message: String },
+    #[error("cannot start the thread of vCPU {vcpu}")]
+    Thread { vcpu: u32, source: std::io::Error },
+    #[error("cannot confine {thread} with its seccomp filter (--no-seccomp runs without)")]
+    Seccomp { thread: String, source: crate::seccomp::SeccompError },
     #[error("vCPU {vcpu}: backend failure")]
     Backend { vcpu: u32, source: BackendError },
 }

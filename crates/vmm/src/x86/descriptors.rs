@@ -52,14 +52,17 @@ pub fn read_trap_frame(
     } else {
         (None, rsp)
     };
-    let cs = read(at + slot)? as u16;
-    let rflags = read(at + 2 * slot)?;
+    // The guest chose RSP: a frame may wrap around the top of the address space (the reads
+    // then fail or succeed as the guest's tables say), never overflow the host's arithmetic.
+    let slot_at = |n: u64| at.wrapping_add(n * slot);
+    let cs = read(slot_at(1))? as u16;
+    let rflags = read(slot_at(2))?;
     let stack = if long || u8::try_from(cs & 3).is_ok_and(|cpl| cpl != handler_cpl) {
-        Some((read(at + 3 * slot)?, read(at + 4 * slot)? as u16))
+        Some((read(slot_at(3))?, read(slot_at(4))? as u16))
     } else {
         None
     };
-    let end = at + if stack.is_some() { 5 } else { 3 } * slot;
+    let end = slot_at(if stack.is_some() { 5 } else { 3 });
     Ok(TrapFrame { vector, error_code, rip: read(at)?, cs, rflags, stack, rip_slot: at, end })
 }
 
@@ -183,6 +186,23 @@ mod tests {
         ram.write(0x6_0004, &0x08u32.to_le_bytes()).unwrap();
         let f = read_trap_frame(&m, 0x6_0000, 6, false, 0).unwrap();
         assert_eq!((f.stack, f.end), (None, 0x6_000c));
+    }
+
+    /// Found by the `descriptors` fuzz target: a frame at the top of the address space
+    /// overflowed the slot arithmetic (a panic in debug builds, on the vCPU thread).
+    #[test]
+    fn frames_that_wrap_around_the_address_space_are_read_without_overflow() {
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let m = flat(&ram);
+        for rsp in [u64::MAX, u64::MAX - 7, u64::MAX - 15] {
+            for vector in [6, 14] {
+                for long in [true, false] {
+                    let _ = read_trap_frame(&m, rsp, vector, long, 0);
+                }
+            }
+        }
+        // With paging off the frame's first slot is at 0xffff_fff8, outside RAM: an error.
+        assert!(read_trap_frame(&m, u64::MAX - 7, 6, true, 0).is_err());
     }
 
     #[test]

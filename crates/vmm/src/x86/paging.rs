@@ -249,13 +249,20 @@ impl<'a> VirtualMemory<'a> {
         })
     }
 
-    /// Copy `data` into guest memory at `va`, page by page (every page is checked before any
-    /// byte is written).
+    /// Copy `data` into guest memory at `va`, page by page. Every page is translated and
+    /// checked against RAM before any byte is written, and written where that walk said: a
+    /// write that fails writes nothing, even one that lands on the page tables it went through.
     pub fn write(&self, va: u64, data: &[u8]) -> Result<(), VirtError> {
-        self.each_page(va, data.len(), Access::WRITE, |_, _| Ok(()))?;
+        let mut pieces = Vec::new();
         self.each_page(va, data.len(), Access::WRITE, |gpa, range| {
-            self.mem.write(gpa, &data[range])
-        })
+            self.mem.check(gpa, range.len() as u64)?;
+            pieces.push((gpa, range));
+            Ok(())
+        })?;
+        for (gpa, range) in pieces {
+            self.mem.write(gpa, &data[range])?;
+        }
+        Ok(())
     }
 
     pub fn read_u64(&self, va: u64) -> Result<u64, VirtError> {
@@ -424,5 +431,32 @@ mod tests {
         m.write_u64(0x20_0ff8, 0).unwrap();
         assert!(v.write_u64(0x1ffc, u64::MAX).is_err());
         assert_eq!(m.read_u64(0x20_0ff8).unwrap(), 0);
+    }
+
+    /// Found by the `paging` fuzz target: the pages of a write were checked against the
+    /// guest's tables but not against RAM, so a write whose second page was mapped beyond RAM
+    /// wrote its first page and then failed; and a write that changed the page tables it went
+    /// through was walked again halfway.
+    #[test]
+    fn a_failed_write_writes_nothing() {
+        let m = ram();
+        m.write_u64(0x10000, 0x11000 | 3).unwrap();
+        m.write_u64(0x11000, 0x12000 | 3).unwrap();
+        m.write_u64(0x12000, 0x13000 | 3).unwrap();
+        m.write_u64(0x13000, 0x30_0000 | 3).unwrap(); // VA 0x0000 -> 0x30_0000
+        m.write_u64(0x13008, 0x7fff_0000_0000 | 3).unwrap(); // VA 0x1000 -> beyond RAM
+        let v = VirtualMemory::new(&m, long4(0x10000));
+        assert!(matches!(v.write_u64(0xffc, u64::MAX), Err(VirtError::OutOfRam(_))));
+        assert_eq!(m.read_u64(0x30_0ff8).unwrap(), 0, "the first page was written");
+        // VA 0x2000 -> the page table itself: a write from VA 0x2018 overwrites the entry of
+        // VA 0x3000 (with a non-present one) before it reaches VA 0x3000, yet its last bytes
+        // go where the walk before the write said.
+        m.write_u64(0x13010, 0x13000 | 3).unwrap();
+        m.write_u64(0x13018, 0x20_0000 | 3).unwrap();
+        let bytes: Vec<u8> = (0..0xff0).map(|i| i as u8).collect();
+        v.write(0x2018, &bytes).unwrap();
+        let mut back = [0u8; 8];
+        m.read(0x20_0000, &mut back).unwrap();
+        assert_eq!(back, [0xe8, 0xe9, 0xea, 0xeb, 0xec, 0xed, 0xee, 0xef], "as first walked");
     }
 }

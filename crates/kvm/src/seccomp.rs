@@ -1,0 +1,49 @@
+//! The syscalls a KVM vCPU thread makes beyond vmcall's common list (`vmcall_vmm::seccomp`):
+//! `ioctl` on its vCPU file descriptor, and only the requests the run loop uses.
+
+#![allow(non_upper_case_globals)]
+
+use kvm_bindings::{kvm_guest_debug, kvm_msrs, kvm_regs, KVMIO};
+use vmcall_vmm::seccomp::{Allowed, ThreadKind};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
+
+/// The KVM backend's additions for threads of `kind`.
+pub(crate) fn syscalls(kind: ThreadKind) -> Vec<Allowed> {
+    match kind {
+        ThreadKind::Vcpu => vec![Allowed::one_of(
+            libc::SYS_ioctl,
+            1,
+            &[
+                // Running the guest until its next exit.
+                KVM_RUN(),
+                // The registers for diagnostics (`Vcpu::regs`); the run loop itself reads
+                // and writes them through the shared kvm_run page (KVM_CAP_SYNC_REGS).
+                KVM_GET_REGS(),
+                // The guest's TSC for KVM_HC_CLOCK_PAIRING.
+                KVM_GET_MSRS(),
+                // Hardware breakpoints: `--trap hwbp` sites and the guest-IDT watch.
+                KVM_SET_GUEST_DEBUG(),
+            ],
+            "KVM vCPU: KVM_RUN, KVM_GET_REGS, KVM_GET_MSRS, KVM_SET_GUEST_DEBUG",
+        )],
+        ThreadKind::Main => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_numbers_match_the_kernel_headers() {
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_GET_MSRS(), 0xc008_ae88);
+        assert_eq!(KVM_SET_GUEST_DEBUG(), 0x4048_ae9b);
+    }
+}
