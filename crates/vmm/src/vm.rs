@@ -21,9 +21,9 @@ use crate::x86::cpuid::PvCpuid;
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 32 << 20;
-/// How long a run waits, once it has ended, for its vCPU threads to stop before it leaves
-/// behind those that do not (a handler that never returns). Generous: on a loaded machine
-/// a thread that is only waiting for a CPU must not be taken for a stuck one.
+/// How long a run waits for its vCPU threads to stop, once it has ended and its timeout has
+/// passed, before it leaves behind those that do not (a handler that never returns).
+/// Generous: on a loaded machine a thread only waiting for a CPU is not a stuck one.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Errors building a VM.
@@ -58,6 +58,7 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// vCPUs whose threads had not stopped when the stop grace ran out (held by a handler
     /// that never returned): left running, detached, their statistics not counted.
+    /// See [`VmBuilder::stop_grace`].
     pub stuck_vcpus: Vec<u32>,
 }
 
@@ -147,9 +148,11 @@ impl VmBuilder {
         self.timeout = t;
         self
     }
-    /// How long [`Vm::run`] waits, once the run has ended, for vCPU threads to stop; a thread
-    /// still running then (held by a handler that does not return) is left behind and named
-    /// in [`RunReport::stuck_vcpus`]. Default [`DEFAULT_STOP_GRACE`].
+    /// How long [`Vm::run`] waits for vCPU threads to stop after the run has ended — and,
+    /// with a timeout, after the timeout too: threads always get until the timeout, however
+    /// early the run ends. A thread still running then (held by a handler that does not
+    /// return) is left behind and named in [`RunReport::stuck_vcpus`], so `run` returns
+    /// within the timeout plus this grace. Default [`DEFAULT_STOP_GRACE`].
     pub fn stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = grace;
         self
@@ -503,7 +506,11 @@ impl Vm {
             self.shared.finish(Err(RunError::Seccomp { thread, source }));
         }
         self.wait_for_end(start);
-        let (stats, per_vcpu, stuck_vcpus) = threads.stop(self.stop_grace);
+        // Threads get the grace after the end of the run, and never less than the timeout
+        // plus the grace: a run that ended early never leaves a slow thread behind.
+        let ended = Instant::now();
+        let last = self.timeout.and_then(|t| start.checked_add(t)).map_or(ended, |t| t.max(ended));
+        let (stats, per_vcpu, stuck_vcpus) = threads.stop(last.checked_add(self.stop_grace));
         if !stuck_vcpus.is_empty() {
             tracing::warn!(
                 vcpus = ?stuck_vcpus,

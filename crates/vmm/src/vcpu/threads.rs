@@ -15,8 +15,13 @@ use crate::backend::{Interrupter, Vcpu};
 use crate::seccomp;
 use crate::stats::VcpuStats;
 
-/// How often a stopping VM re-sends interrupts to vCPUs that are still inside the backend.
+/// How soon a stopping VM re-sends interrupts to vCPUs that are still running: first after
+/// 5 ms, then twice as long each time, up to 200 ms. Backing off matters: a KVM kick is a
+/// real-time signal, and those queue; a thread starved of CPU on a loaded machine would
+/// otherwise come back to hundreds of them, each a trip through its handler (found by the
+/// soak run).
 const INTERRUPT_RETRY: Duration = Duration::from_millis(5);
+const INTERRUPT_RETRY_MAX: Duration = Duration::from_millis(200);
 
 /// Which vCPU threads have finished, so the VM can wait for them without polling.
 struct Done {
@@ -106,19 +111,18 @@ impl Threads {
 
     /// After the run has ended: interrupt every vCPU still inside the backend (again and
     /// again, since an interrupt that lands just before a vCPU re-enters the backend can be
-    /// missed) until all threads have finished or `grace` has passed. Returns the merged
-    /// statistics of the threads that finished and the ids of those left running.
-    /// Stop the threads (interrupting them until `grace` has passed) and collect their
-    /// statistics: merged, and each vCPU's by id (empty for a thread left behind), with the ids
-    /// of the threads left behind.
-    pub(crate) fn stop(self, grace: Duration) -> (VcpuStats, Vec<VcpuStats>, Vec<u32>) {
-        let deadline = Instant::now() + grace;
-        while !self.done.wait_all(Duration::ZERO) && Instant::now() < deadline {
+    /// missed) until all threads have finished or `deadline` (if any) has passed. Returns the
+    /// merged statistics of the threads that finished, each vCPU's by id (empty for a thread
+    /// left behind), and the ids of those left running.
+    pub(crate) fn stop(self, deadline: Option<Instant>) -> (VcpuStats, Vec<VcpuStats>, Vec<u32>) {
+        let mut retry = INTERRUPT_RETRY;
+        let left = || deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        while !self.done.wait_all(Duration::ZERO) && left().is_none_or(|l| !l.is_zero()) {
             for i in self.interrupters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
                 i.interrupt();
             }
-            self.done
-                .wait_all(INTERRUPT_RETRY.min(deadline.saturating_duration_since(Instant::now())));
+            self.done.wait_all(left().map_or(retry, |l| retry.min(l)));
+            retry = (retry * 2).min(INTERRUPT_RETRY_MAX);
         }
         let mut stats = VcpuStats::default();
         let mut per_vcpu = Vec::new();
