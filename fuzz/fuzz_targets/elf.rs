@@ -8,14 +8,23 @@ use vmcall_abi::layout::GUEST_LOAD_MIN;
 use vmcall_vmm::boot::elf::ElfImage;
 use vmcall_vmm::boot::load_limit;
 use vmcall_vmm::memory::GuestRam;
-use vmcall_vmm::vm::prepare_guest;
+use vmcall_vmm::vm::{prepare_guest, Boot, BootOptions};
 
 const RAM: u64 = 4 << 20;
+
+/// vmcall's own ELF64 contract, whatever the bytes look like (a multiboot header in random
+/// data would otherwise pick the other protocol).
+fn elf64() -> BootOptions {
+    BootOptions { boot: Boot::Elf64, ..Default::default() }
+}
 
 fuzz_target!(|data: &[u8]| {
     let limit = load_limit(RAM, 1);
     let Ok(img) = ElfImage::parse(data, GUEST_LOAD_MIN, limit) else {
-        assert!(prepare_guest(data, RAM, 1, b"").is_err(), "prepare_guest took a refused image");
+        assert!(
+            prepare_guest(data, RAM, 1, b"", &elf64()).is_err(),
+            "prepare_guest took a refused image"
+        );
         return;
     };
     for (i, s) in img.segments.iter().enumerate() {
@@ -33,7 +42,10 @@ fuzz_target!(|data: &[u8]| {
         "entry {:#x} outside every executable segment",
         img.entry
     );
-    assert!(img.code_roots.windows(2).all(|w| w[0] < w[1]), "code roots sorted and unique");
+    assert!(
+        img.code_roots.windows(2).all(|w| w[0].vaddr < w[1].vaddr),
+        "code roots sorted and unique"
+    );
     // One RAM for every input: a load writes every byte it is later checked against.
     static LOAD_RAM: std::sync::OnceLock<GuestRam> = std::sync::OnceLock::new();
     let ram = LOAD_RAM.get_or_init(|| GuestRam::new(RAM).expect("map guest RAM"));
@@ -51,6 +63,6 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
-    let prepared = prepare_guest(data, RAM, 1, b"fuzz").expect("a validated image boots");
+    let prepared = prepare_guest(data, RAM, 1, b"fuzz", &elf64()).expect("a validated image boots");
     assert_eq!(prepared.guest.entry, img.entry);
 });
