@@ -4,7 +4,7 @@
 //! the *virtual* RIP decide what an instruction is), and handlers that follow a guest-virtual
 //! pointer through the caller's page tables.
 
-use vmcall_conformance::{backends, byte_sum, check_run, kernel_table, run, Verdicts};
+use vmcall_conformance::{backends, check_run, kernel_table, run, virtptr_lines, Verdicts};
 
 fn case(name: &str, want: &[String], counts: &[(u64, u64)]) {
     let mut verdicts = Verdicts::default();
@@ -55,17 +55,6 @@ fn the_instruction_at_the_virtual_rip_decides_not_its_physical_twin() {
 #[test]
 fn handlers_read_guest_virtual_pointers_through_the_guests_own_tables() {
     // The guest's strings (guests/src/bin/kernel_virt.rs).
-    let one = "a string only mapped at a high virtual address";
-    let cross = "this string crosses from one page into the next";
-    let identity = "an identity-mapped string";
-    let want = vec![
-        "virtptr: own page tables, strings mapped only at 0x60000000000".to_string(),
-        format!("virtptr one-page: va=0x60000000100 len={} ret={}", one.len(), byte_sum(one)),
-        format!("virtptr cross-page: va=0x60000001ff0 len={} ret={}", cross.len(), byte_sum(cross)),
-        format!("virtptr identity: len={} ret={}", identity.len(), byte_sum(identity)),
-        "virtptr unmapped: va=0x70000000000 len=16 ret=-14".into(),
-        "virtptr half-mapped: va=0x60000002ff8 len=16 ret=-14".into(),
-        "virtptr: done".into(),
-    ];
+    let want = virtptr_lines();
     case("virtptr", &want, &[(0x30, 5)]);
 }

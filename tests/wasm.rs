@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmcall_conformance::{
-    backends, byte_sum, check_run, kernel_table, run, visible, Outcome, Verdicts, HC_VIRT_SUM,
+    backends, check_run, kernel_table, run, virtptr_lines, visible, Outcome, Verdicts, HC_VIRT_SUM,
 };
 use vmcall_vmm::hypercall::wasm::{WasmConfig, WasmCounters, WasmHandler};
 use vmcall_vmm::hypercall::{Call, HypercallHandler, HypercallTable};
@@ -201,18 +201,7 @@ const VIRT_SUM_WAT: &str = r#"(module
 #[test]
 fn a_wasm_handler_follows_guest_virtual_pointers_through_the_guests_own_tables() {
     // kernel_virt's virtptr case (tests/virt.rs) with the native handler of 0x30 replaced.
-    let one = "a string only mapped at a high virtual address";
-    let cross = "this string crosses from one page into the next";
-    let identity = "an identity-mapped string";
-    let want = vec![
-        "virtptr: own page tables, strings mapped only at 0x60000000000".to_string(),
-        format!("virtptr one-page: va=0x60000000100 len={} ret={}", one.len(), byte_sum(one)),
-        format!("virtptr cross-page: va=0x60000001ff0 len={} ret={}", cross.len(), byte_sum(cross)),
-        format!("virtptr identity: len={} ret={}", identity.len(), byte_sum(identity)),
-        "virtptr unmapped: va=0x70000000000 len=16 ret=-14".into(),
-        "virtptr half-mapped: va=0x60000002ff8 len=16 ret=-14".into(),
-        "virtptr: done".into(),
-    ];
+    let want = virtptr_lines();
     let mut verdicts = Verdicts::default();
     let case = "kernel_virt virtptr, wasm handler";
     for b in backends(case) {

@@ -111,8 +111,9 @@ impl Outcome {
     }
 }
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
+/// A console that keeps what the guest prints, for a test to read afterwards.
+#[derive(Debug, Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -297,4 +298,21 @@ impl Hypervisor for NoVm {
     ) -> Result<Box<dyn vmcall_vmm::backend::VmBackend>, vmcall_vmm::backend::BackendError> {
         Err(vmcall_vmm::backend::BackendError::new("no VM in this test"))
     }
+}
+
+/// What `kernel_virt virtptr` prints when hypercall 0x30 answers the byte sum of the guest's
+/// strings (guests/src/bin/kernel_virt.rs), read through its own page tables.
+pub fn virtptr_lines() -> Vec<String> {
+    let one = "a string only mapped at a high virtual address";
+    let cross = "this string crosses from one page into the next";
+    let identity = "an identity-mapped string";
+    vec![
+        "virtptr: own page tables, strings mapped only at 0x60000000000".to_string(),
+        format!("virtptr one-page: va=0x60000000100 len={} ret={}", one.len(), byte_sum(one)),
+        format!("virtptr cross-page: va=0x60000001ff0 len={} ret={}", cross.len(), byte_sum(cross)),
+        format!("virtptr identity: len={} ret={}", identity.len(), byte_sum(identity)),
+        "virtptr unmapped: va=0x70000000000 len=16 ret=-14".into(),
+        "virtptr half-mapped: va=0x60000002ff8 len=16 ret=-14".into(),
+        "virtptr: done".into(),
+    ]
 }

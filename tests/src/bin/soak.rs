@@ -10,13 +10,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmcall_abi::hc::VMCALL_HC_BATCH;
-use vmcall_conformance::{guest, Outcome};
+use vmcall_conformance::{guest, Capture, Outcome};
 use vmcall_kvm::{KvmHypervisor, Trap};
 use vmcall_vmm::backend::Hypervisor;
 use vmcall_vmm::hypercall::{Call, HypercallResult, HypercallTable};
@@ -169,18 +168,6 @@ fn run(hv: &dyn Hypervisor, vcpus: u32, calls: u64, table: Arc<HypercallTable>) 
     }
     let console = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
     Outcome { console, result: report.result, stats: report.stats }
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn main() {
