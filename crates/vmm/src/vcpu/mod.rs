@@ -241,3 +241,6 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
     shared.publish(id, &stats);
     stats
 }
+
+#[cfg(test)]
+mod tests;
