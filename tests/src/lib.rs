@@ -296,7 +296,7 @@ impl Hypervisor for NoVm {
         _: Arc<vmcall_vmm::memory::GuestRam>,
         _: &vmcall_vmm::backend::GuestInfo,
     ) -> Result<Box<dyn vmcall_vmm::backend::VmBackend>, vmcall_vmm::backend::BackendError> {
-        Err(vmcall_vmm::backend::BackendError::new("no VM in this test"))
+        Err(vmcall_vmm::backend::BackendError::Unsupported("no VM in this test".into()))
     }
 }
 

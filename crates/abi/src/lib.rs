@@ -263,23 +263,36 @@ const _: () = assert!(core::mem::size_of::<BootInfo>() == 72);
 /// "VMCALLBI" little-endian.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMCALLBI");
 
-/// Exit reasons of vmcall's neutral exit enum; the index of the exit-handler table.
+/// Exit reasons of vmcall's neutral exit enum; the index of the exit-handler table and of the
+/// per-reason exit counters.
 #[repr(u32)]
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ExitReason {
+    /// Port I/O (`in`/`out`).
     Io = 0,
+    /// HLT.
     Hlt = 1,
+    /// VMCALL or VMMCALL.
     Hypercall = 2,
+    /// Triple fault.
     Shutdown = 3,
+    /// A debug exit the backend did not consume.
     Debug = 4,
+    /// An access to guest-physical memory with no RAM behind it.
     Mmio = 5,
+    /// An exception the guest did not handle.
     Fault = 6,
+    /// An exit the backend could not translate.
     Unknown = 7,
+    /// The host interrupted the vCPU (to stop the VM, or a signal): not the guest's doing.
+    Interrupted = 8,
 }
 
 impl ExitReason {
-    pub const COUNT: usize = 8;
+    /// How many reasons there are.
+    pub const COUNT: usize = 9;
+    /// Every reason, in index order.
     pub const ALL: [ExitReason; Self::COUNT] = [
         Self::Io,
         Self::Hlt,
@@ -289,7 +302,9 @@ impl ExitReason {
         Self::Mmio,
         Self::Fault,
         Self::Unknown,
+        Self::Interrupted,
     ];
+    /// The reason's name in statistics (`--stats`, `--stats-json`, `vmcall ctl stats`).
     pub const fn name(self) -> &'static str {
         match self {
             Self::Io => "io",
@@ -300,6 +315,7 @@ impl ExitReason {
             Self::Mmio => "mmio",
             Self::Fault => "fault",
             Self::Unknown => "unknown",
+            Self::Interrupted => "interrupted",
         }
     }
 }

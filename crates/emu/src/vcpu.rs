@@ -128,7 +128,7 @@ impl Drop for EmuVcpu {
 }
 
 pub(crate) fn uc_err(what: &'static str) -> impl FnOnce(uc_error) -> BackendError {
-    move |e| BackendError::new(format!("unicorn: {what}: {e:?}"))
+    move |e| BackendError::emulator(what, e)
 }
 
 impl EmuVcpu {
@@ -286,7 +286,8 @@ fn create_engine(
         cr2_seen: init.sregs.cr2,
     };
     let mut uc = new_engine(ram, init, state, config.pv.features)?;
-    let mut cpu = CpuState::new(&mut uc).map_err(|e| BackendError::with("unicorn", e))?;
+    let mut cpu = CpuState::new(&mut uc)
+        .map_err(|e| BackendError::setup("checking unicorn's CPU state layout", e))?;
     if init.sregs.efer & mode::EFER_LMA == 0 {
         enter_protected_mode(&mut uc, &mut cpu, init)?;
     }
@@ -396,21 +397,21 @@ impl Vcpu for EmuVcpu {
     }
 
     fn complete_hypercall(&mut self, rax: u64) -> Result<(), BackendError> {
-        let rip = self
-            .pending_hypercall
-            .take()
-            .ok_or_else(|| BackendError::new("no hypercall to complete"))?;
+        let rip =
+            self.pending_hypercall.take().ok_or_else(|| BackendError::NotPending("hypercall"))?;
         let uc = self.engine()?;
         uc.reg_write(R::RAX, rax).map_err(uc_err("RAX"))?;
         uc.reg_write(R::RIP, rip.wrapping_add(insn::HYPERCALL_LEN)).map_err(uc_err("RIP"))
     }
 
     fn complete_io_in(&mut self, _data: u32) -> Result<(), BackendError> {
-        Err(BackendError::new("the emulator answers port reads itself; no read is pending"))
+        // The emulator answers port reads itself, inside its hooks.
+        Err(BackendError::NotPending("port read"))
     }
 
     fn complete_mmio_read(&mut self, _data: u64) -> Result<(), BackendError> {
-        Err(BackendError::new("the emulator answers device reads itself; no read is pending"))
+        // The emulator answers device reads itself, inside its hooks.
+        Err(BackendError::NotPending("MMIO read"))
     }
 
     fn regs(&mut self) -> Result<Regs, BackendError> {

@@ -17,7 +17,7 @@ use crate::signal::{self, SignalInterrupter};
 use crate::{disable_hypercall_quirk, map_guest_ram};
 
 fn err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError {
-    move |e| BackendError::with(what, e)
+    crate::ioctl(what)
 }
 
 /// One VM with one vCPU and no vmcall machinery: no rewriting, no dispatch, no statistics.
@@ -78,7 +78,7 @@ impl RawVm {
                 }
                 KvmExit::IoOut(ports::PORT_EXIT, _) => return Ok(()),
                 KvmExit::IoOut(..) => {}
-                other => return Err(BackendError::new(format!("unexpected exit {other:?}"))),
+                other => return Err(BackendError::UnexpectedExit(format!("{other:?}"))),
             }
         }
     }
@@ -102,13 +102,13 @@ impl RawVm {
             match self.vcpu.run() {
                 Ok(KvmExit::IoOut(ports::PORT_EXIT, _)) => break Ok(Some(start.elapsed())),
                 Ok(KvmExit::IoOut(..)) => {}
-                Ok(other) => break Err(BackendError::new(format!("unexpected exit {other:?}"))),
+                Ok(other) => break Err(BackendError::UnexpectedExit(format!("{other:?}"))),
                 Err(e) if e.errno() == libc::EINTR => {
                     if start.elapsed() >= limit {
                         break Ok(None);
                     }
                 }
-                Err(e) => break Err(BackendError::with("KVM_RUN", e)),
+                Err(e) => break Err(crate::ioctl("KVM_RUN")(e)),
             }
         };
         *alive.lock().unwrap_or_else(|p| p.into_inner()) = false;
@@ -131,8 +131,8 @@ fn minimal_vm_first_exit() -> Result<(), BackendError> {
     const PAGE: usize = 4096;
     const CODE_AT: u64 = 0x1000;
     let kvm = Kvm::new().map_err(err("open /dev/kvm"))?;
-    let ram = GuestRam::anonymous(PAGE).map_err(|e| BackendError::with("guest page", e))?;
-    ram.write(0, &[0xe6, 0x80, 0xf4]).map_err(|e| BackendError::with("guest code", e))?; // out 0x80, al; hlt
+    let ram = GuestRam::anonymous(PAGE).map_err(|e| BackendError::setup("guest page", e))?;
+    ram.write(0, &[0xe6, 0x80, 0xf4]).map_err(|e| BackendError::setup("guest code", e))?; // out 0x80, al; hlt
     let vm = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
     // SAFETY: `ram` is declared before `vm`, so it is dropped after it.
     unsafe { map_guest_ram(&vm, &ram, CODE_AT) }?;
@@ -145,6 +145,6 @@ fn minimal_vm_first_exit() -> Result<(), BackendError> {
     vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
     match vcpu.run().map_err(err("KVM_RUN"))? {
         KvmExit::IoOut(0x80, _) => Ok(()),
-        other => Err(BackendError::new(format!("unexpected exit {other:?}"))),
+        other => Err(BackendError::UnexpectedExit(format!("{other:?}"))),
     }
 }

@@ -66,7 +66,7 @@ impl DebugRegs {
         let rest: Vec<Slot> = self.armed.iter().copied().filter(|s| s.addr() != addr).collect();
         let mut dbg = guest_debug(&rest);
         dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
-        fd.set_guest_debug(&dbg).map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
+        fd.set_guest_debug(&dbg).map_err(crate::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.armed = rest;
         self.stepping = true;
         Ok(())
@@ -98,8 +98,7 @@ impl DebugRegs {
         if self.applied && want == self.armed {
             return Ok(());
         }
-        fd.set_guest_debug(&guest_debug(&want))
-            .map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
+        fd.set_guest_debug(&guest_debug(&want)).map_err(crate::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.armed = want;
         self.applied = true;
         Ok(())

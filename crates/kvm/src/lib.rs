@@ -198,7 +198,7 @@ impl KvmHypervisor {
         let c = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| BackendError::with("KVM_GET_SUPPORTED_CPUID", e))?;
+            .map_err(crate::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         Ok(self.cpuid.get_or_init(|| c).clone())
     }
 }
@@ -243,12 +243,12 @@ impl Hypervisor for KvmHypervisor {
         guest: &GuestInfo,
     ) -> Result<Box<dyn VmBackend>, BackendError> {
         if guest.vcpus as usize > self.caps.max_vcpus {
-            return Err(BackendError::new(format!(
+            return Err(BackendError::Unsupported(format!(
                 "{} vCPUs requested, this KVM supports {}",
                 guest.vcpus, self.caps.max_vcpus
             )));
         }
-        let vm = self.kvm.create_vm().map_err(|e| BackendError::with("KVM_CREATE_VM", e))?;
+        let vm = self.kvm.create_vm().map_err(crate::ioctl("KVM_CREATE_VM"))?;
         // SAFETY: `KvmVm` keeps the `Arc<GuestRam>` and drops the VM fd first.
         unsafe { map_guest_ram(&vm, &ram, 0) }?;
         let quirk_off =
@@ -264,7 +264,7 @@ impl Hypervisor for KvmHypervisor {
             (Trap::Auto, t) => t,
             (Trap::Xen, _) => {
                 if let Some(why) = xen::unavailable_reason(self.caps.xen_hvm) {
-                    return Err(BackendError::new(format!(
+                    return Err(BackendError::Unsupported(format!(
                         "--trap xen {XEN_NEEDS}; {why}; use --trap rewrite"
                     )));
                 }
@@ -272,12 +272,14 @@ impl Hypervisor for KvmHypervisor {
                 Trap::Xen
             }
             (Trap::Ud, _) if !quirk_off => {
-                return Err(BackendError::new(
-                    "--trap ud needs KVM_CAP_DISABLE_QUIRKS2 with KVM_X86_QUIRK_FIX_HYPERCALL_INSN, which this KVM lacks; use --trap rewrite",
+                return Err(BackendError::Unsupported(
+                    "--trap ud needs KVM_CAP_DISABLE_QUIRKS2 with KVM_X86_QUIRK_FIX_HYPERCALL_INSN, which this KVM lacks; use --trap rewrite".into(),
                 ))
             }
             (Trap::Hwbp, _) if !self.caps.guest_debug => {
-                return Err(BackendError::new("--trap hwbp needs KVM_CAP_SET_GUEST_DEBUG, which this KVM lacks"))
+                return Err(BackendError::Unsupported(
+                    "--trap hwbp needs KVM_CAP_SET_GUEST_DEBUG, which this KVM lacks".into(),
+                ))
             }
             (t, _) => t,
         };
@@ -294,13 +296,13 @@ impl Hypervisor for KvmHypervisor {
                 for (gpa, insn) in sites_proven.into_iter().filter(|(_, i)| wanted(i)) {
                     sites
                         .rewrite(&ram, gpa, insn, single_vcpu)
-                        .map_err(|e| BackendError::with("rewriting hypercall sites", e))?;
+                        .map_err(|e| BackendError::setup("rewriting hypercall sites", e))?;
                 }
                 Vec::new()
             }
             Trap::Hwbp => {
                 let mut all: Vec<u64> = rewrite::scan_segments(&ram, &guest.segments)
-                    .map_err(|e| BackendError::with("reading code", e))?
+                    .map_err(|e| BackendError::setup("reading code", e))?
                     .into_iter()
                     .filter(|(_, insn)| {
                         guest.foreign.action(*insn, HypercallInsn::native()) != InsnAction::RaiseUd
@@ -360,7 +362,7 @@ impl Hypervisor for KvmHypervisor {
             mmap_size: self
                 .kvm
                 .get_vcpu_mmap_size()
-                .map_err(|e| BackendError::with("KVM_GET_VCPU_MMAP_SIZE", e))?,
+                .map_err(crate::ioctl("KVM_GET_VCPU_MMAP_SIZE"))?,
             native: HypercallInsn::native(),
             foreign: guest.foreign,
             watch_reported: Default::default(),
@@ -408,6 +410,11 @@ fn unseen_native_calls(pvm: bool, trap: Trap, xen_intercept: bool) -> Option<Str
     ))
 }
 
+/// The error of the failed KVM call `op`, with the errno it returned as its source.
+pub(crate) fn ioctl(op: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError {
+    move |e| BackendError::hypervisor(op, e.errno())
+}
+
 /// Register `ram` as memory slot 0 of `vm` at guest-physical `gpa`.
 ///
 /// # Safety
@@ -424,8 +431,7 @@ unsafe fn map_guest_ram(vm: &VmFd, ram: &GuestRam, gpa: u64) -> Result<(), Backe
     };
     // SAFETY: `host..host+len` is the live mapping of `ram`, which the caller keeps alive for
     // as long as the VM.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| BackendError::with("KVM_SET_USER_MEMORY_REGION", e))
+    unsafe { vm.set_user_memory_region(region) }.map_err(crate::ioctl("KVM_SET_USER_MEMORY_REGION"))
 }
 
 /// Disable KVM_X86_QUIRK_FIX_HYPERCALL_INSN, so that a hypercall instruction the kernel does
@@ -433,15 +439,12 @@ unsafe fn map_guest_ram(vm: &VmFd, ram: &GuestRam, gpa: u64) -> Result<(), Backe
 fn disable_hypercall_quirk(vm: &VmFd) -> Result<(), BackendError> {
     let mut cap = kvm_enable_cap { cap: KVM_CAP_DISABLE_QUIRKS2, ..Default::default() };
     cap.args[0] = KVM_X86_QUIRK_FIX_HYPERCALL_INSN;
-    vm.enable_cap(&cap).map_err(|e| BackendError::with("KVM_CAP_DISABLE_QUIRKS2", e))
+    vm.enable_cap(&cap).map_err(crate::ioctl("KVM_CAP_DISABLE_QUIRKS2"))
 }
 
 impl VmBackend for KvmVm {
     fn create_vcpu(&self, id: u32, init: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError> {
-        let fd = self
-            .vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| BackendError::with("KVM_CREATE_VCPU", e))?;
+        let fd = self.vm.create_vcpu(u64::from(id)).map_err(crate::ioctl("KVM_CREATE_VCPU"))?;
         let mut cpuid = self.cpuid.clone();
         for e in cpuid.as_mut_slice() {
             if e.function == 1 {
@@ -457,7 +460,7 @@ impl VmBackend for KvmVm {
                 (e.eax, e.ebx, e.ecx, e.edx) = (a, b, c, d);
             }
         }
-        fd.set_cpuid2(&cpuid).map_err(|e| BackendError::with("KVM_SET_CPUID2", e))?;
+        fd.set_cpuid2(&cpuid).map_err(crate::ioctl("KVM_SET_CPUID2"))?;
         if self.pv.enforce {
             // The kernel then refuses the PV MSRs the guest's CPUID does not offer (#GP), as
             // the shared emulation refuses such hypercalls.
@@ -466,14 +469,12 @@ impl VmBackend for KvmVm {
                 args: [1, 0, 0, 0],
                 ..Default::default()
             };
-            fd.enable_cap(&cap)
-                .map_err(|e| BackendError::with("KVM_CAP_ENFORCE_PV_FEATURE_CPUID", e))?;
+            fd.enable_cap(&cap).map_err(crate::ioctl("KVM_CAP_ENFORCE_PV_FEATURE_CPUID"))?;
         }
-        let mut sregs = fd.get_sregs().map_err(|e| BackendError::with("KVM_GET_SREGS", e))?;
+        let mut sregs = fd.get_sregs().map_err(crate::ioctl("KVM_GET_SREGS"))?;
         regs::apply_sregs(&mut sregs, &init.sregs);
-        fd.set_sregs(&sregs).map_err(|e| BackendError::with("KVM_SET_SREGS", e))?;
-        fd.set_regs(&regs::regs_to_kvm(&init.regs))
-            .map_err(|e| BackendError::with("KVM_SET_REGS", e))?;
+        fd.set_sregs(&sregs).map_err(crate::ioctl("KVM_SET_SREGS"))?;
+        fd.set_regs(&regs::regs_to_kvm(&init.regs)).map_err(crate::ioctl("KVM_SET_REGS"))?;
         // The FPU/SSE state KVM gives a new vCPU (FCW 0x37f, MXCSR 0x1f80) is what guests
         // expect; setting it again would be one more ioctl on every VM's start.
         Ok(Box::new(vcpu::KvmVcpu::new(

@@ -472,7 +472,7 @@ impl KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 return Ok(Some(VcpuExit::Interrupted))
             }
-            Err(e) => return Err(BackendError::with("KVM_RUN failed", e)),
+            Err(e) => return Err(crate::ioctl("KVM_RUN")(e)),
         };
         let exit = match exit {
             KvmExit::IoOut(port, data) => {
@@ -527,8 +527,8 @@ impl Drop for KvmVcpu {
     }
 }
 
-fn err(what: &str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError + '_ {
-    move |e| BackendError::with(what.to_string(), e)
+fn err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> BackendError {
+    crate::ioctl(what)
 }
 
 impl Vcpu for KvmVcpu {
@@ -549,7 +549,7 @@ impl Vcpu for KvmVcpu {
                 // Neither RAX nor RIP through sync regs: the kernel writes RAX from `result`
                 // and skips the instruction only if RIP is unchanged.
                 if !xen::complete(self.fd.get_kvm_run(), rax) {
-                    return Err(BackendError::new("no KVM_EXIT_XEN hypercall to complete"));
+                    return Err(BackendError::NotPending("KVM_EXIT_XEN hypercall"));
                 }
                 return Ok(());
             }
@@ -565,7 +565,8 @@ impl Vcpu for KvmVcpu {
                 }
             }
             other => {
-                return Err(BackendError::new(format!("no hypercall to complete ({other:?})")))
+                tracing::debug!(pending = ?other, "complete_hypercall without a hypercall");
+                return Err(BackendError::NotPending("hypercall"));
             }
         }
         self.fd.sync_regs_mut().regs.rax = rax;
@@ -576,14 +577,14 @@ impl Vcpu for KvmVcpu {
     fn complete_io_in(&mut self, data: u32) -> Result<(), BackendError> {
         let Pending::IoIn { offset, size } = std::mem::replace(&mut self.pending, Pending::None)
         else {
-            return Err(BackendError::new("no port read to complete"));
+            return Err(BackendError::NotPending("port read"));
         };
         // The data lives past `struct kvm_run`, usually on the mapping's second page (kernel
         // `KVM_PIO_PAGE_OFFSET`): anywhere inside the KVM_GET_VCPU_MMAP_SIZE bytes mapped.
         let run_size = std::mem::size_of::<kvm_bindings::kvm_run>();
         let mmap_size = self.traps.mmap_size;
         if offset < run_size || offset.checked_add(size).is_none_or(|end| end > mmap_size) {
-            return Err(BackendError::new(format!(
+            return Err(BackendError::UnexpectedExit(format!(
                 "port-read data offset {offset} outside the {mmap_size} byte kvm_run mapping"
             )));
         }
@@ -598,7 +599,7 @@ impl Vcpu for KvmVcpu {
 
     fn complete_mmio_read(&mut self, data: u64) -> Result<(), BackendError> {
         let Pending::MmioRead { len } = std::mem::replace(&mut self.pending, Pending::None) else {
-            return Err(BackendError::new("no MMIO read to complete"));
+            return Err(BackendError::NotPending("MMIO read"));
         };
         let run = self.fd.get_kvm_run();
         // SAFETY: the last exit was KVM_EXIT_MMIO (a read: `pending` says so), so `mmio` is the

@@ -86,10 +86,9 @@ pub fn enable_intercept(vm: &VmFd) -> Result<(), BackendError> {
     if ret == 0 {
         Ok(())
     } else {
-        Err(BackendError::with(
-            "KVM_XEN_HVM_CONFIG (INTERCEPT_HCALL)",
-            vmm_sys_util::errno::Error::last(),
-        ))
+        Err(
+            crate::ioctl("KVM_XEN_HVM_CONFIG (INTERCEPT_HCALL)")(vmm_sys_util::errno::Error::last()),
+        )
     }
 }
 

@@ -14,34 +14,83 @@ use crate::seccomp::{Allowed, ThreadKind};
 use crate::x86::cpuid::PvCpuid;
 use crate::x86::Regs;
 
-/// An error inside a backend (an ioctl or emulator call failed).
+/// An error inside a backend. Always a host fault: a backend reports what the guest did as a
+/// [`VcpuExit`], never as an error.
 #[derive(Debug, thiserror::Error)]
-#[error("{msg}")]
-pub struct BackendError {
-    pub msg: String,
-    #[source]
-    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+#[non_exhaustive]
+pub enum BackendError {
+    /// A call into the hypervisor failed; `op` names it (`KVM_RUN`, `KVM_SET_REGS`, ...).
+    #[error("{op} failed")]
+    Hypervisor {
+        /// The ioctl or system call.
+        op: &'static str,
+        /// What the kernel answered.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A call into the software CPU failed; `op` says what it was doing.
+    #[error("emulator call failed ({op})")]
+    Emulator {
+        /// The operation or register (`run`, `map guest RAM`, `RIP`, ...).
+        op: &'static str,
+        /// The emulator's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The host's hypervisor or emulator lacks something this VM needs.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Setting up the VM or a vCPU failed for a reason other than a failed call; `what` says
+    /// which step.
+    #[error("{what}")]
+    Setup {
+        /// The step (`rewriting hypercall sites`, ...).
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The VMM asked to complete an exit that is not pending (a VMM bug): `what` says which.
+    #[error("no {0} is pending")]
+    NotPending(&'static str),
+    /// The hypervisor stopped the vCPU in a way the backend does not expect here.
+    #[error("unexpected exit: {0}")]
+    UnexpectedExit(String),
 }
 
 impl BackendError {
-    pub fn new(msg: impl Into<String>) -> Self {
-        Self { msg: msg.into(), source: None }
+    /// A failed hypervisor call `op`, from the errno it returned.
+    pub fn hypervisor(op: &'static str, errno: i32) -> Self {
+        Self::Hypervisor { op, source: std::io::Error::from_raw_os_error(errno) }
     }
-    pub fn with(
-        msg: impl Into<String>,
+
+    /// A failed emulator call `op`.
+    pub fn emulator(
+        op: &'static str,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        Self { msg: msg.into(), source: Some(Box::new(source)) }
+        Self::Emulator { op, source: Box::new(source) }
+    }
+
+    /// A failed setup step `what`.
+    pub fn setup(
+        what: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Setup { what, source: Box::new(source) }
     }
 }
 
 /// An exception the guest did not handle, reported by the VMM-owned IDT stubs or the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestFault {
+    /// The exception vector (0..=31).
     pub vector: u8,
+    /// The error code the CPU pushed, for vectors that have one.
     pub error_code: Option<u64>,
     /// RIP of the faulting instruction.
     pub rip: u64,
+    /// CS of the faulting code (its low two bits are the CPL).
     pub cs: u16,
     /// Faulting address of a page fault.
     pub cr2: Option<u64>,
@@ -67,7 +116,8 @@ pub enum VcpuExit {
     /// An access to a guest-physical address with no RAM behind it (`data`: what a write
     /// writes); answer a read with [`Vcpu::complete_mmio_read`].
     Mmio { gpa: u64, write: bool, len: u8, data: u64 },
-    /// Stopped from another thread through [`Interrupter::interrupt`].
+    /// Stopped from another thread through [`Interrupter::interrupt`] (or a signal): the
+    /// host's doing, not the guest's. The vCPU loop stops if the run is ending, else resumes.
     Interrupted,
     /// Anything else; the text says what.
     Unknown(String),
@@ -84,7 +134,34 @@ impl VcpuExit {
             VcpuExit::Shutdown { .. } => ExitReason::Shutdown,
             VcpuExit::Debug { .. } => ExitReason::Debug,
             VcpuExit::Mmio { .. } => ExitReason::Mmio,
-            VcpuExit::Interrupted | VcpuExit::Unknown(_) => ExitReason::Unknown,
+            VcpuExit::Interrupted => ExitReason::Interrupted,
+            VcpuExit::Unknown(_) => ExitReason::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for VcpuExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuExit::IoOut { port, size, data } => {
+                write!(f, "{size}-byte write of {data:#x} to port {port:#x}")
+            }
+            VcpuExit::IoIn { port, size } => write!(f, "{size}-byte read from port {port:#x}"),
+            VcpuExit::Hlt => f.write_str("HLT"),
+            VcpuExit::Hypercall(hc) => write!(f, "hypercall {} at RIP {:#x}", hc.nr, hc.rip),
+            VcpuExit::Fault(fault) => {
+                write!(f, "exception {} at RIP {:#x}", fault.vector, fault.rip)
+            }
+            VcpuExit::Shutdown { rip } => write!(f, "triple fault at RIP {rip:#x}"),
+            VcpuExit::Debug { rip } => write!(f, "debug exit at RIP {rip:#x}"),
+            VcpuExit::Mmio { gpa, write: true, len, data } => {
+                write!(f, "{len}-byte write of {data:#x} to guest-physical {gpa:#x}")
+            }
+            VcpuExit::Mmio { gpa, write: false, len, .. } => {
+                write!(f, "{len}-byte read from guest-physical {gpa:#x}")
+            }
+            VcpuExit::Interrupted => f.write_str("interrupted"),
+            VcpuExit::Unknown(what) => f.write_str(what),
         }
     }
 }
@@ -92,6 +169,7 @@ impl VcpuExit {
 /// Stops a running vCPU from another thread; its `run` then returns [`VcpuExit::Interrupted`]
 /// (soon, not necessarily at once: callers repeat it until the vCPU thread has stopped).
 pub trait Interrupter: Send + Sync {
+    /// Ask the vCPU to leave `run` with [`VcpuExit::Interrupted`]; callable from any thread.
     fn interrupt(&self);
 }
 
@@ -137,7 +215,9 @@ pub trait Vcpu: Send {
 /// What a backend learns about the guest when the VM is created.
 #[derive(Debug, Clone, Default)]
 pub struct GuestInfo {
+    /// How many vCPUs the VM has.
     pub vcpus: u32,
+    /// The guest's entry point.
     pub entry: u64,
     /// The loaded ELF segments; a backend may scan the executable ones for hypercall sites.
     pub segments: Vec<Segment>,
@@ -165,6 +245,7 @@ pub trait VmBackend: Send + Sync {
 
 /// A way to run VMs: KVM, an emulator, or a test double.
 pub trait Hypervisor: Send + Sync {
+    /// The backend's short name (`kvm`, `emu`), for messages and `--backend`.
     fn name(&self) -> &'static str;
     /// Create a VM whose RAM is `ram`, already loaded and set up for boot.
     fn create_vm(

@@ -18,7 +18,8 @@
 //! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
 //! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`seccomp`] (the filters
 //! each kind of thread runs under), [`stats`], [`trace`] (per-call observers), and
-//! [`backend`], the thin trait KVM and the software CPU implement.
+//! [`backend`], the thin trait KVM and the software CPU implement. With the `test-double`
+//! feature, `testing` is a scripted backend for testing the run loop without a VM.
 #![forbid(unsafe_code)]
 
 pub mod backend;
@@ -28,6 +29,8 @@ pub mod hypercall;
 pub mod memory;
 pub mod seccomp;
 pub mod stats;
+#[cfg(any(test, feature = "test-double"))]
+pub mod testing;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

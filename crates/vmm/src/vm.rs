@@ -15,7 +15,7 @@ use crate::memory::{GuestRam, RamError};
 use crate::seccomp::{self, Allowed, Seccomp, SeccompError, ThreadKind};
 use crate::stats::VcpuStats;
 use crate::trace::{CallSink, TraceSwitch};
-pub use crate::vcpu::{RunError, RunStatus};
+pub use crate::vcpu::{Blame, RunError, RunStatus};
 use crate::vcpu::{Shared, Threads};
 use crate::x86::cpuid::PvCpuid;
 

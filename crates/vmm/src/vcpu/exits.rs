@@ -51,6 +51,7 @@ const EXIT_HANDLERS: [ExitHandler; ExitReason::COUNT] = {
     t[ExitReason::Debug as usize] = handle_unknown;
     t[ExitReason::Mmio as usize] = handle_mmio;
     t[ExitReason::Fault as usize] = handle_fault;
+    t[ExitReason::Interrupted as usize] = handle_interrupted;
     t
 };
 
@@ -248,20 +249,15 @@ fn handle_mmio(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunEr
     if handled {
         return Ok(Flow::Continue);
     }
-    Err(RunError::Unhandled {
-        vcpu: ctx.vcpu_id,
-        what: format!(
-            "{} of {len} bytes at guest-physical {gpa:#x}, which has no RAM or device behind it",
-            if write { "write" } else { "read" }
-        ),
-    })
+    Err(RunError::UnbackedAccess { vcpu: ctx.vcpu_id, gpa, write, len })
+}
+
+/// The host interrupted the vCPU: the run is ending (stop), or it was something else (a
+/// signal, an interrupt that came late) and the vCPU runs on. Never an error.
+fn handle_interrupted(ctx: &mut ExitContext<'_>, _: &VcpuExit) -> Result<Flow, RunError> {
+    Ok(if ctx.shared.stopping() { Flow::Stop } else { Flow::Continue })
 }
 
 fn handle_unknown(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
-    match exit {
-        VcpuExit::Interrupted => {
-            Ok(if ctx.shared.stopping() { Flow::Stop } else { Flow::Continue })
-        }
-        other => Err(RunError::Unhandled { vcpu: ctx.vcpu_id, what: format!("{other:?}") }),
-    }
+    Err(RunError::UnhandledExit { vcpu: ctx.vcpu_id, exit: exit.clone() })
 }
