@@ -4,6 +4,7 @@
 
 mod backends;
 mod bench;
+mod builtin;
 mod control;
 mod guest_file;
 mod handlers;
@@ -231,7 +232,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Demo(DemoArgs { looping: false, vm }) => run(
-            vmcall_test_guests::DEMO_ELF.to_vec(),
+            builtin::DEMO.to_vec(),
             "demo",
             &vm,
             String::new(),
@@ -239,7 +240,7 @@ fn main() -> ExitCode {
             DEFAULT_TIMEOUT,
         ),
         Command::Demo(DemoArgs { looping: true, vm }) => run(
-            vmcall_test_guests::HCLOOP_ELF.to_vec(),
+            builtin::HCLOOP.to_vec(),
             "hcloop",
             &vm,
             "0 20 7".into(),

@@ -68,7 +68,7 @@ impl Series {
 }
 
 fn image() -> &'static [u8] {
-    vmcall_test_guests::BENCH_ELF
+    crate::builtin::BENCH
 }
 
 /// The table every vmcall path uses: a native closure answering 0.
