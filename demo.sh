@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install-deps.sh
-exec cargo run --release --locked -q -p vmcall-cli -- demo "$@"
+exec cargo run --release --locked -q -p vmcall -- demo "$@"

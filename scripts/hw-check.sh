@@ -40,8 +40,8 @@ check() { # check NAME COMMAND...: run it, log to $log/NAME.log, print PASS/FAIL
   fi
 }
 
-echo "== build: cargo build --release --locked -p vmcall-cli"
-cargo build --release --locked -q -p vmcall-cli || exit 1
+echo "== build: cargo build --release --locked -p vmcall"
+cargo build --release --locked -q -p vmcall || exit 1
 vmcall=target/release/vmcall
 
 check info "$vmcall" info

@@ -21,6 +21,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq "${missing[@]}"
 fi
 command -v cargo >/dev/null || {
-  echo "vmcall needs a Rust toolchain (cargo, rustc >= 1.86): see https://rustup.rs" >&2
+  echo "vmcall needs a Rust toolchain (cargo, rustc >= 1.88): see https://rustup.rs" >&2
   exit 1
 }

@@ -17,6 +17,7 @@ fn main() {
         "guests/build.rs",
         "crates/guest",
         "crates/abi/src",
+        "crates/cli/guests",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
@@ -61,8 +62,10 @@ fn build_rust_guests(root: &Path, out: &Path) -> Vec<(String, String)> {
         .status()
         .expect("run cargo for the guests");
     assert!(status.success(), "building the Rust guests in guests/ failed");
-    let mut names: Vec<String> = fs::read_dir(root.join("guests/src/bin"))
-        .unwrap()
+    // guests/src/bin, and the `vmcall` command's built-in guests that guests/Cargo.toml names.
+    let mut names: Vec<String> = ["guests/src/bin", "crates/cli/guests"]
+        .iter()
+        .flat_map(|dir| fs::read_dir(root.join(dir)).unwrap())
         .filter_map(|e| e.ok()?.path().file_stem()?.to_str().map(String::from))
         .collect();
     names.sort();

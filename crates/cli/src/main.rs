@@ -4,19 +4,23 @@
 
 mod backends;
 mod bench;
+mod builtin;
 mod control;
+mod error;
 mod guest_file;
 mod handlers;
 mod parse;
 mod report;
 mod signals;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+pub(crate) use error::chain;
 use handlers::{BuildOptions, HandlerSpec};
 use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
@@ -30,21 +34,103 @@ use vmcall_vmm::x86::cpuid::PvCpuid;
 const EXIT_TIMEOUT: u8 = 124;
 /// `--timeout` unless given.
 const DEFAULT_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
-/// Exit status for every failure vmcall reports itself: bad input, a guest crash, a host error.
+/// Exit status for every failure vmcall reports itself at run time: an unusable image, a guest
+/// crash, a host error. (Usage errors exit with clap's 2, before anything runs.)
 const EXIT_FAILURE: u8 = 125;
+
+/// The backends built into this binary, for `--version`.
+#[cfg(all(feature = "kvm", feature = "emu"))]
+macro_rules! backends {
+    () => {
+        "kvm (/dev/kvm), emu (software CPU, unicorn)"
+    };
+}
+#[cfg(all(feature = "kvm", not(feature = "emu")))]
+macro_rules! backends {
+    () => {
+        "kvm (/dev/kvm)"
+    };
+}
+#[cfg(all(not(feature = "kvm"), feature = "emu"))]
+macro_rules! backends {
+    () => {
+        "emu (software CPU, unicorn)"
+    };
+}
+#[cfg(not(any(feature = "kvm", feature = "emu")))]
+macro_rules! backends {
+    () => {
+        "none"
+    };
+}
+/// Whether this binary takes WebAssembly handlers, for `--version`.
+#[cfg(feature = "wasm")]
+macro_rules! wasm {
+    () => {
+        "yes (wasm:PATH)"
+    };
+}
+#[cfg(not(feature = "wasm"))]
+macro_rules! wasm {
+    () => {
+        "no (built without the wasm feature)"
+    };
+}
+/// This binary's license: the software CPU links the GPL-2.0 unicorn engine.
+#[cfg(feature = "emu")]
+macro_rules! license {
+    () => {
+        "GPL-2.0-only (this binary includes the unicorn engine; vmcall's own code is \
+         Apache-2.0 OR MIT)"
+    };
+}
+#[cfg(not(feature = "emu"))]
+macro_rules! license {
+    () => {
+        "Apache-2.0 OR MIT"
+    };
+}
+
+/// `vmcall --version`: the version, what is built in, and the license that applies.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nbackends: ",
+    backends!(),
+    "\nwasm handlers: ",
+    wasm!(),
+    "\nlicense: ",
+    license!()
+);
+
+/// The exit statuses, for `--help` and the man page.
+const EXIT_STATUS: &str = "Exit status (run, demo): the guest's own status (0 when every vCPU \
+halted or `vmcall ctl stop` stopped it); 124 when --timeout fired; 125 when vmcall reports an \
+error at run time (unreadable or malformed image, guest crash, host failure); 130/143 when \
+SIGINT/SIGTERM stopped the VM; 2 for a usage error (nothing ran). A guest that itself exits \
+with 124 or 125 looks the same: vmcall's own errors and timeouts are the ones that print \
+`vmcall: error:` on stderr. `vmcall info`: 0 when a backend can run guests here, 1 when none \
+can. `vmcall ctl`: 0 ok, 1 an error reply or unreachable VM, 2 a usage error.";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "vmcall",
     version,
+    long_version = LONG_VERSION,
     about = "Run a guest VM, trap its VMCALL/VMMCALL hypercalls, and add custom hypercalls at run time",
     long_about = "Run a guest VM, trap its VMCALL/VMMCALL hypercalls and answer them exactly as \
 Linux KVM's kvm_emulate_hypercall does; add, replace and remove custom hypercalls without \
-rebuilding or reloading the kernel.\n\nExit status: the guest's own status (0 when every vCPU \
-halted), 124 on --timeout, 125 when vmcall reports an error (bad input, guest crash, host failure), \
-130/143 when SIGINT/SIGTERM stopped the VM."
+rebuilding or reloading the kernel.",
+    after_help = "Exit status: the guest's own, 124 on --timeout, 125 on an error vmcall reports, 2 on a usage error (--help: more).",
+    after_long_help = EXIT_STATUS,
 )]
 struct Cli {
+    /// Print only warnings and errors: no notes on what vmcall does (backend, socket, ...).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More log output on stderr: -v info, -vv debug, -vvv trace. RUST_LOG (e.g.
+    /// `RUST_LOG=vmcall=debug`), when set, chooses instead. NO_COLOR turns colours off.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,7 +143,8 @@ enum Command {
     /// --loop, a guest that calls hypercall 20 forever, printing each new answer.
     Demo(DemoArgs),
     /// Show what this host offers: /dev/kvm, capabilities, CPU vendor, working trap strategies.
-    Info,
+    /// Exit status 0 when a backend can run guests here, 1 when none can.
+    Info(InfoArgs),
     /// Measure what a hypercall costs through each path, against the kernel's own path and a
     /// bare exit, in one interleaved run (docs/bench.md).
     Bench(BenchArgs),
@@ -65,6 +152,22 @@ enum Command {
     /// remove handlers, read statistics, switch the trace, stop it (docs/control.md). Exit
     /// status: 0 ok, 1 an error reply or an unreachable VM, 2 a usage error.
     Ctl(CtlArgs),
+    /// Print a shell completion script for SHELL on stdout, e.g.
+    /// `vmcall completions bash > ~/.local/share/bash-completion/completions/vmcall`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print vmcall's man page (roff) on stdout, e.g. `vmcall man | man -l -`.
+    Man,
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -142,7 +245,7 @@ pub(crate) struct BenchArgs {
     /// Rounds: every measurement runs once per round, in turn.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
-    /// Also write the results as JSON to this file.
+    /// Also write the results as JSON to this file (`-`: stdout).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
 }
@@ -165,8 +268,8 @@ struct VmArgs {
     foreign_hypercall: String,
     /// The PV features CPUID leaf 0x40000001 advertises (default: what vmcall implements,
     /// KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SCHED_YIELD).
-    #[arg(long, value_name = "MASK", value_parser = vmcall_vmm::hypercall::handlers::parse_u64)]
-    pv_features: Option<u64>,
+    #[arg(long, value_name = "MASK", value_parser = parse::pv_features)]
+    pv_features: Option<u32>,
     /// Refuse hypercalls (-KVM_ENOSYS) and PV MSRs (#GP) whose feature --pv-features does not
     /// offer, as KVM_CAP_ENFORCE_PV_FEATURE_CPUID does (off by default, as in KVM).
     #[arg(long)]
@@ -175,19 +278,21 @@ struct VmArgs {
     #[arg(long, default_value = "auto", value_name = "STRATEGY", value_parser = ["auto", "rewrite", "ud", "hwbp", "xen"])]
     trap: String,
     /// Guest RAM, e.g. 32M or 1G (a multiple of 2M, 2M..=64G).
-    #[arg(long, default_value = "32M", value_name = "SIZE", value_parser = parse::size)]
+    #[arg(long, default_value = "32M", value_name = "SIZE", value_parser = parse::memory)]
     memory: u64,
     /// Number of vCPUs (1..=64).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(vmcall_abi::layout::MAX_VCPUS)))]
     vcpus: u32,
-    /// Stop the guest after this long, e.g. 10s, 500ms; 0 or none for no limit.
+    /// Stop the guest after this long, e.g. 10s, 500ms; 0 (in any unit: 0s, 0ms) or none for
+    /// no limit.
     /// [default: 30s; none for `demo --loop`]
     #[arg(long, value_name = "DUR", value_parser = parse::timeout)]
     timeout: Option<parse::Timeout>,
     /// Add a custom hypercall: NR=HANDLER, with HANDLER one of const:V, echo, add, log,
     /// errno:NAME, exec:CMD (docs/hypercalls.md), wasm:PATH (a WebAssembly module, docs/wasm.md).
     /// Repeatable.
-    #[arg(long = "hypercall", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
+    #[arg(long = "hypercall", value_name = "NR=HANDLER", value_parser = handlers::parse_custom_assignment)]
     hypercalls: Vec<(u64, HandlerSpec)>,
     /// Like --hypercall, but may replace a standard KVM_HC_* number's behaviour.
     #[arg(long = "override", value_name = "NR=HANDLER", value_parser = handlers::parse_assignment)]
@@ -221,6 +326,13 @@ struct VmArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    error::set_quiet(cli.quiet);
+    // The per-call trace (--trace, `vmcall ctl trace`) belongs to the VMs of run and demo;
+    // info's and bench's own VMs never print it.
+    init_tracing(cli.verbose, matches!(cli.command, Command::Run(_) | Command::Demo(_)));
+    if let Err(e) = check_usage(&cli.command) {
+        e.exit();
+    }
     let result = match cli.command {
         Command::Run(args) => {
             guest_file::read(&args.guest, guest_file::image_limit(args.vm.memory)).and_then(
@@ -231,24 +343,19 @@ fn main() -> ExitCode {
             )
         }
         Command::Demo(DemoArgs { looping: false, vm }) => run(
-            vmcall_test_guests::DEMO_ELF.to_vec(),
+            builtin::DEMO.to_vec(),
             "demo",
             &vm,
             String::new(),
             Some(demo_table()),
             DEFAULT_TIMEOUT,
         ),
-        Command::Demo(DemoArgs { looping: true, vm }) => run(
-            vmcall_test_guests::HCLOOP_ELF.to_vec(),
-            "hcloop",
-            &vm,
-            "0 20 7".into(),
-            Some(demo_table()),
-            None,
-        ),
-        Command::Info => {
-            backends::print_info();
-            Ok(ExitCode::SUCCESS)
+        Command::Demo(DemoArgs { looping: true, vm }) => {
+            run(builtin::HCLOOP.to_vec(), "hcloop", &vm, "0 20 7".into(), Some(demo_table()), None)
+        }
+        Command::Info(args) => {
+            let usable = backends::info(args.json);
+            return if usable { ExitCode::SUCCESS } else { ExitCode::from(1) };
         }
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Ctl(args) => {
@@ -264,11 +371,98 @@ fn main() -> ExitCode {
             };
             return ExitCode::from(control::client::run(&args.socket, &cmd, args.json));
         }
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "vmcall", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => match man_page() {
+            // `vmcall man | head` is no error.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(format!("cannot write the man page: {e}"))
+            }
+            _ => Ok(ExitCode::SUCCESS),
+        },
     };
     result.unwrap_or_else(|msg| {
         eprintln!("vmcall: error: {msg}");
         ExitCode::from(EXIT_FAILURE)
     })
+}
+
+/// Usage errors that need more than one argument to see, reported as clap reports the rest
+/// (exit status 2, nothing run).
+fn check_usage(command: &Command) -> Result<(), clap::Error> {
+    use clap::error::ErrorKind::ArgumentConflict;
+    let vm = match command {
+        Command::Run(a) => &a.vm,
+        Command::Demo(a) => &a.vm,
+        _ => return Ok(()),
+    };
+    let name = match command {
+        Command::Run(_) => "run",
+        _ => "demo",
+    };
+    let usage = |msg: String| {
+        let mut cli = Cli::command();
+        let sub = cli.find_subcommand_mut(name).expect("a subcommand of Cli");
+        Err(sub.clone().bin_name(format!("vmcall {name}")).error(ArgumentConflict, msg))
+    };
+    if vm.backend == "emu" && vm.trap != "auto" {
+        return usage(format!(
+            "--trap {} needs the kvm backend: the software CPU (--backend emu) traps every \
+             hypercall where it executes and has no trap strategies",
+            vm.trap
+        ));
+    }
+    // Numbers the demo's own table already answers, then each --hypercall in turn.
+    let mut taken: Vec<u64> = match command {
+        Command::Demo(_) => demo_table().numbers(),
+        _ => Vec::new(),
+    };
+    for (nr, spec) in &vm.hypercalls {
+        if taken.contains(nr) {
+            return usage(format!(
+                "--hypercall {nr}={spec}: hypercall {nr} already has a handler (use --override \
+                 to replace it)"
+            ));
+        }
+        taken.push(*nr);
+    }
+    Ok(())
+}
+
+/// `vmcall man`: the man page of the command and its subcommands, from the same definitions as
+/// `--help` (the exit statuses are its after-help text).
+fn man_page() -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let cmd = Cli::command();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    // Each subcommand's options, which the page above only names.
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        writeln!(out, ".SH \"VMCALL {}\"", sub.get_name().to_uppercase())?;
+        if let Some(about) = sub.get_long_about().or(sub.get_about()) {
+            writeln!(out, "{}", roff_escape(&about.to_string()))?;
+        }
+        let mut options = Vec::new();
+        clap_mangen::Man::new(sub.clone()).render_options_section(&mut options)?;
+        let options = String::from_utf8_lossy(&options);
+        // Without its preamble and own `.SH OPTIONS` heading: these are part of the
+        // subcommand's section.
+        let body = options.split_once(".SH OPTIONS\n").map_or("", |(_, body)| body);
+        out.write_all(body.as_bytes())?;
+    }
+    writeln!(out, ".SH ENVIRONMENT\n{}", roff_escape(ENVIRONMENT))?;
+    out.flush()
+}
+
+/// The environment variables vmcall reads, for the man page.
+const ENVIRONMENT: &str = "RUST_LOG: log filter (tracing's syntax, e.g. vmcall=debug), \
+instead of -v/-q. NO_COLOR: no colours on stderr. VMCALL_NO_KVM=1: act as if /dev/kvm were \
+absent. XDG_RUNTIME_DIR: where --control puts its socket by default.";
+
+fn roff_escape(text: &str) -> String {
+    text.replace('\\', "\\e").replace('-', "\\-")
 }
 
 /// The demo's custom hypercalls: 20 (the seed's KVM_HC_MY_VMCALL) returns a0 + 1, 21 adds.
@@ -281,17 +475,6 @@ fn demo_table() -> HypercallTable {
         .expect("empty table");
     table.register(21, "add", Builtin::Add).expect("free number");
     table
-}
-
-/// An error and each of its sources, one per line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s += &format!("\n  caused by: {cause}");
-        src = cause.source();
-    }
-    s
 }
 
 /// The seccomp mode of a run. An `exec:` handler starts its process from the vCPU thread that
@@ -326,7 +509,6 @@ fn run(
     base: Option<HypercallTable>,
     default_timeout: Option<Duration>,
 ) -> Result<ExitCode, String> {
-    init_tracing();
     let opts = BuildOptions { exec_deadline: a.exec_deadline };
     let table = Arc::new(base.unwrap_or_default());
     for (nr, spec) in &a.hypercalls {
@@ -347,11 +529,7 @@ fn run(
         .boot(a.boot.parse()?)
         .foreign_hypercall(a.foreign_hypercall.parse()?)
         .pv_cpuid(PvCpuid {
-            features: match a.pv_features {
-                Some(mask) => u32::try_from(mask)
-                    .map_err(|_| format!("--pv-features {mask:#x} does not fit in 32 bits"))?,
-                None => vmcall_vmm::x86::cpuid::PV_FEATURES,
-            },
+            features: a.pv_features.unwrap_or(vmcall_vmm::x86::cpuid::PV_FEATURES),
             enforce: a.enforce_pv_cpuid,
         })
         .image_name(image_name)
@@ -364,8 +542,8 @@ fn run(
     if let Some(t) = &json_trace {
         builder = builder.sink(t.clone());
     }
-    let vm = builder.build(hv.as_ref()).map_err(|e| chain(&e))?;
-    eprintln!("vmcall: {}", vm.describe());
+    let vm = builder.build(hv.as_ref()).map_err(|e| error::chain(&e))?;
+    note!("vmcall: {}", vm.describe());
     let monitor = vm.monitor();
     let control = match &a.control {
         None => None,
@@ -374,7 +552,7 @@ fn run(
                 if p.is_empty() { control::server::default_path()? } else { PathBuf::from(p) };
             let target = Arc::new(control::VmTarget { monitor: monitor.clone(), opts });
             let server = control::server::ControlServer::start(&path, target)?;
-            eprintln!("vmcall: control socket {} (vmcall ctl {0} list)", server.path().display());
+            note!("vmcall: control socket {} (vmcall ctl {0} list)", server.path().display());
             Some(server)
         }
     };
@@ -411,24 +589,39 @@ fn run(
         Ok(RunStatus::AllHalted | RunStatus::Stopped) => Ok(ExitCode::SUCCESS),
         Ok(RunStatus::Exited(s)) => Ok(ExitCode::from(s.min(255) as u8)),
         Err(e @ RunError::Timeout(_)) => {
-            eprintln!("vmcall: error: {e}");
+            error::report(&e);
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Err(e) => Err(chain(&e)),
+        Err(e) => Err(error::chain(&e)),
     }
 }
 
-/// Warnings and errors, and the per-call trace, whose switch (`--trace`, `vmcall ctl trace`)
-/// decides whether the vCPUs emit it at all.
-fn init_tracing() {
+/// Warnings and errors (more with -v, fewer with -q, or what RUST_LOG says), and the per-call
+/// trace, whose switch (`--trace`, `vmcall ctl trace`) decides whether the vCPUs emit it at all.
+/// Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
+fn init_tracing(verbose: u8, call_trace: bool) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let filter = Targets::new()
-        .with_default(LevelFilter::WARN)
-        .with_target("vmcall::hypercall", LevelFilter::TRACE);
+    let level = match (error::quiet(), verbose) {
+        (true, _) => LevelFilter::ERROR,
+        (false, 0) => LevelFilter::WARN,
+        (false, 1) => LevelFilter::INFO,
+        (false, 2) => LevelFilter::DEBUG,
+        (false, _) => LevelFilter::TRACE,
+    };
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()).and_then(|v| {
+        v.parse::<Targets>()
+            .map_err(|e| eprintln!("vmcall: warning: ignoring RUST_LOG={v:?}: {e}"))
+            .ok()
+    });
+    let filter = from_env.unwrap_or_else(|| Targets::new().with_default(level)).with_target(
+        "vmcall::hypercall",
+        if call_trace { LevelFilter::TRACE } else { LevelFilter::OFF },
+    );
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(!no_color && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .with_target(false);
     let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();

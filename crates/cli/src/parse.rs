@@ -20,6 +20,27 @@ pub fn size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A `--memory` value: a size that is a multiple of 2M, from 2M to 64G.
+pub fn memory(s: &str) -> Result<u64, String> {
+    use vmcall_abi::layout::{MAX_RAM, MIN_RAM, RAM_ALIGN};
+    let bytes = size(s)?;
+    if !(MIN_RAM..=MAX_RAM).contains(&bytes) || !bytes.is_multiple_of(RAM_ALIGN) {
+        return Err(format!(
+            "'{s}' is not a guest RAM size: it must be a multiple of {}M from {}M to {}G",
+            RAM_ALIGN >> 20,
+            MIN_RAM >> 20,
+            MAX_RAM >> 30
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A `--pv-features` mask: a 32-bit number, decimal or 0x-hex.
+pub fn pv_features(s: &str) -> Result<u32, String> {
+    let mask = vmcall_vmm::hypercall::handlers::parse_u64(s).map_err(|e| e.to_string())?;
+    u32::try_from(mask).map_err(|_| format!("{mask:#x} does not fit in 32 bits (CPUID EAX)"))
+}
+
 /// A `--timeout` value (`None`: no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeout(pub Option<std::time::Duration>);
@@ -29,10 +50,11 @@ pub fn timeout(s: &str) -> Result<Timeout, String> {
     duration(s).map(Timeout)
 }
 
-/// `10s`, `500ms`, `2m`, `1.5s`, or a bare number of seconds; `0` or `none` for no timeout.
+/// `10s`, `500ms`, `2m`, `1.5s`, or a bare number of seconds; zero in any unit (`0`, `0s`,
+/// `0ms`) or `none` for no timeout.
 pub fn duration(s: &str) -> Result<Option<std::time::Duration>, String> {
     let t = s.trim();
-    if t == "0" || t.eq_ignore_ascii_case("none") {
+    if t.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
@@ -47,7 +69,8 @@ pub fn duration(s: &str) -> Result<Option<std::time::Duration>, String> {
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("'{s}' is out of range"));
     }
-    Ok(Some(std::time::Duration::from_secs_f64(secs)))
+    let d = std::time::Duration::from_secs_f64(secs);
+    Ok((!d.is_zero()).then_some(d))
 }
 
 /// A `--exec-deadline`: a positive duration such as 1s or 200ms.
@@ -71,6 +94,13 @@ mod tests {
         assert!(size("12X").is_err());
         assert!(size("M").is_err());
         assert!(size("99999999999999G").is_err());
+        assert_eq!(memory("32M"), Ok(32 << 20));
+        assert_eq!(memory("64G"), Ok(64 << 30));
+        for bad in ["3M", "0", "1M", "65G", "128G"] {
+            assert!(memory(bad).unwrap_err().contains("multiple of 2M"), "{bad}");
+        }
+        assert_eq!(pv_features("0x2080"), Ok(0x2080));
+        assert!(pv_features("0x100000000").unwrap_err().contains("32 bits"));
     }
 
     #[test]
@@ -80,6 +110,10 @@ mod tests {
         assert_eq!(duration("2m"), Ok(Some(Duration::from_secs(120))));
         assert_eq!(duration("3"), Ok(Some(Duration::from_secs(3))));
         assert_eq!(duration("none"), Ok(None));
+        for zero in ["0", "0s", "0ms", "0.0m"] {
+            assert_eq!(duration(zero), Ok(None), "{zero}");
+        }
+        assert!(deadline("0s").is_err());
         assert!(duration("ten").is_err());
         assert!(duration("5h").is_err());
     }

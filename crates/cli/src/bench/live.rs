@@ -20,8 +20,9 @@ use crate::control::server::ControlServer;
 use crate::control::VmTarget;
 use crate::handlers::{BuildOptions, ExecHandler};
 
-/// The exec handler of docs/hypercalls.md.
-const SCRIPT: &str = include_str!("../../../../examples/handlers/double.py");
+/// The exec handler of docs/hypercalls.md (`double.py` links to examples/handlers/double.py, so
+/// that the packaged crate carries a copy).
+const SCRIPT: &str = include_str!("double.py");
 
 /// A file holding the example handler, and the command that runs it, if python3 answers.
 pub(super) fn python_handler() -> Result<(std::path::PathBuf, String), String> {

@@ -68,7 +68,7 @@ impl Series {
 }
 
 fn image() -> &'static [u8] {
-    vmcall_test_guests::BENCH_ELF
+    crate::builtin::BENCH
 }
 
 /// The table every vmcall path uses: a native closure answering 0.
@@ -316,11 +316,18 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     memory(&mut bench, &kvm, &emu);
 
     let report = render(&bench);
-    print!("{report}");
+    let json_to_stdout = args.json.as_deref() == Some(std::path::Path::new("-"));
+    // With `--json -` stdout carries the JSON alone, and the table goes to stderr.
+    if json_to_stdout {
+        eprint!("{report}");
+    } else {
+        print!("{report}");
+    }
     if let Some(path) = &args.json {
-        std::fs::write(path, json(&bench))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        eprintln!("vmcall bench: wrote {}", path.display());
+        crate::report::write_to(path, &json(&bench)).map_err(|e| e.to_string())?;
+        if !json_to_stdout {
+            crate::note!("vmcall bench: wrote {}", path.display());
+        }
     }
     Ok(())
 }

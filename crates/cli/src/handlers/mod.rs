@@ -81,6 +81,20 @@ pub fn parse_assignment(s: &str) -> Result<(u64, HandlerSpec), String> {
     Ok((parse_u64(nr.trim()).map_err(|e| e.to_string())?, spec.parse()?))
 }
 
+/// Parse `NR=KIND` for `--hypercall`: NR must not be a standard KVM hypercall, whose
+/// behaviour only `--override` may replace.
+pub fn parse_custom_assignment(s: &str) -> Result<(u64, HandlerSpec), String> {
+    let (nr, spec) = parse_assignment(s)?;
+    if vmcall_vmm::hypercall::table::is_standard(nr) {
+        let name = vmcall_abi::hc::name(nr).unwrap_or("?");
+        return Err(format!(
+            "hypercall {nr} is {name}, a standard KVM hypercall: use --override {nr}={spec} to \
+             replace it"
+        ));
+    }
+    Ok((nr, spec))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +112,9 @@ mod tests {
         assert!(e.contains("unknown handler kind 'wasm2:x'") && e.contains("exec:CMD"), "{e}");
         assert!(parse_assignment("x=echo").unwrap_err().contains("not a number"));
         assert!(parse_assignment("20").unwrap_err().contains("NR=HANDLER"));
+        let e = parse_custom_assignment("1=const:5").unwrap_err();
+        assert!(e.contains("KVM_HC_VAPIC_POLL_IRQ") && e.contains("--override 1=const:5"), "{e}");
+        assert!(parse_custom_assignment("20=echo").is_ok());
         let h = HandlerSpec::Builtin(Builtin::Echo).build(20, &BuildOptions::default()).unwrap();
         assert_eq!(h.kind(), "echo");
     }
