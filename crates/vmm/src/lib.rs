@@ -17,7 +17,8 @@
 //! Layout: [`x86`] (architecture), [`memory`] (the one gate to guest RAM), [`boot`] (ELF and
 //! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
 //! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`seccomp`] (the filters
-//! each kind of thread runs under), [`stats`], [`trace`] (per-call observers), and
+//! each kind of thread runs under), [`stats`], [`trace`] (per-call observers), [`record`] (recordings, replay),
+//! and
 //! [`backend`], the thin trait KVM and the software CPU implement.
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod boot;
 pub mod devices;
 pub mod hypercall;
 pub mod memory;
+pub mod record;
 pub mod seccomp;
 pub mod stats;
 pub mod trace;

@@ -167,6 +167,16 @@ impl HypercallHandler for Builtin {
             Builtin::Wasm(_) => "wasm",
         }
     }
+
+    fn uses_guest_memory(&self) -> bool {
+        match self {
+            #[cfg(feature = "wasm")]
+            Builtin::Wasm(w) => w.handler.uses_guest_memory(),
+            #[cfg(not(feature = "wasm"))]
+            Builtin::Wasm(_) => false,
+            _ => false,
+        }
+    }
 }
 
 /// Parse `NR=HANDLER` (as given to `vmcall run --hypercall`).
