@@ -72,6 +72,26 @@ fn handlers(s: &VcpuStats, nr: u64) -> Value {
     Value::Array(s.handlers(nr).iter().map(|(n, c)| json!({"name": &**n, "count": c})).collect())
 }
 
+/// The `--stats` report (and `vmcall stats`'s): a summary line, then the table of
+/// `vmcall_vmm::stats_table`, per number or (`per_vcpu`) per vCPU and number.
+pub fn stats_text(
+    per_vcpu: &[VcpuStats],
+    elapsed: Duration,
+    per_vcpu_view: bool,
+    custom: Option<&vmcall_vmm::hypercall::HypercallTable>,
+    exits: bool,
+) -> String {
+    let calls: u64 = per_vcpu.iter().map(VcpuStats::total_hypercalls).sum();
+    let opts = vmcall_vmm::stats_table::TableOptions { per_vcpu: per_vcpu_view, custom, exits };
+    format!(
+        "{calls} hypercalls in {:.3} s on {} vCPU{}\n{}",
+        elapsed.as_secs_f64(),
+        per_vcpu.len(),
+        if per_vcpu.len() == 1 { "" } else { "s" },
+        vmcall_vmm::stats_table::table(per_vcpu, opts)
+    )
+}
+
 /// Write `text` to `path`, `-` meaning stdout.
 pub fn write_to(path: &Path, text: &str) -> Result<(), String> {
     if path == Path::new("-") {

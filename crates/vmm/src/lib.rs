@@ -30,6 +30,7 @@ pub mod memory;
 pub mod record;
 pub mod seccomp;
 pub mod stats;
+pub mod stats_table;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

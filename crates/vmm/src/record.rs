@@ -352,11 +352,26 @@ impl std::fmt::Debug for Recorder {
 
 impl Recorder {
     /// A recording to `out`, starting with `header`'s line.
-    pub fn new(mut out: Box<dyn Write + Send>, header: &Header) -> std::io::Result<Self> {
+    pub fn new(out: Box<dyn Write + Send>, header: &Header) -> std::io::Result<Self> {
+        let rec = Self::create(out);
+        rec.begin(header)?;
+        Ok(rec)
+    }
+
+    /// A recording to `out` whose header [`Recorder::begin`] writes, once the VM is built
+    /// (and its backend can say how it traps hypercalls) but before it runs.
+    pub fn create(out: Box<dyn Write + Send>) -> Self {
+        Self::with(Out::Writer(out))
+    }
+
+    /// Write the header line: call it once, before the first call is recorded.
+    pub fn begin(&self, header: &Header) -> std::io::Result<()> {
         let mut line = serde_json::to_string(&Line::Header(header.clone()))?;
         line.push('\n');
-        out.write_all(line.as_bytes())?;
-        Ok(Self::with(Out::Writer(out)))
+        match &mut self.lock().out {
+            Out::Writer(w) => w.write_all(line.as_bytes()),
+            Out::Memory(_) => Ok(()),
+        }
     }
 
     /// A recorder that keeps the calls in memory, for [`Recorder::take_calls`].

@@ -35,6 +35,23 @@ pub trait CallSink: Send + Sync + 'static {
     fn record(&self, call: &CallRecord<'_>);
 }
 
+/// Several sinks, each given every call in turn (e.g. a JSON trace and a recording).
+pub struct Fanout(pub Vec<Arc<dyn CallSink>>);
+
+impl std::fmt::Debug for Fanout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fanout({} sinks)", self.0.len())
+    }
+}
+
+impl CallSink for Fanout {
+    fn record(&self, call: &CallRecord<'_>) {
+        for sink in &self.0 {
+            sink.record(call);
+        }
+    }
+}
+
 /// Turns the text trace (one `tracing` event per call, target `vmcall::hypercall`) on and off
 /// while a VM runs. Clones share one switch.
 #[derive(Debug, Clone)]
