@@ -366,7 +366,10 @@ fn run(
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let to_stdout = |p: &Option<PathBuf>| p.as_deref() == Some(std::path::Path::new("-"));
     if to_stdout(&a.record) && (to_stdout(&a.trace_json) || to_stdout(&a.stats_json)) {
-        return Err("--record - needs stdout to itself: write the JSON trace or statistics to a file".into());
+        return Err(
+            "--record - needs stdout to itself: write the JSON trace or statistics to a file"
+                .into(),
+        );
     }
     let recorder = a.record.as_deref().map(replay::recorder).transpose()?;
     let header_cmdline = cmdline.clone();

@@ -125,7 +125,11 @@ fn read_recording(path: &Path) -> Result<Recording, String> {
 
 /// The table a replay answers with: the recorded one, rebuilt from its handler specs (the
 /// demo's own handlers for a recording of `vmcall demo`), with --hypercall/--override on top.
-fn replay_table(h: &Header, args: &ReplayArgs, opts: &BuildOptions) -> Result<HypercallTable, String> {
+fn replay_table(
+    h: &Header,
+    args: &ReplayArgs,
+    opts: &BuildOptions,
+) -> Result<HypercallTable, String> {
     let demo = matches!(h.guest.as_str(), "demo" | "hcloop");
     let table = if demo { crate::demo_table() } else { HypercallTable::new() };
     let replaced = |nr: u64| args.hypercalls.iter().chain(&args.overrides).any(|(n, _)| *n == nr);
@@ -221,7 +225,11 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::from(code))
 }
 
-fn replay_without_guest(rec: &Recording, table: &HypercallTable, limit: usize) -> Result<u8, String> {
+fn replay_without_guest(
+    rec: &Recording,
+    table: &HypercallTable,
+    limit: usize,
+) -> Result<u8, String> {
     let out = record::replay(rec, table).map_err(|e| crate::chain(&e))?;
     let (same, changed, memory) = out.counts();
     let mut per_nr: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
@@ -279,7 +287,12 @@ fn replay_without_guest(rec: &Recording, table: &HypercallTable, limit: usize) -
 }
 
 /// Re-run `guest` as the recording's run was set up, on `args.backend`, and compare.
-fn rerun(rec: &Recording, guest: &Path, table: Arc<HypercallTable>, args: &ReplayArgs) -> Result<u8, String> {
+fn rerun(
+    rec: &Recording,
+    guest: &Path,
+    table: Arc<HypercallTable>,
+    args: &ReplayArgs,
+) -> Result<u8, String> {
     let h = &rec.header;
     let image = crate::guest_file::read(guest, crate::guest_file::image_limit(h.memory))?;
     let hv = crate::backends::select(&args.backend, &args.trap)?;
@@ -320,8 +333,10 @@ fn rerun(rec: &Recording, guest: &Path, table: Arc<HypercallTable>, args: &Repla
         println!("  recorded: {}", side(&d.recorded, "no more calls on this vCPU"));
         println!("  re-run:   {}", side(&d.rerun, "no more calls on this vCPU"));
         if divergences.len() > 1 {
-            let others: Vec<String> =
-                divergences[1..].iter().map(|d| format!("{} (call #{})", d.vcpu, d.index)).collect();
+            let others: Vec<String> = divergences[1..]
+                .iter()
+                .map(|d| format!("{} (call #{})", d.vcpu, d.index))
+                .collect();
             println!("also diverged: vCPU {}", others.join(", vCPU "));
         }
     }
@@ -349,7 +364,11 @@ pub fn stats_of(rec: &Recording) -> Vec<VcpuStats> {
     for c in &rec.calls {
         let s = &mut per_vcpu[c.vcpu as usize];
         s.exit(vmcall_abi::ExitReason::Hypercall);
-        s.hypercall(c.nr, base + Duration::from_nanos(c.time_ns), Duration::from_nanos(c.latency_ns));
+        s.hypercall(
+            c.nr,
+            base + Duration::from_nanos(c.time_ns),
+            Duration::from_nanos(c.latency_ns),
+        );
         if let Some(h) = &c.handler {
             let name = names.entry(h.clone()).or_insert_with(|| h.as_str().into());
             s.answered_by(c.nr, name);

@@ -286,7 +286,14 @@ impl Recording {
         let mut calls = Vec::new();
         let mut end = None;
         for (i, line) in input.lines().enumerate() {
-            let line = line?;
+            let line = match line {
+                Ok(l) => l,
+                // Bytes that are not text before any header: some other file.
+                Err(e) if header.is_none() && e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(RecordError::NotARecording)
+                }
+                Err(e) => return Err(e.into()),
+            };
             if line.trim().is_empty() {
                 continue;
             }

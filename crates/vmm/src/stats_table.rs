@@ -132,7 +132,8 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
     let time_total = all.sum_ns.max(1) as f64;
     let mut out = String::new();
     let heads = ["min", "mean", "median", "p99", "max"];
-    let _ = write!(out, "{:>10}  {:<24} {:>10} {:>7} {:>7}", "nr", "name", "calls", "calls%", "time%");
+    let _ =
+        write!(out, "{:>10}  {:<24} {:>10} {:>7} {:>7}", "nr", "name", "calls", "calls%", "time%");
     for (h, u) in heads.iter().zip(units) {
         let _ = write!(out, " {:>11}", format!("{h}({})", u.name()));
     }
@@ -204,7 +205,18 @@ mod tests {
         let head: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
         assert_eq!(
             head,
-            ["nr", "name", "calls", "calls%", "time%", "min(ns)", "mean(ns)", "median(ns)", "p99(ns)", "max(ns)"]
+            [
+                "nr",
+                "name",
+                "calls",
+                "calls%",
+                "time%",
+                "min(ns)",
+                "mean(ns)",
+                "median(ns)",
+                "p99(ns)",
+                "max(ns)"
+            ]
         );
         let r = row(&text, "0x14");
         assert_eq!(&r[2..5], ["4", "80.00", "81.51"], "{text}"); // 18800 of 23066 ns
@@ -235,7 +247,8 @@ mod tests {
         );
         assert!(text.contains("vCPU 0:\n") && text.contains("vCPU 2:\n"), "{text}");
         assert!(!text.contains("vCPU 1:"), "a vCPU without calls has no section: {text}");
-        let sub: Vec<&str> = text.lines().filter(|l| l.contains("vCPU") && l.contains(" total ")).collect();
+        let sub: Vec<&str> =
+            text.lines().filter(|l| l.contains("vCPU") && l.contains(" total ")).collect();
         assert_eq!(sub.len(), 2, "{text}");
         assert!(sub[0].split_whitespace().collect::<Vec<_>>()[3..6] == ["2", "66.67", "50.00"]);
         assert_eq!(row(&text, "0x14")[1], "const:1");
