@@ -7,6 +7,7 @@ mod bench;
 mod control;
 mod guest_file;
 mod handlers;
+mod logfmt;
 mod parse;
 mod replay;
 mod report;
@@ -481,8 +482,7 @@ fn init_tracing() {
         .with_target("vmcall::hypercall", LevelFilter::TRACE);
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .with_target(false);
+        .with_ansi(false)
+        .event_format(logfmt::Prefixed);
     let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use vmcall_abi::ExitReason;
-use vmcall_vmm::hypercall::AnsweredBy;
 use vmcall_vmm::stats::{Latency, VcpuStats};
 use vmcall_vmm::trace::{CallRecord, CallSink};
 
@@ -143,12 +142,7 @@ impl JsonTrace {
 /// One call as a JSON line.
 pub fn call_json(c: &CallRecord<'_>) -> String {
     let [a0, a1, a2, a3] = c.args;
-    let by = match c.answered_by {
-        AnsweredBy::Standard => "standard",
-        AnsweredBy::Custom => "custom",
-        AnsweredBy::NotPrivileged => "not-privileged",
-        AnsweredBy::Panicked => "panicked",
-    };
+    let by = c.answered_by.name();
     let handler = c.handler.map_or_else(|| "null".to_string(), |h| json!(h).to_string());
     format!(
         "{{\"vcpu\":{},\"nr\":\"{:#x}\",\"args\":[\"{a0:#x}\",\"{a1:#x}\",\"{a2:#x}\",\"{a3:#x}\"],\
@@ -180,6 +174,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Instant;
+    use vmcall_vmm::hypercall::AnsweredBy;
     use vmcall_vmm::x86::CpuMode;
 
     #[test]

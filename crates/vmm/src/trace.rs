@@ -35,6 +35,19 @@ pub trait CallSink: Send + Sync + 'static {
     fn record(&self, call: &CallRecord<'_>);
 }
 
+/// A value as the guest sees a result: `0x2a`, or `-0x3e8` for a negative one (an error).
+#[derive(Debug, Clone, Copy)]
+pub struct SignedHex(pub u64);
+
+impl std::fmt::Display for SignedHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 as i64 {
+            v if v < 0 => write!(f, "-{:#x}", v.unsigned_abs()),
+            _ => write!(f, "{:#x}", self.0),
+        }
+    }
+}
+
 /// Several sinks, each given every call in turn (e.g. a JSON trace and a recording).
 pub struct Fanout(pub Vec<Arc<dyn CallSink>>);
 

@@ -134,17 +134,17 @@ fn answer_hypercall(
             tracing::trace!(
                 target: "vmcall::hypercall",
                 vcpu = vcpu_id,
-                nr = done.nr,
-                a0 = done.args[0],
-                a1 = done.args[1],
-                a2 = done.args[2],
-                a3 = done.args[3],
-                ret = done.rax as i64,
+                nr = format_args!("{:#x}", done.nr),
+                a0 = format_args!("{:#x}", done.args[0]),
+                a1 = format_args!("{:#x}", done.args[1]),
+                a2 = format_args!("{:#x}", done.args[2]),
+                a3 = format_args!("{:#x}", done.args[3]),
+                ret = %crate::trace::SignedHex(done.rax),
                 cpl = hc.cpl,
-                mode = hc.mode.name(),
-                rip = hc.rip,
-                by = ?done.answered_by,
-                handler = entry.map(|e| &*e.name),
+                mode = %hc.mode.name(),
+                rip = format_args!("{:#x}", hc.rip),
+                by = %done.answered_by.name(),
+                handler = entry.map(|e| tracing::field::display(&*e.name)),
                 "hypercall"
             );
         }
