@@ -5,6 +5,7 @@
 mod backends;
 mod bench;
 mod control;
+mod fault;
 mod guest_file;
 mod handlers;
 mod logfmt;
@@ -468,7 +469,7 @@ fn run(
             eprintln!("vmcall: error: {e}");
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Err(e) => Err(chain(&e)),
+        Err(e) => Err(fault::report(&e, chain(&e), image_name, report.last_calls.as_ref())),
     }
 }
 

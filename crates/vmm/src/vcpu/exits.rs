@@ -12,7 +12,7 @@ use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
 use crate::devices::PortWrite;
 use crate::hypercall::{emulate_with, HypercallExit, Platform};
 use crate::stats::VcpuStats;
-use crate::trace::CallRecord;
+use crate::trace::{CallRecord, RecentCall, RecentCalls};
 
 /// What the vCPU loop does after an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct ExitContext<'a> {
     pub vcpu: &'a mut dyn Vcpu,
     pub shared: &'a Shared,
     pub stats: &'a mut VcpuStats,
+    /// This vCPU's last hypercalls, for fault reports.
+    pub recent: &'a mut RecentCalls,
     /// This vCPU's console line so far: output goes out a whole line at a time, so lines
     /// from different vCPUs never interleave mid-line.
     pub line: &'a mut Vec<u8>,
@@ -119,6 +121,7 @@ fn answer_hypercall(
     vcpu_id: u32,
     shared: &Shared,
     stats: &mut VcpuStats,
+    recent: &mut RecentCalls,
     hc: &HypercallExit,
     guest_tsc: &mut dyn FnMut() -> u64,
 ) -> u64 {
@@ -162,6 +165,7 @@ fn answer_hypercall(
                 latency_ns: took.as_nanos() as u64,
             });
         }
+        recent.push(RecentCall { nr: done.nr, args: done.args, ret: done.rax, rip: hc.rip });
         if stats.publish_due(start) {
             shared.publish(vcpu_id, stats);
         }
@@ -172,7 +176,9 @@ fn answer_hypercall(
 fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     let VcpuExit::Hypercall(hc) = exit else { unreachable!("dispatched by reason") };
     let vcpu = &mut *ctx.vcpu;
-    let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, hc, &mut || vcpu.guest_tsc());
+    let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, ctx.recent, hc, &mut || {
+        vcpu.guest_tsc()
+    });
     ctx.vcpu.complete_hypercall(rax).map_err(backend(ctx.vcpu_id))?;
     Ok(Flow::Continue)
 }
@@ -182,13 +188,14 @@ pub(crate) struct Inline<'a> {
     pub vcpu_id: u32,
     pub shared: &'a Shared,
     pub stats: &'a mut VcpuStats,
+    pub recent: &'a mut RecentCalls,
     pub line: &'a mut Vec<u8>,
 }
 
 impl InlineExits for Inline<'_> {
     fn hypercall(&mut self, call: &HypercallExit, guest_tsc: &mut dyn FnMut() -> u64) -> u64 {
         self.stats.exit(ExitReason::Hypercall);
-        answer_hypercall(self.vcpu_id, self.shared, self.stats, call, guest_tsc)
+        answer_hypercall(self.vcpu_id, self.shared, self.stats, self.recent, call, guest_tsc)
     }
 
     fn port_out(&mut self, port: u16, size: u8, data: u32) -> bool {
