@@ -7,9 +7,12 @@ mod bench;
 mod builtin;
 mod control;
 mod error;
+mod fault;
 mod guest_file;
 mod handlers;
+mod logfmt;
 mod parse;
+mod replay;
 mod report;
 mod signals;
 
@@ -152,6 +155,13 @@ enum Command {
     /// remove handlers, read statistics, switch the trace, stop it (docs/control.md). Exit
     /// status: 0 ok, 1 an error reply or an unreachable VM, 2 a usage error.
     Ctl(CtlArgs),
+    /// Answer a recording's hypercalls (`vmcall run --record`) again — with the recorded
+    /// handlers or others given here, without a guest — and print what changed; or re-run the
+    /// guest (--guest) and compare its hypercalls with the recording (docs/record.md). Exit
+    /// status: 0 the same, 1 something differs, 125 an error.
+    Replay(replay::ReplayArgs),
+    /// Print the --stats report of a recording (docs/record.md).
+    Stats(replay::StatsArgs),
     /// Print a shell completion script for SHELL on stdout, e.g.
     /// `vmcall completions bash > ~/.local/share/bash-completion/completions/vmcall`.
     Completions {
@@ -305,9 +315,15 @@ struct VmArgs {
     /// $XDG_RUNTIME_DIR/vmcall/<pid>.sock (docs/control.md).
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
     control: Option<String>,
-    /// Print per-hypercall statistics (count, share, min/median/p99/max host latency) at exit.
-    #[arg(long)]
-    stats: bool,
+    /// Print statistics at exit: per hypercall number (`--stats`, `--stats=nr`) or per vCPU
+    /// and number (`--stats=vcpu`): count, share of calls and of host time,
+    /// min/mean/median/p99/max host latency, totals.
+    #[arg(long, value_name = "VIEW", num_args = 0..=1, require_equals = true, default_missing_value = "nr", value_parser = ["nr", "vcpu"])]
+    stats: Option<String>,
+    /// Record every hypercall to FILE (JSON Lines, docs/record.md) for `vmcall replay` and
+    /// `vmcall stats`; `-`: stdout (the guest's console then goes to stderr).
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
     /// Write the statistics as JSON at exit: per number and vCPU, by handler (`-`: stdout).
     #[arg(long, value_name = "FILE")]
     stats_json: Option<PathBuf>,
@@ -358,6 +374,8 @@ fn main() -> ExitCode {
             return if usable { ExitCode::SUCCESS } else { ExitCode::from(1) };
         }
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Replay(args) => replay::replay(&args),
+        Command::Stats(args) => replay::stats(&args),
         Command::Ctl(args) => {
             use control::client::Command as C;
             let cmd = match args.command {
@@ -465,14 +483,24 @@ fn roff_escape(text: &str) -> String {
     text.replace('\\', "\\e").replace('-', "\\-")
 }
 
+/// The demo's hypercall 20: a0 + 1. It reads no guest memory, so `vmcall replay` answers
+/// recorded calls to it without the guest.
+#[derive(Debug)]
+struct PlusOne;
+
+impl vmcall_vmm::hypercall::HypercallHandler for PlusOne {
+    fn call(&self, c: &Call<'_>) -> vmcall_vmm::hypercall::HypercallResult {
+        Ok(c.args[0].wrapping_add(1))
+    }
+    fn uses_guest_memory(&self) -> bool {
+        false
+    }
+}
+
 /// The demo's custom hypercalls: 20 (the seed's KVM_HC_MY_VMCALL) returns a0 + 1, 21 adds.
 fn demo_table() -> HypercallTable {
     let table = HypercallTable::new();
-    table
-        .register(vmcall_abi::hc::KVM_HC_MY_VMCALL, "my_vmcall", |c: &Call<'_>| {
-            Ok(c.args[0].wrapping_add(1))
-        })
-        .expect("empty table");
+    table.register(vmcall_abi::hc::KVM_HC_MY_VMCALL, "my_vmcall", PlusOne).expect("empty table");
     table.register(21, "add", Builtin::Add).expect("free number");
     table
 }
@@ -520,6 +548,15 @@ fn run(
         table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?);
     }
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
+    let to_stdout = |p: &Option<PathBuf>| p.as_deref() == Some(std::path::Path::new("-"));
+    if to_stdout(&a.record) && (to_stdout(&a.trace_json) || to_stdout(&a.stats_json)) {
+        return Err(
+            "--record - needs stdout to itself: write the JSON trace or statistics to a file"
+                .into(),
+        );
+    }
+    let recorder = a.record.as_deref().map(replay::recorder).transpose()?;
+    let header_cmdline = cmdline.clone();
     let hv = backends::select(&a.backend, &a.trap)?;
     let mut builder = VmBuilder::new(image)
         .memory(a.memory)
@@ -539,11 +576,27 @@ fn run(
         // confined. This thread is not: after the run it writes --stats-json/--trace-json files
         // and ends the signal thread, which a thread confined by Seccomp::AllThreads cannot.
         .seccomp(seccomp_mode(a));
+    let mut sinks: Vec<Arc<dyn vmcall_vmm::trace::CallSink>> = Vec::new();
     if let Some(t) = &json_trace {
-        builder = builder.sink(t.clone());
+        sinks.push(t.clone());
+    }
+    if let Some(r) = &recorder {
+        sinks.push(r.clone());
+        if to_stdout(&a.record) {
+            builder = builder.console(Box::new(std::io::stderr()));
+        }
+    }
+    if sinks.len() > 1 {
+        builder = builder.sink(Arc::new(vmcall_vmm::trace::Fanout(sinks)));
+    } else if let Some(sink) = sinks.pop() {
+        builder = builder.sink(sink);
     }
     let vm = builder.build(hv.as_ref()).map_err(|e| error::chain(&e))?;
     note!("vmcall: {}", vm.describe());
+    if let Some(r) = &recorder {
+        let h = replay::header(a, hv.name(), vm.describe(), image_name, &header_cmdline, &table);
+        r.begin(&h).map_err(|e| format!("cannot write the recording: {e}"))?;
+    }
     let monitor = vm.monitor();
     let control = match &a.control {
         None => None,
@@ -563,13 +616,15 @@ fn run(
     if let Some(t) = &json_trace {
         t.finish()?;
     }
-    if a.stats {
-        eprintln!(
-            "vmcall: {} hypercalls in {:.3}s\n{}",
-            report.stats.total_hypercalls(),
-            report.elapsed.as_secs_f64(),
-            report.stats.table(Some(&table))
-        );
+    if let Some(r) = &recorder {
+        r.finish(&replay::outcome(&report.result))
+            .map_err(|e| format!("cannot write the recording: {e}"))?;
+    }
+    if let Some(view) = &a.stats {
+        let per_vcpu_view = view == "vcpu";
+        let text =
+            report::stats_text(&report.per_vcpu, report.elapsed, per_vcpu_view, Some(&table), true);
+        eprint!("vmcall: {text}");
     }
     if let Some(path) = &a.stats_json {
         let doc = report::stats_json(&report.stats, &report.per_vcpu, report.elapsed);
@@ -592,7 +647,7 @@ fn run(
             error::report(&e);
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Err(e) => Err(error::chain(&e)),
+        Err(e) => Err(fault::report(&e, error::chain(&e), image_name, report.last_calls.as_ref())),
     }
 }
 
@@ -618,11 +673,10 @@ fn init_tracing(verbose: u8, call_trace: bool) {
         "vmcall::hypercall",
         if call_trace { LevelFilter::TRACE } else { LevelFilter::OFF },
     );
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(!no_color && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .with_target(false);
+        // Plain text: the one `vmcall: LEVEL:` prefix style, no colours (NO_COLOR holds trivially).
+        .with_ansi(false)
+        .event_format(logfmt::Prefixed);
     let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
 }

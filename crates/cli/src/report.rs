@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use vmcall_abi::ExitReason;
-use vmcall_vmm::hypercall::AnsweredBy;
 use vmcall_vmm::stats::{Latency, VcpuStats};
 use vmcall_vmm::trace::{CallRecord, CallSink};
 
@@ -72,6 +71,26 @@ fn handlers(s: &VcpuStats, nr: u64) -> Value {
     Value::Array(s.handlers(nr).iter().map(|(n, c)| json!({"name": &**n, "count": c})).collect())
 }
 
+/// The `--stats` report (and `vmcall stats`'s): a summary line, then the table of
+/// `vmcall_vmm::stats_table`, per number or (`per_vcpu`) per vCPU and number.
+pub fn stats_text(
+    per_vcpu: &[VcpuStats],
+    elapsed: Duration,
+    per_vcpu_view: bool,
+    custom: Option<&vmcall_vmm::hypercall::HypercallTable>,
+    exits: bool,
+) -> String {
+    let calls: u64 = per_vcpu.iter().map(VcpuStats::total_hypercalls).sum();
+    let opts = vmcall_vmm::stats_table::TableOptions { per_vcpu: per_vcpu_view, custom, exits };
+    format!(
+        "{calls} hypercalls in {:.3} s on {} vCPU{}\n{}",
+        elapsed.as_secs_f64(),
+        per_vcpu.len(),
+        if per_vcpu.len() == 1 { "" } else { "s" },
+        vmcall_vmm::stats_table::table(per_vcpu, opts)
+    )
+}
+
 /// Write `text` to `path`, `-` meaning stdout.
 pub fn write_to(path: &Path, text: &str) -> Result<(), String> {
     if path == Path::new("-") {
@@ -123,12 +142,7 @@ impl JsonTrace {
 /// One call as a JSON line.
 pub fn call_json(c: &CallRecord<'_>) -> String {
     let [a0, a1, a2, a3] = c.args;
-    let by = match c.answered_by {
-        AnsweredBy::Standard => "standard",
-        AnsweredBy::Custom => "custom",
-        AnsweredBy::NotPrivileged => "not-privileged",
-        AnsweredBy::Panicked => "panicked",
-    };
+    let by = c.answered_by.name();
     let handler = c.handler.map_or_else(|| "null".to_string(), |h| json!(h).to_string());
     format!(
         "{{\"vcpu\":{},\"nr\":\"{:#x}\",\"args\":[\"{a0:#x}\",\"{a1:#x}\",\"{a2:#x}\",\"{a3:#x}\"],\
@@ -160,6 +174,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::time::Instant;
+    use vmcall_vmm::hypercall::AnsweredBy;
     use vmcall_vmm::x86::CpuMode;
 
     #[test]

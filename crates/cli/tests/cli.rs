@@ -207,11 +207,17 @@ fn runs_guests_and_passes_their_status_through() {
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(out.contains("hypercall 21(1, 2, 3, 4)   -> -22"), "{out}");
-    assert!(err.contains("vCPU 0 hypercall 20 (64-bit) a0=0x29"), "log handler output: {err}");
     assert!(
-        err.contains("hypercall") && err.contains("nr=20") && err.contains("ret=-22"),
+        err.contains("vmcall: log: vCPU 0 hypercall 0x14 (64-bit) a0=0x29"),
+        "log handler output: {err}"
+    );
+    assert!(
+        err.contains("vmcall: trace: hypercall vcpu=0 nr=0x15 a0=0x1 a1=0x2 a2=0x3 a3=0x4 ret=-0x16 cpl=0 mode=64-bit rip=0x")
+            && err.contains("by=custom handler=errno:EINVAL"),
         "trace: {err}"
     );
+    // One prefix style on stderr: every line is vmcall's.
+    assert!(err.lines().all(|l| l.starts_with("vmcall: ")), "{err}");
 }
 
 /// `vmcall bench` measures every line and writes them as JSON (figures are not asserted:

@@ -218,7 +218,7 @@ fn headline(backend: &str) {
     assert!(text(&ctl(&sock, &["stats"])).0.contains("by my_vmcall"));
 
     assert_eq!(text(&ctl(&sock, &["trace", "on"])).0, "trace on\n");
-    vm.wait_stdout("a trace", |_| vm_stderr_has(&dir, "TRACE hypercall vcpu=0 nr=20"));
+    vm.wait_stdout("a trace", |_| vm_stderr_has(&dir, "vmcall: trace: hypercall vcpu=0 nr=0x14"));
     assert_eq!(text(&ctl(&sock, &["trace", "off"])).0, "trace off\n");
 
     let o = ctl(&sock, &["set", "1=const:5"]);

@@ -41,7 +41,7 @@ fn a_wat_handler_answers_from_the_command_line() {
     ] {
         assert!(out.lines().any(|l| l == line), "no '{line}' in:\n{out}");
     }
-    assert!(err.contains("] vCPU 0: handler.wat: first call"), "{err}");
+    assert!(err.contains("handler.wat: vCPU 0: handler.wat: first call"), "{err}");
     assert!(err.contains("wasm handler trapped: wasm `unreachable`"), "{err}");
     assert!(err.contains("wasm handler grew its memory past the cap"), "{err}");
     assert!(err.contains(&format!("wasm:{}", handler.display())), "stats name the handler:\n{err}");

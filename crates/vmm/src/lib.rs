@@ -17,9 +17,10 @@
 //! Layout: [`x86`] (architecture), [`memory`] (the one gate to guest RAM), [`boot`] (ELF and
 //! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
 //! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`seccomp`] (the filters
-//! each kind of thread runs under), [`stats`], [`trace`] (per-call observers), and
-//! [`backend`], the thin trait KVM and the software CPU implement. With the `test-double`
-//! feature, `testing` is a scripted backend for testing the run loop without a VM.
+//! each kind of thread runs under), [`stats`] and [`stats_table`] (the `--stats` report),
+//! [`trace`] (per-call observers), [`record`] (recordings, replay), and [`backend`], the thin
+//! trait KVM and the software CPU implement. With the `test-double` feature, `testing` is a
+//! scripted backend for testing the run loop without a VM.
 #![forbid(unsafe_code)]
 
 pub mod backend;
@@ -27,8 +28,10 @@ pub mod boot;
 pub mod devices;
 pub mod hypercall;
 pub mod memory;
+pub mod record;
 pub mod seccomp;
 pub mod stats;
+pub mod stats_table;
 #[cfg(any(test, feature = "test-double"))]
 pub mod testing;
 pub mod trace;

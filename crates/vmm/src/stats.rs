@@ -210,49 +210,12 @@ impl VcpuStats {
         self.hypercalls.values().map(|l| l.count).sum()
     }
 
-    /// A table in the style of `perf kvm stat`: number, name, count, share, latencies. Custom
-    /// numbers are named after their handler in `custom`, if given.
+    /// A table in the style of `perf kvm stat` (see [`crate::stats_table`]): number, name,
+    /// count, shares, latencies, a totals line and the exits. Custom numbers are named after
+    /// their handler in `custom`, if given.
     pub fn table(&self, custom: Option<&crate::hypercall::HypercallTable>) -> String {
-        use std::fmt::Write;
-        let total = self.total_hypercalls().max(1);
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:>10}  {:<24} {:>10} {:>7} {:>10} {:>10} {:>10} {:>10}",
-            "nr", "name", "calls", "share", "min", "median", "p99", "max"
-        );
-        for (nr, l) in &self.hypercalls {
-            let _ = writeln!(
-                out,
-                "{:>10}  {:<24} {:>10} {:>6.2}% {:>10} {:>10} {:>10} {:>10}",
-                nr,
-                custom
-                    .and_then(|t| t.get(*nr))
-                    .map(|e| e.name.to_string())
-                    .or_else(|| self.name_of(*nr))
-                    .unwrap_or_else(|| "-".into()),
-                l.count,
-                100.0 * l.count as f64 / total as f64,
-                fmt_ns(l.min_ns),
-                fmt_ns(l.quantile_ns(0.5)),
-                fmt_ns(l.quantile_ns(0.99)),
-                fmt_ns(l.max_ns),
-            );
-            // A number whose handler changed during the run: the calls each one answered.
-            let names = self.handlers(*nr);
-            if names.len() > 1 {
-                for (name, n) in names {
-                    let _ = writeln!(out, "{:>10}    by {:<21} {:>10}", "", name, n);
-                }
-            }
-        }
-        let exits: Vec<String> = ExitReason::ALL
-            .iter()
-            .filter(|r| self.exits[**r as usize] > 0)
-            .map(|r| format!("{}={}", r.name(), self.exits[*r as usize]))
-            .collect();
-        let _ = writeln!(out, "exits: {}", exits.join(" "));
-        out
+        let opts = crate::stats_table::TableOptions { custom, exits: true, per_vcpu: false };
+        crate::stats_table::table(std::slice::from_ref(self), opts)
     }
 }
 

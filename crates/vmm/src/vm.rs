@@ -60,6 +60,9 @@ pub struct RunReport {
     /// that never returned): left running, detached, their statistics not counted.
     /// See [`VmBuilder::stop_grace`].
     pub stuck_vcpus: Vec<u32>,
+    /// When an error of one vCPU ended the run (a guest fault, say): that vCPU and its last
+    /// hypercalls, oldest first (at most [`crate::trace::RECENT_CALLS`]).
+    pub last_calls: Option<(u32, Vec<crate::trace::RecentCall>)>,
 }
 
 /// Builds a [`Vm`].
@@ -495,6 +498,7 @@ impl Vm {
                         per_vcpu: Vec::new(),
                         elapsed: start.elapsed(),
                         stuck_vcpus: Vec::new(),
+                        last_calls: None,
                     };
                 }
             }
@@ -526,7 +530,8 @@ impl Vm {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .unwrap_or(Ok(RunStatus::AllHalted));
-        RunReport { result, stats, per_vcpu, elapsed: start.elapsed(), stuck_vcpus }
+        let last_calls = self.shared.last_calls.lock().unwrap_or_else(|p| p.into_inner()).take();
+        RunReport { result, stats, per_vcpu, elapsed: start.elapsed(), stuck_vcpus, last_calls }
     }
 
     fn wait_for_end(&self, start: Instant) {

@@ -1,5 +1,6 @@
 //! Misbehaving guest: the command line picks the misdeed (null, ud2, divide, wild-write, loop,
-//! triple, panic, stray-exit, spray). The host must report each clearly and survive.
+//! triple, panic, stray-exit, spray, calls-then-null: hypercall 20 with a0 = 1, 2, 3, then a
+//! null read). The host must report each clearly and survive.
 #![no_std]
 #![no_main]
 
@@ -14,6 +15,13 @@ fn main(info: &'static BootInfo) -> i32 {
     // SAFETY: none of this is safe; misbehaving is the point, and the host must contain it.
     unsafe {
         match what {
+            "calls-then-null" => {
+                for i in 1..=3 {
+                    vmcall_guest::hypercall1(20, i);
+                }
+                let v = core::ptr::read_volatile(core::ptr::null::<u64>());
+                println!("read {}", v as u8);
+            }
             "null" => {
                 let v = core::ptr::read_volatile(core::ptr::null::<u64>());
                 println!("read {}", v as u8);

@@ -245,6 +245,11 @@ impl HypercallHandler for ExecHandler {
     fn kind(&self) -> &str {
         "exec"
     }
+
+    /// The process sees the call's number, arguments, vCPU and mode, never guest memory.
+    fn uses_guest_memory(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

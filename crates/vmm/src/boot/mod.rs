@@ -4,6 +4,7 @@
 
 pub mod elf;
 pub mod multiboot;
+pub mod symbols;
 
 use vmcall_abi::layout::*;
 use vmcall_abi::{ports, selectors, BootInfo, ABI_VERSION, BOOT_INFO_MAGIC};

@@ -66,6 +66,13 @@ pub trait HypercallHandler: Send + Sync + 'static {
     fn kind(&self) -> &str {
         "native"
     }
+
+    /// Whether the handler may read or write guest memory (through [`Call::mem`] or
+    /// [`Call::virt`]): a replay without the guest (`vmcall replay`) cannot answer its calls.
+    /// The default is the safe answer for code nobody has looked at: yes.
+    fn uses_guest_memory(&self) -> bool {
+        true
+    }
 }
 
 impl<F> HypercallHandler for F

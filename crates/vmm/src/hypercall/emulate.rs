@@ -51,6 +51,28 @@ pub enum AnsweredBy {
     Panicked,
 }
 
+impl AnsweredBy {
+    /// Every value, for parsing.
+    pub const ALL: [AnsweredBy; 4] =
+        [AnsweredBy::Standard, AnsweredBy::Custom, AnsweredBy::NotPrivileged, AnsweredBy::Panicked];
+
+    /// The stable name traces and recordings use: `standard`, `custom`, `not-privileged`,
+    /// `panicked`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AnsweredBy::Standard => "standard",
+            AnsweredBy::Custom => "custom",
+            AnsweredBy::NotPrivileged => "not-privileged",
+            AnsweredBy::Panicked => "panicked",
+        }
+    }
+
+    /// The value [`AnsweredBy::name`] calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
 /// The result of one emulated hypercall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Emulated {

@@ -137,7 +137,7 @@ impl HypercallHandler for Builtin {
             Builtin::Add => Ok(c.args.iter().fold(0u64, |s, a| s.wrapping_add(*a))),
             Builtin::Log => {
                 eprintln!(
-                    "[vmcall] vCPU {} hypercall {} ({}) a0={:#x} a1={:#x} a2={:#x} a3={:#x}",
+                    "vmcall: log: vCPU {} hypercall {:#x} ({}) a0={:#x} a1={:#x} a2={:#x} a3={:#x}",
                     c.vcpu_id,
                     c.nr,
                     c.mode.name(),
@@ -165,6 +165,16 @@ impl HypercallHandler for Builtin {
             Builtin::Log => "log",
             Builtin::Errno(..) => "errno",
             Builtin::Wasm(_) => "wasm",
+        }
+    }
+
+    fn uses_guest_memory(&self) -> bool {
+        match self {
+            #[cfg(feature = "wasm")]
+            Builtin::Wasm(w) => w.handler.uses_guest_memory(),
+            #[cfg(not(feature = "wasm"))]
+            Builtin::Wasm(_) => false,
+            _ => false,
         }
     }
 }

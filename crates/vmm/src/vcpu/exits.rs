@@ -12,7 +12,7 @@ use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
 use crate::devices::PortWrite;
 use crate::hypercall::{emulate_with, HypercallExit, Platform};
 use crate::stats::VcpuStats;
-use crate::trace::CallRecord;
+use crate::trace::{CallRecord, RecentCall, RecentCalls};
 
 /// What the vCPU loop does after an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct ExitContext<'a> {
     pub vcpu: &'a mut dyn Vcpu,
     pub shared: &'a Shared,
     pub stats: &'a mut VcpuStats,
+    /// This vCPU's last hypercalls, for fault reports.
+    pub recent: &'a mut RecentCalls,
     /// This vCPU's console line so far: output goes out a whole line at a time, so lines
     /// from different vCPUs never interleave mid-line.
     pub line: &'a mut Vec<u8>,
@@ -120,6 +122,7 @@ fn answer_hypercall(
     vcpu_id: u32,
     shared: &Shared,
     stats: &mut VcpuStats,
+    recent: &mut RecentCalls,
     hc: &HypercallExit,
     guest_tsc: &mut dyn FnMut() -> u64,
 ) -> u64 {
@@ -135,17 +138,17 @@ fn answer_hypercall(
             tracing::trace!(
                 target: "vmcall::hypercall",
                 vcpu = vcpu_id,
-                nr = done.nr,
-                a0 = done.args[0],
-                a1 = done.args[1],
-                a2 = done.args[2],
-                a3 = done.args[3],
-                ret = done.rax as i64,
+                nr = format_args!("{:#x}", done.nr),
+                a0 = format_args!("{:#x}", done.args[0]),
+                a1 = format_args!("{:#x}", done.args[1]),
+                a2 = format_args!("{:#x}", done.args[2]),
+                a3 = format_args!("{:#x}", done.args[3]),
+                ret = %crate::trace::SignedHex(done.rax),
                 cpl = hc.cpl,
-                mode = hc.mode.name(),
-                rip = hc.rip,
-                by = ?done.answered_by,
-                handler = entry.map(|e| &*e.name),
+                mode = %hc.mode.name(),
+                rip = format_args!("{:#x}", hc.rip),
+                by = %done.answered_by.name(),
+                handler = entry.map(|e| tracing::field::display(&*e.name)),
                 "hypercall"
             );
         }
@@ -163,6 +166,7 @@ fn answer_hypercall(
                 latency_ns: took.as_nanos() as u64,
             });
         }
+        recent.push(RecentCall { nr: done.nr, args: done.args, ret: done.rax, rip: hc.rip });
         if stats.publish_due(start) {
             shared.publish(vcpu_id, stats);
         }
@@ -173,7 +177,9 @@ fn answer_hypercall(
 fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     let VcpuExit::Hypercall(hc) = exit else { unreachable!("dispatched by reason") };
     let vcpu = &mut *ctx.vcpu;
-    let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, hc, &mut || vcpu.guest_tsc());
+    let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, ctx.recent, hc, &mut || {
+        vcpu.guest_tsc()
+    });
     ctx.vcpu.complete_hypercall(rax).map_err(backend(ctx.vcpu_id))?;
     Ok(Flow::Continue)
 }
@@ -183,13 +189,14 @@ pub(crate) struct Inline<'a> {
     pub vcpu_id: u32,
     pub shared: &'a Shared,
     pub stats: &'a mut VcpuStats,
+    pub recent: &'a mut RecentCalls,
     pub line: &'a mut Vec<u8>,
 }
 
 impl InlineExits for Inline<'_> {
     fn hypercall(&mut self, call: &HypercallExit, guest_tsc: &mut dyn FnMut() -> u64) -> u64 {
         self.stats.exit(ExitReason::Hypercall);
-        answer_hypercall(self.vcpu_id, self.shared, self.stats, call, guest_tsc)
+        answer_hypercall(self.vcpu_id, self.shared, self.stats, self.recent, call, guest_tsc)
     }
 
     fn port_out(&mut self, port: u16, size: u8, data: u32) -> bool {

@@ -200,9 +200,11 @@ impl RunStatus {
 
 pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> VcpuStats {
     let mut stats = VcpuStats::default();
+    let mut recent = crate::trace::RecentCalls::default();
     let mut line = Vec::new();
     while !shared.stopping() {
-        let mut inline = Inline { vcpu_id: id, shared, stats: &mut stats, line: &mut line };
+        let mut inline =
+            Inline { vcpu_id: id, shared, stats: &mut stats, recent: &mut recent, line: &mut line };
         let exit = match vcpu.run(&mut inline) {
             Ok(exit) => exit,
             Err(source) => {
@@ -215,6 +217,7 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
             vcpu: &mut *vcpu,
             shared,
             stats: &mut stats,
+            recent: &mut recent,
             line: &mut line,
         };
         match handle_exit(&mut ctx, &exit) {
@@ -232,6 +235,7 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
             }
             Ok(Flow::Stop) => break,
             Err(e) => {
+                shared.note_last_calls(id, &recent);
                 shared.finish(Err(e));
                 break;
             }

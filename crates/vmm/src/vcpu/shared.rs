@@ -10,7 +10,7 @@ use crate::devices::Devices;
 use crate::hypercall::HypercallTable;
 use crate::memory::GuestRam;
 use crate::stats::VcpuStats;
-use crate::trace::{CallSink, TraceSwitch};
+use crate::trace::{CallSink, RecentCall, RecentCalls, TraceSwitch};
 use crate::x86::cpuid::PvCpuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,8 @@ pub struct Shared {
     pub(crate) live: Vec<Mutex<VcpuStats>>,
     /// When the run started.
     pub(crate) started: OnceLock<Instant>,
+    /// The last hypercalls of the vCPU whose error ended the run.
+    pub(crate) last_calls: Mutex<Option<(u32, Vec<RecentCall>)>>,
 }
 
 impl Shared {
@@ -66,6 +68,7 @@ impl Shared {
             sink,
             live: (0..n).map(|_| Mutex::default()).collect(),
             started: OnceLock::new(),
+            last_calls: Mutex::new(None),
             ram,
             table,
             vcpu_count: n,
@@ -103,6 +106,16 @@ impl Shared {
     }
 
     /// Record how the run ends (the first report wins) and tell every vCPU to stop.
+    /// Keep vCPU `vcpu`'s last hypercalls for the report, if its error is about to end the
+    /// run (the run has not ended otherwise already).
+    pub(crate) fn note_last_calls(&self, vcpu: u32, recent: &RecentCalls) {
+        let end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if end.is_none() {
+            *self.last_calls.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((vcpu, recent.oldest_first()));
+        }
+    }
+
     pub(crate) fn finish(&self, result: Result<RunStatus, RunError>) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
         if end.is_none() {

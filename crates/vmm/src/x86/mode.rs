@@ -60,4 +60,11 @@ impl CpuMode {
             CpuMode::Real => "real",
         }
     }
+
+    /// The mode [`CpuMode::name`] calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [CpuMode::Long64, CpuMode::Compat32, CpuMode::Compat16, CpuMode::Protected, CpuMode::Real]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
 }

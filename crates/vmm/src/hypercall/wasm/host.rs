@@ -297,7 +297,7 @@ impl LogLimiter {
         }
         let mut cut = bytes.len() > LOG_LINE_MAX;
         let text = String::from_utf8_lossy(&bytes[..bytes.len().min(LOG_LINE_MAX)]);
-        let mut line = format!("[wasm {name}]");
+        let mut line = format!("vmcall: wasm {name}:");
         if let Some(v) = vcpu {
             line += &format!(" vCPU {v}:");
         }

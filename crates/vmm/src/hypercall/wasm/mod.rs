@@ -160,6 +160,8 @@ struct Instance {
 pub struct WasmHandler {
     name: Arc<str>,
     fuel: u64,
+    /// Whether the module imports a host function that reads or writes guest RAM.
+    memory_access: bool,
     instance: Mutex<Instance>,
 }
 
@@ -208,6 +210,10 @@ impl WasmHandler {
             .map_err(|e| invalid(Box::new(e)))?;
         check_export(&name, &module)?;
         check_imports(&name, &module)?;
+        let memory_access = module.imports().any(|i| {
+            i.module() == HOST_MODULE
+                && matches!(i.name(), "read_phys" | "write_phys" | "read_virt" | "write_virt")
+        });
 
         let state = HostState {
             limits: StoreLimitsBuilder::new()
@@ -244,6 +250,7 @@ impl WasmHandler {
         Ok(Self {
             name,
             fuel: config.fuel,
+            memory_access,
             instance: Mutex::new(Instance { store, func, counters: WasmCounters::default() }),
         })
     }
@@ -308,6 +315,14 @@ impl HypercallHandler for WasmHandler {
             );
         }
         Err(HypercallError::Errno(KVM_EFAULT))
+    }
+
+    fn kind(&self) -> &str {
+        "wasm"
+    }
+
+    fn uses_guest_memory(&self) -> bool {
+        self.memory_access
     }
 }
 

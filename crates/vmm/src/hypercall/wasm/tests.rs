@@ -321,7 +321,7 @@ fn log_lines_are_prefixed_cut_escaped_and_rate_limited() {
     );
     let mem = ram();
     call(&h, &mem, 20, [12, 0, 0, 0]);
-    assert_eq!(lines.lock().unwrap()[0], "[wasm test.wat] vCPU 3: hello\\u{7} wasm");
+    assert_eq!(lines.lock().unwrap()[0], "vmcall: wasm test.wat: vCPU 3: hello\\u{7} wasm");
     // Longer than LOG_LINE_MAX (reads zeros past the text): cut.
     call(&h, &mem, 20, [60_000, 0, 0, 0]);
     assert!(lines.lock().unwrap()[1].ends_with(" [cut]"));
@@ -333,7 +333,10 @@ fn log_lines_are_prefixed_cut_escaped_and_rate_limited() {
     std::thread::sleep(Duration::from_millis(400));
     call(&h, &mem, 20, [5, 0, 0, 0]);
     let last = lines.lock().unwrap().last().unwrap().clone();
-    assert_eq!(last, "[wasm test.wat] vCPU 3: hello (19 earlier lines dropped: over 3 lines/s)");
+    assert_eq!(
+        last,
+        "vmcall: wasm test.wat: vCPU 3: hello (19 earlier lines dropped: over 3 lines/s)"
+    );
     assert_eq!(h.counters().failures(), 0);
 }
 

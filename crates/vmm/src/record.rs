@@ -1,0 +1,632 @@
+//! Recordings of a run's hypercalls (`vmcall run --record FILE`), read back to replay them
+//! against another handler table, to compare a re-run with them, or to compute statistics.
+//!
+//! The format (docs/record.md) is JSON Lines: one object per line, each with a `type`. The
+//! first line is the [`Header`] (`"type":"header"`: the format's name and version, vmcall's
+//! version, the backend, the guest and its settings, the handler table at the start), then one
+//! [`CallEntry`] per answered hypercall (`"type":"call"`) in the order the host answered them,
+//! and last an [`End`] (`"type":"end"`) when the run ended normally. 64-bit values (numbers,
+//! arguments, results, addresses) are hex strings, which every JSON reader keeps exact.
+//!
+//! [`Recorder`] is the writer, a [`CallSink`]; [`Recording::read`] the reader; [`replay`]
+//! answers recorded calls again with a table, without a guest; [`compare_streams`] finds where
+//! a re-run's calls part from the recorded ones.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hypercall::{emulate_with, AnsweredBy, HypercallExit, HypercallInsn, HypercallTable};
+use crate::hypercall::{Platform, TableSnapshot};
+use crate::memory::{GuestRam, RamError};
+use crate::trace::{CallRecord, CallSink};
+use crate::x86::cpuid::PvCpuid;
+use crate::x86::{CpuMode, PagingContext};
+
+/// The `format` of every recording's header.
+pub const FORMAT: &str = "vmcall-record";
+/// The format version this vmcall writes, and the newest it reads.
+pub const VERSION: u32 = 1;
+
+/// 64-bit values as `"0x..."` strings (read back from hex strings, decimal strings or numbers).
+mod hex {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{v:#x}"))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Num(u64),
+        Text(String),
+    }
+
+    pub fn parse(t: &str) -> Option<u64> {
+        match t.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => t.parse().ok(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(n),
+            Raw::Text(t) => parse(&t).ok_or_else(|| D::Error::custom(format!("'{t}' is not hex"))),
+        }
+    }
+
+    pub mod four {
+        use serde::ser::SerializeSeq;
+        use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[u64; 4], s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(4))?;
+            for a in v {
+                seq.serialize_element(&format!("{a:#x}"))?;
+            }
+            seq.end()
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u64; 4], D::Error> {
+            let raw = Vec::<String>::deserialize(d)?;
+            let vals: Vec<u64> = raw
+                .iter()
+                .map(|t| {
+                    super::parse(t).ok_or_else(|| D::Error::custom(format!("'{t}' is not hex")))
+                })
+                .collect::<Result<_, _>>()?;
+            vals.try_into().map_err(|_| D::Error::custom("args must have four values"))
+        }
+    }
+}
+
+/// One handler of the table when the recording started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableEntry {
+    /// Its hypercall number.
+    #[serde(with = "hex")]
+    pub nr: u64,
+    /// Its name: for handlers given on vmcall's command line, the handler spec itself
+    /// (`const:3`, `wasm:h.wat`, `exec:...`), from which a replay rebuilds it.
+    pub name: String,
+    /// Its kind (`const`, `wasm`, `exec`, `native`, ...).
+    pub kind: String,
+    /// Whether it replaces a standard `KVM_HC_*` number's behaviour.
+    pub overrides_standard: bool,
+}
+
+/// The first line of a recording: what made it, and how the VM was set up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The format version ([`VERSION`] when this vmcall wrote it).
+    pub version: u32,
+    /// The vmcall version that recorded it.
+    pub vmcall: String,
+    /// The backend: `kvm` or `emu`.
+    pub backend: String,
+    /// How the backend trapped hypercalls (its one-line description).
+    pub backend_detail: String,
+    /// The guest, as named on the command line (`demo` for the built-in one).
+    pub guest: String,
+    /// The guest's command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// The boot protocol option (`auto`, `elf64`, `multiboot`).
+    pub boot: String,
+    /// The foreign hypercall instruction option (`patch`, `ud`, `answer`).
+    pub foreign_hypercall: String,
+    /// CPUID 0x40000001's PV features.
+    #[serde(with = "hex")]
+    pub pv_features: u64,
+    /// Whether hypercalls the PV features do not offer were refused.
+    pub enforce_pv_cpuid: bool,
+    /// The custom handlers when the run started, by number.
+    pub table: Vec<TableEntry>,
+}
+
+impl Header {
+    /// A header for the current vmcall and format version; the rest is the caller's.
+    pub fn new(backend: &str, guest: &str) -> Self {
+        Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            vmcall: env!("CARGO_PKG_VERSION").into(),
+            backend: backend.into(),
+            backend_detail: String::new(),
+            guest: guest.into(),
+            cmdline: String::new(),
+            memory: crate::vm::DEFAULT_MEMORY,
+            vcpus: 1,
+            boot: "auto".into(),
+            foreign_hypercall: "patch".into(),
+            pv_features: u64::from(crate::x86::cpuid::PV_FEATURES),
+            enforce_pv_cpuid: false,
+            table: Vec::new(),
+        }
+    }
+
+    /// The entries of `table` as it is now, sorted by number.
+    pub fn table_of(table: &HypercallTable) -> Vec<TableEntry> {
+        let mut rows: Vec<TableEntry> = table
+            .list()
+            .into_iter()
+            .map(|l| TableEntry {
+                nr: l.nr,
+                name: l.name,
+                kind: l.kind,
+                overrides_standard: l.overrides_standard,
+            })
+            .collect();
+        rows.sort_by_key(|r| r.nr);
+        rows
+    }
+}
+
+/// One answered hypercall.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallEntry {
+    /// Position in the recording (0, 1, 2, ... in the order the host answered the calls).
+    pub seq: u64,
+    /// The calling vCPU.
+    pub vcpu: u32,
+    /// The number, after truncation.
+    #[serde(with = "hex")]
+    pub nr: u64,
+    /// a0..a3, after truncation.
+    #[serde(with = "hex::four")]
+    pub args: [u64; 4],
+    /// The value written to RAX.
+    #[serde(with = "hex")]
+    pub result: u64,
+    /// The caller's privilege level.
+    pub cpl: u8,
+    /// The caller's mode ([`CpuMode::name`]).
+    pub mode: String,
+    /// Address of the hypercall instruction.
+    #[serde(with = "hex")]
+    pub rip: u64,
+    /// Who answered it ([`AnsweredBy::name`]).
+    pub by: String,
+    /// The custom handler that answered, by its name at the time.
+    pub handler: Option<String>,
+    /// When it was answered, in nanoseconds since the recording started (not compared).
+    pub time_ns: u64,
+    /// Host handling time (not compared).
+    pub latency_ns: u64,
+}
+
+impl CallEntry {
+    /// The caller's mode (64-bit for a name this vmcall does not know).
+    pub fn cpu_mode(&self) -> CpuMode {
+        CpuMode::from_name(&self.mode).unwrap_or(CpuMode::Long64)
+    }
+
+    /// Who answered it, if the name is known.
+    pub fn answered_by(&self) -> Option<AnsweredBy> {
+        AnsweredBy::from_name(&self.by)
+    }
+
+    /// Whether `other` is the same call as the guest sees it: number, arguments, result,
+    /// privilege, mode and address. Sequence, time, latency and handler names are not compared.
+    pub fn same_call(&self, other: &CallEntry) -> bool {
+        (self.vcpu, self.nr, self.args, self.result, self.cpl, &self.mode, self.rip)
+            == (other.vcpu, other.nr, other.args, other.result, other.cpl, &other.mode, other.rip)
+    }
+}
+
+/// The last line of a recording whose run ended (a recording without one was cut short).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct End {
+    /// Calls recorded.
+    pub calls: u64,
+    /// How long the run took.
+    pub elapsed_ns: u64,
+    /// How it ended: `exited N`, `halted`, `stopped`, `timeout`, or `error: ...`.
+    pub outcome: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Line {
+    Header(Header),
+    Call(CallEntry),
+    End(End),
+}
+
+/// Why a recording could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Reading failed.
+    #[error("cannot read the recording")]
+    Io(#[from] std::io::Error),
+    /// The first line is not a recording header.
+    #[error("not a vmcall recording (the first line is not a {FORMAT} header)")]
+    NotARecording,
+    /// Written by a newer vmcall.
+    #[error("recording format version {0}; this vmcall reads versions 1 to {VERSION}")]
+    Version(u32),
+    /// A line that does not parse.
+    #[error("line {line}: {source}")]
+    Line {
+        /// 1-based.
+        line: usize,
+        /// What is wrong with it.
+        source: serde_json::Error,
+    },
+    /// A line after the end line, or a second header.
+    #[error("line {0}: unexpected {1} line")]
+    Unexpected(usize, &'static str),
+}
+
+/// A recording read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recording {
+    /// The header.
+    pub header: Header,
+    /// Every call, in order.
+    pub calls: Vec<CallEntry>,
+    /// The end line, if the run ended normally.
+    pub end: Option<End>,
+}
+
+impl Recording {
+    /// Parse a recording (empty lines are skipped).
+    pub fn read(input: impl BufRead) -> Result<Self, RecordError> {
+        let mut header = None;
+        let mut calls = Vec::new();
+        let mut end = None;
+        for (i, line) in input.lines().enumerate() {
+            let line = match line {
+                Ok(l) => l,
+                // Bytes that are not text before any header: some other file.
+                Err(e) if header.is_none() && e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(RecordError::NotARecording)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parsed: Line = match serde_json::from_str(&line) {
+                Ok(l) => l,
+                Err(_) if header.is_none() => return Err(RecordError::NotARecording),
+                Err(source) => return Err(RecordError::Line { line: i + 1, source }),
+            };
+            match (parsed, &header, &end) {
+                (Line::Header(h), None, _) => {
+                    if h.format != FORMAT {
+                        return Err(RecordError::NotARecording);
+                    }
+                    if h.version == 0 || h.version > VERSION {
+                        return Err(RecordError::Version(h.version));
+                    }
+                    header = Some(h);
+                }
+                (_, None, _) => return Err(RecordError::NotARecording),
+                (Line::Header(_), Some(_), _) => {
+                    return Err(RecordError::Unexpected(i + 1, "header"))
+                }
+                (_, _, Some(_)) => {
+                    return Err(RecordError::Unexpected(i + 1, "line after the end"))
+                }
+                (Line::Call(c), _, None) => calls.push(c),
+                (Line::End(e), _, None) => end = Some(e),
+            }
+        }
+        let header = header.ok_or(RecordError::NotARecording)?;
+        Ok(Recording { header, calls, end })
+    }
+
+    /// The calls of vCPU `vcpu`, in order.
+    pub fn calls_of(&self, vcpu: u32) -> impl Iterator<Item = &CallEntry> {
+        self.calls.iter().filter(move |c| c.vcpu == vcpu)
+    }
+}
+
+enum Out {
+    Writer(Box<dyn Write + Send>),
+    Memory(Vec<CallEntry>),
+}
+
+struct RecState {
+    out: Out,
+    seq: u64,
+    error: Option<std::io::Error>,
+}
+
+/// Writes a recording: the header when created, a line per call as a [`CallSink`], the end
+/// line at [`Recorder::finish`]. Or keeps the calls in memory ([`Recorder::in_memory`]).
+pub struct Recorder {
+    state: Mutex<RecState>,
+    start: Instant,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder").finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    /// A recording to `out`, starting with `header`'s line.
+    pub fn new(out: Box<dyn Write + Send>, header: &Header) -> std::io::Result<Self> {
+        let rec = Self::create(out);
+        rec.begin(header)?;
+        Ok(rec)
+    }
+
+    /// A recording to `out` whose header [`Recorder::begin`] writes, once the VM is built
+    /// (and its backend can say how it traps hypercalls) but before it runs.
+    pub fn create(out: Box<dyn Write + Send>) -> Self {
+        Self::with(Out::Writer(out))
+    }
+
+    /// Write the header line: call it once, before the first call is recorded.
+    pub fn begin(&self, header: &Header) -> std::io::Result<()> {
+        let mut line = serde_json::to_string(&Line::Header(header.clone()))?;
+        line.push('\n');
+        match &mut self.lock().out {
+            Out::Writer(w) => w.write_all(line.as_bytes()),
+            Out::Memory(_) => Ok(()),
+        }
+    }
+
+    /// A recorder that keeps the calls in memory, for [`Recorder::take_calls`].
+    pub fn in_memory() -> Self {
+        Self::with(Out::Memory(Vec::new()))
+    }
+
+    fn with(out: Out) -> Self {
+        Recorder { state: Mutex::new(RecState { out, seq: 0, error: None }), start: Instant::now() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The calls recorded so far (an in-memory recorder's; empty for one that writes).
+    pub fn take_calls(&self) -> Vec<CallEntry> {
+        match &mut self.lock().out {
+            Out::Memory(v) => std::mem::take(v),
+            Out::Writer(_) => Vec::new(),
+        }
+    }
+
+    /// Write the end line (`outcome`: how the run ended) and flush. Returns the first write
+    /// error of the whole recording, if any.
+    pub fn finish(&self, outcome: &str) -> std::io::Result<()> {
+        let elapsed_ns = self.start.elapsed().as_nanos() as u64;
+        let mut st = self.lock();
+        let end = End { calls: st.seq, elapsed_ns, outcome: outcome.into() };
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        if let Out::Writer(w) = &mut st.out {
+            let mut line = serde_json::to_string(&Line::End(end))?;
+            line.push('\n');
+            w.write_all(line.as_bytes())?;
+            w.flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl CallSink for Recorder {
+    fn record(&self, c: &CallRecord<'_>) {
+        let time_ns = self.start.elapsed().as_nanos() as u64;
+        let mut st = self.lock();
+        let entry = CallEntry {
+            seq: st.seq,
+            vcpu: c.vcpu,
+            nr: c.nr,
+            args: c.args,
+            result: c.ret,
+            cpl: c.cpl,
+            mode: c.mode.name().into(),
+            rip: c.rip,
+            by: c.answered_by.name().into(),
+            handler: c.handler.map(String::from),
+            time_ns,
+            latency_ns: c.latency_ns,
+        };
+        st.seq += 1;
+        match &mut st.out {
+            Out::Memory(v) => v.push(entry),
+            Out::Writer(w) => {
+                let mut line = serde_json::to_string(&Line::Call(entry)).expect("serialisable");
+                line.push('\n');
+                if let Err(e) = w.write_all(line.as_bytes()) {
+                    if st.error.is_none() {
+                        tracing::warn!("cannot write the recording ({e}); later calls are lost");
+                        st.error = Some(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a replay found for one recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The same result.
+    Same,
+    /// A different result: what the replay answered, and who answered it.
+    Changed {
+        /// The new result.
+        result: u64,
+        /// Who answered it now.
+        by: AnsweredBy,
+        /// The custom handler that answered it now.
+        handler: Option<String>,
+    },
+    /// Its answer depends on guest memory the recording does not hold (a batch, or a handler
+    /// that reads or writes guest memory): not replayable without the guest.
+    NeedsGuestMemory,
+}
+
+/// The result of [`replay`]: one verdict per recorded call, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// `verdicts[i]` is for `recording.calls[i]`.
+    pub verdicts: Vec<Verdict>,
+}
+
+impl Replay {
+    /// Indices of the calls whose result changed.
+    pub fn changed(&self) -> impl Iterator<Item = usize> + '_ {
+        self.verdicts
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| matches!(v, Verdict::Changed { .. }))
+            .map(|(i, _)| i)
+    }
+
+    /// (same, changed, needing guest memory).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut n = (0, 0, 0);
+        for v in &self.verdicts {
+            match v {
+                Verdict::Same => n.0 += 1,
+                Verdict::Changed { .. } => n.1 += 1,
+                Verdict::NeedsGuestMemory => n.2 += 1,
+            }
+        }
+        n
+    }
+}
+
+/// The platform of a replay: the recorded vCPU count and PV CPUID; kicks and yields reach
+/// nothing and the TSC reads 0 (no standard result depends on them).
+struct ReplayPlatform {
+    vcpus: u32,
+    pv: PvCpuid,
+}
+
+impl Platform for ReplayPlatform {
+    fn vcpu_count(&self) -> u32 {
+        self.vcpus
+    }
+    fn kick_cpu(&self, _: u64) {}
+    fn yield_to(&self, _: u64) {}
+    fn guest_tsc(&self) -> u64 {
+        0
+    }
+    fn pv_has(&self, bit: u32) -> bool {
+        self.pv.has(bit)
+    }
+}
+
+/// Whether a call to `nr` from `cpl` needs guest memory that a replay does not have, with
+/// `snapshot` answering it.
+fn needs_guest_memory(snapshot: &TableSnapshot, nr: u64, cpl: u8) -> bool {
+    if cpl != 0 {
+        return false; // refused before any handler runs
+    }
+    match snapshot.get(nr) {
+        Some(entry) => entry.handler.uses_guest_memory(),
+        // A batch reads its entries from guest memory. The other standard numbers that touch
+        // memory (CLOCK_PAIRING, LIST) only write it: their results depend on the address
+        // being inside RAM, which a replay's scratch RAM of the recorded size reproduces.
+        None => nr == vmcall_abi::hc::VMCALL_HC_BATCH,
+    }
+}
+
+/// Answer every call of `recording` again with `table`, without a guest, through the same
+/// emulation as a run (KVM's CPL and truncation rules, its standard hypercalls), and compare
+/// each result with the recorded one. Handlers get a zeroed scratch RAM of the recorded size;
+/// calls whose answer would depend on guest memory are not answered but reported as
+/// [`Verdict::NeedsGuestMemory`].
+pub fn replay(recording: &Recording, table: &HypercallTable) -> Result<Replay, RamError> {
+    let h = &recording.header;
+    let ram = GuestRam::new(h.memory)?;
+    let pv = PvCpuid { features: h.pv_features as u32, enforce: h.enforce_pv_cpuid };
+    let platform = ReplayPlatform { vcpus: h.vcpus, pv };
+    let snapshot = table.snapshot();
+    let verdicts = recording
+        .calls
+        .iter()
+        .map(|c| {
+            if needs_guest_memory(&snapshot, c.nr, c.cpl) {
+                return Verdict::NeedsGuestMemory;
+            }
+            let exit = HypercallExit {
+                nr: c.nr,
+                args: c.args,
+                cpl: c.cpl,
+                mode: c.cpu_mode(),
+                rip: c.rip,
+                insn: HypercallInsn::Vmcall,
+                paging: PagingContext::default(),
+            };
+            emulate_with(table, &exit, c.vcpu, &ram, &platform, |done, entry| {
+                if done.rax == c.result {
+                    Verdict::Same
+                } else {
+                    Verdict::Changed {
+                        result: done.rax,
+                        by: done.answered_by,
+                        handler: entry.map(|e| e.name.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    Ok(Replay { verdicts })
+}
+
+/// Where a vCPU's calls in a re-run part from its recorded ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// Index of the first differing call among that vCPU's calls (0-based).
+    pub index: usize,
+    /// The recorded call there (`None`: the recording has no more calls on this vCPU).
+    pub recorded: Option<CallEntry>,
+    /// The re-run's call there (`None`: the re-run made no more calls on this vCPU).
+    pub rerun: Option<CallEntry>,
+}
+
+/// Compare a re-run's calls with the recorded ones, vCPU by vCPU (the order of calls across
+/// vCPUs depends on scheduling; each vCPU's own order does not): the first divergence of each
+/// vCPU that has one, earliest in the recording first.
+pub fn compare_streams(recorded: &[CallEntry], rerun: &[CallEntry]) -> Vec<Divergence> {
+    let mut by_vcpu: BTreeMap<u32, (Vec<&CallEntry>, Vec<&CallEntry>)> = BTreeMap::new();
+    for c in recorded {
+        by_vcpu.entry(c.vcpu).or_default().0.push(c);
+    }
+    for c in rerun {
+        by_vcpu.entry(c.vcpu).or_default().1.push(c);
+    }
+    let mut out: Vec<Divergence> = by_vcpu
+        .into_iter()
+        .filter_map(|(vcpu, (a, b))| {
+            let index = (0..a.len().max(b.len())).find(|&i| match (a.get(i), b.get(i)) {
+                (Some(x), Some(y)) => !x.same_call(y),
+                _ => true,
+            })?;
+            Some(Divergence {
+                vcpu,
+                index,
+                recorded: a.get(index).map(|c| (*c).clone()),
+                rerun: b.get(index).map(|c| (*c).clone()),
+            })
+        })
+        .collect();
+    out.sort_by_key(|d| d.recorded.as_ref().map_or(u64::MAX, |c| c.seq));
+    out
+}
+
+#[cfg(test)]
+mod tests;

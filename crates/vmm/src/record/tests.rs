@@ -1,0 +1,233 @@
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::hypercall::handlers::Builtin;
+
+/// A writer whose bytes the test reads back.
+#[derive(Clone, Default)]
+struct Buf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn call(vcpu: u32, nr: u64, a0: u64, ret: u64, handler: Option<&str>) -> CallRecord<'_> {
+    CallRecord {
+        vcpu,
+        nr,
+        args: [a0, 0, 0, u64::MAX],
+        ret,
+        cpl: 0,
+        mode: CpuMode::Long64,
+        rip: 0x20_1000 + nr,
+        answered_by: if handler.is_some() { AnsweredBy::Custom } else { AnsweredBy::Standard },
+        handler,
+        latency_ns: 100,
+    }
+}
+
+fn table(spec20: &str) -> HypercallTable {
+    let t = HypercallTable::new();
+    t.register(20, spec20, spec20.parse::<Builtin>().unwrap()).unwrap();
+    t
+}
+
+/// A recording of: 20(7) -> 8 twice by `const:8`, a standard poll, 21 unhandled, a batch.
+fn recorded() -> (String, Recording) {
+    let buf = Buf::default();
+    let mut header = Header::new("emu", "guest.elf");
+    header.vcpus = 2;
+    header.table = Header::table_of(&table("const:8"));
+    let rec = Recorder::new(Box::new(buf.clone()), &header).unwrap();
+    rec.record(&call(0, 20, 7, 8, Some("const:8")));
+    rec.record(&call(1, 1, 0, 0, None));
+    rec.record(&call(0, 21, 0, crate::hypercall::neg(1000), None));
+    rec.record(&call(1, 20, 9, 8, Some("const:8")));
+    rec.record(&call(0, vmcall_abi::hc::VMCALL_HC_BATCH, 0x8000, 4, None));
+    rec.finish("exited 0").unwrap();
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let parsed = Recording::read(text.as_bytes()).unwrap();
+    (text, parsed)
+}
+
+#[test]
+fn a_recording_is_a_header_a_line_per_call_and_an_end() {
+    let (text, r) = recorded();
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 7);
+    assert_eq!(lines[0]["type"], "header");
+    assert_eq!(lines[0]["format"], FORMAT);
+    assert_eq!(lines[0]["version"], VERSION);
+    assert_eq!(lines[0]["vmcall"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(lines[0]["table"][0]["nr"], "0x14");
+    assert_eq!(lines[0]["table"][0]["name"], "const:8");
+    assert_eq!(lines[1]["type"], "call");
+    assert_eq!(lines[1]["nr"], "0x14");
+    assert_eq!(lines[1]["args"][3], "0xffffffffffffffff");
+    assert_eq!(lines[1]["result"], "0x8");
+    assert_eq!(lines[1]["rip"], "0x201014");
+    assert_eq!(
+        (lines[1]["by"].as_str(), lines[1]["handler"].as_str()),
+        (Some("custom"), Some("const:8"))
+    );
+    assert_eq!(lines[2]["handler"], serde_json::Value::Null);
+    assert_eq!((lines[4]["seq"].as_u64(), lines[4]["vcpu"].as_u64()), (Some(3), Some(1)));
+    assert_eq!(lines[6]["type"], "end");
+    assert_eq!(
+        (lines[6]["calls"].as_u64(), lines[6]["outcome"].as_str()),
+        (Some(5), Some("exited 0"))
+    );
+
+    assert_eq!(r.header.vcpus, 2);
+    assert_eq!(r.calls.len(), 5);
+    assert_eq!(r.calls[0].args, [7, 0, 0, u64::MAX]);
+    assert_eq!(r.calls[2].result, crate::hypercall::neg(1000));
+    assert_eq!(r.calls[0].cpu_mode(), CpuMode::Long64);
+    assert_eq!(r.calls[1].answered_by(), Some(AnsweredBy::Standard));
+    assert_eq!(r.calls_of(1).count(), 2);
+    assert_eq!(r.end.as_ref().map(|e| e.calls), Some(5));
+}
+
+#[test]
+fn bad_recordings_are_refused_with_the_reason() {
+    let err = |t: &str| Recording::read(t.as_bytes()).unwrap_err().to_string();
+    assert!(err("hello\n").contains("not a vmcall recording"));
+    assert!(err("").contains("not a vmcall recording"));
+    let (text, _) = recorded();
+    let newer = text.replacen("\"version\":1", "\"version\":99", 1);
+    assert!(err(&newer).contains("format version 99"), "{}", err(&newer));
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[2] = "{\"type\":\"call\",\"seq\":\"x\"}";
+    let e = err(&lines.join("\n"));
+    assert!(e.starts_with("line 3:"), "{e}");
+    let mut after_end = text.clone();
+    after_end.push_str(text.lines().nth(1).unwrap());
+    assert!(err(&after_end).contains("line 8: unexpected line after the end"));
+    // A recording cut short (no end line) still reads: every call up to the cut.
+    let cut: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    let r = Recording::read(cut.as_bytes()).unwrap();
+    assert_eq!((r.calls.len(), r.end), (2, None));
+}
+
+#[test]
+fn replay_with_the_same_table_changes_nothing() {
+    let (_, r) = recorded();
+    let out = replay(&r, &table("const:8")).unwrap();
+    assert_eq!(
+        out.verdicts,
+        vec![Verdict::Same, Verdict::Same, Verdict::Same, Verdict::Same, Verdict::NeedsGuestMemory],
+        "standard answers replay through the same emulation; a batch needs guest memory"
+    );
+    assert_eq!(out.counts(), (4, 0, 1));
+}
+
+#[test]
+fn replay_with_a_changed_handler_reports_exactly_the_changed_calls() {
+    let (_, r) = recorded();
+    let out = replay(&r, &table("echo")).unwrap();
+    // 20(7) by echo is 7 (was 8); 20(9) is 9.
+    assert_eq!(out.changed().collect::<Vec<_>>(), vec![0, 3]);
+    assert_eq!(
+        out.verdicts[0],
+        Verdict::Changed { result: 7, by: AnsweredBy::Custom, handler: Some("echo".into()) }
+    );
+    // const:8 again but a handler for 21 too: only the call to 21 changes.
+    let t = table("const:8");
+    t.register(21, "const:1", Builtin::Const(1)).unwrap();
+    assert_eq!(replay(&r, &t).unwrap().changed().collect::<Vec<_>>(), vec![2]);
+    // An empty table: 20 falls back to KVM's -ENOSYS.
+    let out = replay(&r, &HypercallTable::new()).unwrap();
+    assert_eq!(out.changed().collect::<Vec<_>>(), vec![0, 3]);
+    assert!(matches!(
+        &out.verdicts[0],
+        Verdict::Changed { by: AnsweredBy::Standard, handler: None, .. }
+    ));
+}
+
+#[test]
+fn replay_keeps_kvms_rules_cpl_truncation_and_vcpu_count() {
+    let mut r = recorded().1;
+    r.calls.truncate(0);
+    let mut c = CallEntry {
+        seq: 0,
+        vcpu: 0,
+        nr: 20,
+        args: [7, 0, 0, 0],
+        result: u64::MAX, // -KVM_EPERM
+        cpl: 3,
+        mode: "64-bit".into(),
+        rip: 0x20_0000,
+        by: "not-privileged".into(),
+        handler: None,
+        time_ns: 0,
+        latency_ns: 0,
+    };
+    r.calls.push(c.clone());
+    // SEND_IPI to vCPUs 0..2 of a 2-vCPU VM reaches 2.
+    c.cpl = 0;
+    c.nr = vmcall_abi::hc::KVM_HC_SEND_IPI;
+    c.args = [0b111, 0, 0, 0];
+    c.result = 2;
+    r.calls.push(c.clone());
+    // From compat-32, the result is truncated to 32 bits.
+    c.nr = 20;
+    c.mode = "compat-32".into();
+    c.result = 8;
+    r.calls.push(c);
+    let out = replay(&r, &table("const:0x100000008")).unwrap();
+    assert_eq!(out.verdicts, vec![Verdict::Same; 3]);
+}
+
+#[test]
+fn wasm_handlers_need_guest_memory_only_when_they_import_it() {
+    #[cfg(feature = "wasm")]
+    {
+        use crate::hypercall::wasm::{WasmConfig, WasmHandler};
+        let pure = r#"(module (func (export "vmcall_handle") (param i64 i64 i64 i64 i64 i32) (result i64)
+            (i64.add (local.get 1) (i64.const 1))))"#;
+        let reads = r#"(module
+            (import "vmcall" "read_phys" (func $r (param i64 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (func (export "vmcall_handle") (param i64 i64 i64 i64 i64 i32) (result i64)
+              (i64.extend_i32_s (call $r (local.get 1) (i32.const 0) (i32.const 8)))))"#;
+        let (_, r) = recorded();
+        for (wat, want) in [(pure, Verdict::Same), (reads, Verdict::NeedsGuestMemory)] {
+            let t = HypercallTable::new();
+            let h = WasmHandler::from_bytes("h", wat.as_bytes(), WasmConfig::default()).unwrap();
+            t.register(20, "h", h).unwrap();
+            assert_eq!(replay(&r, &t).unwrap().verdicts[0], want);
+        }
+    }
+}
+
+#[test]
+fn streams_are_compared_vcpu_by_vcpu() {
+    let (_, r) = recorded();
+    assert!(compare_streams(&r.calls, &r.calls).is_empty());
+    // Another interleaving of the same per-vCPU streams, other times and sequence numbers.
+    let mut other: Vec<CallEntry> = r.calls_of(1).chain(r.calls_of(0)).cloned().collect();
+    for (i, c) in other.iter_mut().enumerate() {
+        c.seq = i as u64;
+        c.time_ns += 5;
+        c.latency_ns = 1;
+    }
+    assert!(compare_streams(&r.calls, &other).is_empty());
+    // vCPU 0's second call answers differently; vCPU 1 stops early.
+    let mut changed = r.calls.clone();
+    changed[2].result = 5;
+    changed.remove(3);
+    let d = compare_streams(&r.calls, &changed);
+    assert_eq!(d.len(), 2);
+    assert_eq!((d[0].vcpu, d[0].index), (0, 1));
+    assert_eq!(d[0].recorded.as_ref().unwrap().result, r.calls[2].result);
+    assert_eq!(d[0].rerun.as_ref().unwrap().result, 5);
+    assert_eq!((d[1].vcpu, d[1].index, d[1].rerun.as_ref()), (1, 1, None));
+}

@@ -1,0 +1,257 @@
+//! The statistics report in the style of `perf kvm stat`: one row per hypercall number (or
+//! per vCPU and number) with count, share of calls and of host time, min/mean/median/p99/max
+//! host latency — each column in one unit, named in its heading — and a totals line.
+
+use std::fmt::Write;
+
+use vmcall_abi::ExitReason;
+
+use crate::hypercall::HypercallTable;
+use crate::stats::{Latency, VcpuStats};
+
+/// What [`table`] shows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableOptions<'a> {
+    /// Rows per vCPU, then number (`--stats=vcpu`), instead of per number.
+    pub per_vcpu: bool,
+    /// Names custom numbers after their handler in this table (else after the handler that
+    /// answered them, or Linux's name for a standard number).
+    pub custom: Option<&'a HypercallTable>,
+    /// Print the `exits:` line (a recording knows its hypercalls, not its other exits).
+    pub exits: bool,
+}
+
+/// A unit for one column: the largest that keeps the column's values readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Ns,
+    Us,
+    Ms,
+}
+
+impl Unit {
+    fn for_max(max_ns: u64) -> Self {
+        match max_ns {
+            0..=99_999 => Unit::Ns,
+            100_000..=99_999_999 => Unit::Us,
+            _ => Unit::Ms,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Unit::Ns => "ns",
+            Unit::Us => "µs",
+            Unit::Ms => "ms",
+        }
+    }
+    fn show(self, ns: u64) -> String {
+        match self {
+            Unit::Ns => ns.to_string(),
+            Unit::Us => format!("{:.2}", ns as f64 / 1e3),
+            Unit::Ms => format!("{:.2}", ns as f64 / 1e6),
+        }
+    }
+}
+
+/// The five latency figures of a row, in ns.
+fn figures(l: &Latency) -> [u64; 5] {
+    if l.count == 0 {
+        return [0; 5];
+    }
+    [l.min_ns, l.mean_ns(), l.quantile_ns(0.5), l.quantile_ns(0.99), l.max_ns]
+}
+
+enum Row {
+    /// A number's row: nr column, name, latency.
+    Calls { nr: String, name: String, lat: Latency },
+    /// Calls to a number by one of the handlers it had.
+    By { name: String, count: u64 },
+    /// A heading line (per-vCPU view).
+    Heading(String),
+}
+
+/// The report for the statistics of each vCPU (`per_vcpu[i]` is vCPU i's).
+pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
+    let mut total = VcpuStats::default();
+    for s in per_vcpu {
+        total.merge(s);
+    }
+    let mut all = Latency::default();
+    for l in total.hypercalls.values() {
+        all.merge(l);
+    }
+    let name_of = |nr: u64| {
+        opts.custom
+            .and_then(|t| t.get(nr))
+            .map(|e| e.name.to_string())
+            .or_else(|| total.name_of(nr))
+            .unwrap_or_else(|| "-".into())
+    };
+    let number_rows = |s: &VcpuStats, rows: &mut Vec<Row>| {
+        for (nr, l) in &s.hypercalls {
+            rows.push(Row::Calls { nr: format!("{nr:#x}"), name: name_of(*nr), lat: l.clone() });
+            // A number whose handler changed during the run: the calls each one answered.
+            let names = s.handlers(*nr);
+            if names.len() > 1 {
+                for (name, count) in names {
+                    rows.push(Row::By { name: name.to_string(), count });
+                }
+            }
+        }
+    };
+    let mut rows = Vec::new();
+    if opts.per_vcpu {
+        for (id, s) in per_vcpu.iter().enumerate() {
+            if s.hypercalls.is_empty() {
+                continue;
+            }
+            rows.push(Row::Heading(format!("vCPU {id}")));
+            number_rows(s, &mut rows);
+            let mut sub = Latency::default();
+            for l in s.hypercalls.values() {
+                sub.merge(l);
+            }
+            rows.push(Row::Calls { nr: format!("vCPU {id}"), name: "total".into(), lat: sub });
+        }
+    } else {
+        number_rows(&total, &mut rows);
+    }
+    rows.push(Row::Calls { nr: "total".into(), name: String::new(), lat: all.clone() });
+
+    // One unit per latency column, from the column's largest value.
+    let mut max = [0u64; 5];
+    for r in &rows {
+        if let Row::Calls { lat, .. } = r {
+            for (m, v) in max.iter_mut().zip(figures(lat)) {
+                *m = (*m).max(v);
+            }
+        }
+    }
+    let units = max.map(Unit::for_max);
+    let calls_total = all.count.max(1) as f64;
+    let time_total = all.sum_ns.max(1) as f64;
+    let mut out = String::new();
+    let heads = ["min", "mean", "median", "p99", "max"];
+    let _ =
+        write!(out, "{:>10}  {:<24} {:>10} {:>7} {:>7}", "nr", "name", "calls", "calls%", "time%");
+    for (h, u) in heads.iter().zip(units) {
+        let _ = write!(out, " {:>11}", format!("{h}({})", u.name()));
+    }
+    out.push('\n');
+    for r in &rows {
+        match r {
+            Row::Heading(h) => {
+                let _ = writeln!(out, "{h}:");
+            }
+            Row::By { name, count } => {
+                let _ = writeln!(out, "{:>10}    by {:<21} {:>10}", "", name, count);
+            }
+            Row::Calls { nr, name, lat } => {
+                let _ = write!(
+                    out,
+                    "{nr:>10}  {name:<24} {:>10} {:>7.2} {:>7.2}",
+                    lat.count,
+                    100.0 * lat.count as f64 / calls_total,
+                    100.0 * lat.sum_ns as f64 / time_total,
+                );
+                for (u, v) in units.iter().zip(figures(lat)) {
+                    let _ = write!(out, " {:>11}", u.show(v));
+                }
+                out.push('\n');
+            }
+        }
+    }
+    if opts.exits {
+        let exits: Vec<String> = ExitReason::ALL
+            .iter()
+            .filter(|r| total.exits[**r as usize] > 0)
+            .map(|r| format!("{}={}", r.name(), total.exits[*r as usize]))
+            .collect();
+        let _ = writeln!(out, "exits: {}", exits.join(" "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    fn stats(calls: &[(u64, u64)]) -> VcpuStats {
+        let mut s = VcpuStats::default();
+        let t = Instant::now();
+        for (nr, ns) in calls {
+            s.hypercall(*nr, t, Duration::from_nanos(*ns));
+        }
+        s
+    }
+
+    fn row<'a>(text: &'a str, first: &str) -> Vec<&'a str> {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(first))
+            .unwrap_or_else(|| panic!("no row {first}:\n{text}"))
+            .split_whitespace()
+            .collect()
+    }
+
+    #[test]
+    fn one_unit_per_column_shares_and_a_totals_line() {
+        // 3 calls to 20 (1000, 2000, 3000 ns) and one to 1 (4266 ns) on vCPU 0; vCPU 1 makes
+        // one 12800 ns call to 20.
+        let v0 = stats(&[(20, 1000), (20, 2000), (20, 3000), (1, 4266)]);
+        let v1 = stats(&[(20, 12_800)]);
+        let text = table(&[v0, v1], TableOptions { exits: true, ..Default::default() });
+        let head: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            head,
+            [
+                "nr",
+                "name",
+                "calls",
+                "calls%",
+                "time%",
+                "min(ns)",
+                "mean(ns)",
+                "median(ns)",
+                "p99(ns)",
+                "max(ns)"
+            ]
+        );
+        let r = row(&text, "0x14");
+        assert_eq!(&r[2..5], ["4", "80.00", "81.51"], "{text}"); // 18800 of 23066 ns
+        assert_eq!((r[5], r[6], r[9]), ("1000", "4700", "12800"));
+        let r = row(&text, "0x1");
+        assert_eq!((r[1], r[2], r[3]), ("KVM_HC_VAPIC_POLL_IRQ", "1", "20.00"));
+        let t = row(&text, "total");
+        assert_eq!(&t[1..4], ["5", "100.00", "100.00"]);
+        assert_eq!((t[4], t[5], t[8]), ("1000", "4613", "12800"));
+        assert!(text.lines().last().unwrap().starts_with("exits:"));
+        // A column whose values reach 100 µs switches to µs, for every row.
+        let slow = stats(&[(20, 150_000), (21, 900)]);
+        let text = table(&[slow], TableOptions::default());
+        assert!(text.lines().next().unwrap().contains("max(µs)"), "{text}");
+        assert_eq!(row(&text, "0x15")[8], "0.90", "{text}");
+        assert!(!text.contains("exits:"));
+    }
+
+    #[test]
+    fn the_vcpu_view_has_a_section_and_a_subtotal_per_vcpu() {
+        let mut v0 = stats(&[(20, 100), (20, 100)]);
+        let name: Arc<str> = "const:1".into();
+        v0.answered_by(20, &name);
+        let v1 = stats(&[(21, 200)]);
+        let text = table(
+            &[v0, VcpuStats::default(), v1],
+            TableOptions { per_vcpu: true, ..Default::default() },
+        );
+        assert!(text.contains("vCPU 0:\n") && text.contains("vCPU 2:\n"), "{text}");
+        assert!(!text.contains("vCPU 1:"), "a vCPU without calls has no section: {text}");
+        let sub: Vec<&str> =
+            text.lines().filter(|l| l.contains("vCPU") && l.contains(" total ")).collect();
+        assert_eq!(sub.len(), 2, "{text}");
+        assert!(sub[0].split_whitespace().collect::<Vec<_>>()[3..6] == ["2", "66.67", "50.00"]);
+        assert_eq!(row(&text, "0x14")[1], "const:1");
+        assert_eq!(&row(&text, "total")[1..4], ["3", "100.00", "100.00"]);
+    }
+}
