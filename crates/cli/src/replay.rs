@@ -203,6 +203,7 @@ fn call_text(c: &CallEntry) -> String {
 
 /// `vmcall replay`.
 pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
+    crate::init_tracing(); // handlers' warnings (a wasm trap, an exec process that failed)
     let rec = read_recording(&args.file)?;
     let opts = BuildOptions { exec_deadline: args.exec_deadline };
     let table = Arc::new(replay_table(&rec.header, args, &opts)?);
