@@ -54,7 +54,12 @@ fn answers_on_every_backend(test: &str, path: &Path, first_log: &str) {
         assert_eq!(out.stats.hypercalls[&20].count, CALLS, "{}", b.name);
         let lines = lines.lock().unwrap();
         assert_eq!(lines.len(), 1, "{}: {lines:?}", b.name);
-        assert!(lines[0].ends_with(&format!("] vCPU 0: {first_log}")), "{}: {lines:?}", b.name);
+        assert!(
+            lines[0].starts_with("vmcall: wasm ")
+                && lines[0].ends_with(&format!(": vCPU 0: {first_log}")),
+            "{}: {lines:?}",
+            b.name
+        );
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use vmcall_vmm::hypercall::{AnsweredBy, HypercallTable};
 use vmcall_vmm::record::{self, CallEntry, Header, Recorder, Recording, Verdict};
+use vmcall_vmm::seccomp::Seccomp;
 use vmcall_vmm::stats::VcpuStats;
 use vmcall_vmm::trace::TraceSwitch;
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
@@ -202,6 +203,7 @@ fn call_text(c: &CallEntry) -> String {
 
 /// `vmcall replay`.
 pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
+    crate::init_tracing(); // handlers' warnings (a wasm trap, an exec process that failed)
     let rec = read_recording(&args.file)?;
     let opts = BuildOptions { exec_deadline: args.exec_deadline };
     let table = Arc::new(replay_table(&rec.header, args, &opts)?);
@@ -297,6 +299,15 @@ fn rerun(
     let image = crate::guest_file::read(guest, crate::guest_file::image_limit(h.memory))?;
     let hv = crate::backends::select(&args.backend, &args.trap)?;
     let sink = Arc::new(Recorder::in_memory());
+    // An exec: handler starts its process from a vCPU thread, which a seccomp filter would
+    // forbid (as `vmcall run` does, see seccomp_mode in main.rs).
+    let exec = table.list().iter().any(|l| l.kind == "exec");
+    if exec {
+        eprintln!(
+            "vmcall: warning: vCPU threads run without seccomp filters: an exec: handler starts \
+             processes from them (docs/security.md)"
+        );
+    }
     let vm = VmBuilder::new(image)
         .memory(h.memory)
         .vcpus(h.vcpus)
@@ -315,6 +326,7 @@ fn rerun(
         // The guest's console goes to stderr: stdout is the comparison.
         .console(Box::new(std::io::stderr()))
         .sink(sink.clone())
+        .seccomp(if exec { Seccomp::Off } else { Seccomp::VcpuThreads })
         .build(hv.as_ref())
         .map_err(|e| crate::chain(&e))?;
     eprintln!("vmcall: re-running {} on the {}", guest.display(), vm.describe());

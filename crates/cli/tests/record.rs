@@ -257,3 +257,25 @@ fn stats_of_a_recording_is_the_stats_report() {
     assert!(text(&o).1.contains("not a vmcall recording"), "{:?}", text(&o));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn exec_handlers_replay_with_and_without_the_guest() {
+    let d = dir("exec");
+    let file = d.join("r.jsonl");
+    record(&file, "emu", "echo", "4");
+    let f = file.to_str().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/handlers/double.py");
+    let spec = format!("20=exec:python3 {script}");
+    // double answers 2 * a0: the same as echo for a0 = 0 only.
+    let o = vmcall(&["replay", f, "--hypercall", &spec]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("total: 4 calls, 1 same, 3 changed, 0 not replayed"), "{out}");
+    let o =
+        vmcall(&["replay", f, "--guest", guest("calls"), "--backend", "emu", "--hypercall", &spec]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("first divergence: vCPU 0, its call #1"), "{out}{err}");
+    assert!(out.contains("-> 0x2 by exec:python3"), "{out}");
+    let _ = std::fs::remove_dir_all(&d);
+}
