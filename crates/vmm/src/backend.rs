@@ -18,15 +18,19 @@ use crate::x86::Regs;
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}")]
 pub struct BackendError {
+    /// What failed.
     pub msg: String,
+    /// The underlying error, if any.
     #[source]
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl BackendError {
+    /// An error with a message and no cause.
     pub fn new(msg: impl Into<String>) -> Self {
         Self { msg: msg.into(), source: None }
     }
+    /// An error with a message and its cause.
     pub fn with(
         msg: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
@@ -38,10 +42,13 @@ impl BackendError {
 /// An exception the guest did not handle, reported by the VMM-owned IDT stubs or the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestFault {
+    /// The exception vector.
     pub vector: u8,
+    /// The error code, for the vectors that push one.
     pub error_code: Option<u64>,
     /// RIP of the faulting instruction.
     pub rip: u64,
+    /// CS at the fault.
     pub cs: u16,
     /// Faulting address of a page fault.
     pub cr2: Option<u64>,
@@ -51,9 +58,21 @@ pub struct GuestFault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuExit {
     /// `out` to `port` of `size` bytes (1, 2 or 4), value in the low bytes of `data`.
-    IoOut { port: u16, size: u8, data: u32 },
+    IoOut {
+        /// The port.
+        port: u16,
+        /// Bytes written: 1, 2 or 4.
+        size: u8,
+        /// The value, in the low `size` bytes.
+        data: u32,
+    },
     /// `in` from `port`; answer with [`Vcpu::complete_io_in`].
-    IoIn { port: u16, size: u8 },
+    IoIn {
+        /// The port.
+        port: u16,
+        /// Bytes read: 1, 2 or 4.
+        size: u8,
+    },
     /// HLT (with no interrupt controller, always a stop of this vCPU).
     Hlt,
     /// A VMCALL or VMMCALL; answer with [`Vcpu::complete_hypercall`].
@@ -61,12 +80,27 @@ pub enum VcpuExit {
     /// An exception the guest does not handle.
     Fault(GuestFault),
     /// Triple fault.
-    Shutdown { rip: u64 },
+    Shutdown {
+        /// RIP at the shutdown.
+        rip: u64,
+    },
     /// A debug exit the backend did not consume.
-    Debug { rip: u64 },
+    Debug {
+        /// RIP at the debug exit.
+        rip: u64,
+    },
     /// An access to a guest-physical address with no RAM behind it (`data`: what a write
     /// writes); answer a read with [`Vcpu::complete_mmio_read`].
-    Mmio { gpa: u64, write: bool, len: u8, data: u64 },
+    Mmio {
+        /// The guest-physical address.
+        gpa: u64,
+        /// A write (else a read).
+        write: bool,
+        /// Bytes accessed.
+        len: u8,
+        /// The value a write writes.
+        data: u64,
+    },
     /// Stopped from another thread through [`Interrupter::interrupt`].
     Interrupted,
     /// Anything else; the text says what.
@@ -92,6 +126,7 @@ impl VcpuExit {
 /// Stops a running vCPU from another thread; its `run` then returns [`VcpuExit::Interrupted`]
 /// (soon, not necessarily at once: callers repeat it until the vCPU thread has stopped).
 pub trait Interrupter: Send + Sync {
+    /// Make the vCPU's current or next run return [`VcpuExit::Interrupted`] soon.
     fn interrupt(&self);
 }
 
@@ -137,7 +172,9 @@ pub trait Vcpu: Send {
 /// What a backend learns about the guest when the VM is created.
 #[derive(Debug, Clone, Default)]
 pub struct GuestInfo {
+    /// Number of vCPUs.
     pub vcpus: u32,
+    /// The guest's entry point.
     pub entry: u64,
     /// The loaded ELF segments; a backend may scan the executable ones for hypercall sites.
     pub segments: Vec<Segment>,
@@ -165,6 +202,7 @@ pub trait VmBackend: Send + Sync {
 
 /// A way to run VMs: KVM, an emulator, or a test double.
 pub trait Hypervisor: Send + Sync {
+    /// The backend's name ("kvm", "emu"), for messages and statistics.
     fn name(&self) -> &'static str;
     /// Create a VM whose RAM is `ram`, already loaded and set up for boot.
     fn create_vm(

@@ -16,9 +16,10 @@
 //!
 //! Layout: [`x86`] (architecture), [`memory`] (the one gate to guest RAM), [`boot`] (ELF and
 //! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
-//! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`seccomp`] (the filters
+//! `vcpu` (run loop and exit table; internal), [`vm`] (builder and run), [`seccomp`] (the filters
 //! each kind of thread runs under), [`stats`], [`trace`] (per-call observers), and
 //! [`backend`], the thin trait KVM and the software CPU implement.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod backend;
@@ -29,7 +30,7 @@ pub mod memory;
 pub mod seccomp;
 pub mod stats;
 pub mod trace;
-pub mod vcpu;
+pub(crate) mod vcpu;
 pub mod vm;
 pub mod x86;
 

@@ -18,27 +18,78 @@ use exits::{handle_exit, ExitContext, Flow, Inline};
 /// Why a run ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A vCPU triple-faulted.
     #[error("guest triple fault on vCPU {vcpu} at RIP {rip:#x}")]
-    TripleFault { vcpu: u32, rip: u64 },
+    TripleFault {
+        /// The vCPU.
+        vcpu: u32,
+        /// RIP at the triple fault.
+        rip: u64,
+    },
+    /// A guest exception nobody handles.
     #[error("unhandled guest exception on vCPU {vcpu}: {}", describe_fault(fault))]
-    GuestFault { vcpu: u32, fault: GuestFault },
+    GuestFault {
+        /// The vCPU.
+        vcpu: u32,
+        /// The exception.
+        fault: GuestFault,
+    },
+    /// The run did not end within the timeout (its length).
     #[error("guest did not finish within {0:?} (--timeout)")]
     Timeout(Duration),
+    /// An exit vmcall cannot handle.
     #[error("vCPU {vcpu}: unhandled exit: {what}")]
-    Unhandled { vcpu: u32, what: String },
+    Unhandled {
+        /// The vCPU.
+        vcpu: u32,
+        /// What the exit was.
+        what: String,
+    },
+    /// A 1- or 2-byte write to the exit port.
     #[error(
         "vCPU {vcpu}: {size}-byte write of {data:#x} to the exit port: only a 4-byte write \
          (`out 0xf8, eax`, the SDKs' exit) ends a run, so the guest has gone wrong"
     )]
-    StrayExit { vcpu: u32, size: u8, data: u32 },
+    StrayExit {
+        /// The vCPU.
+        vcpu: u32,
+        /// Bytes written.
+        size: u8,
+        /// The value written.
+        data: u32,
+    },
+    /// A vCPU thread panicked.
     #[error("vCPU {vcpu}: its thread panicked: {message}")]
-    VcpuPanicked { vcpu: u32, message: String },
+    VcpuPanicked {
+        /// The vCPU.
+        vcpu: u32,
+        /// The panic's message.
+        message: String,
+    },
+    /// A vCPU thread could not be started.
     #[error("cannot start the thread of vCPU {vcpu}")]
-    Thread { vcpu: u32, source: std::io::Error },
+    Thread {
+        /// The vCPU.
+        vcpu: u32,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A thread could not be confined.
     #[error("cannot confine {thread} with its seccomp filter (--no-seccomp runs without)")]
-    Seccomp { thread: String, source: crate::seccomp::SeccompError },
+    Seccomp {
+        /// Which thread.
+        thread: String,
+        /// The cause.
+        source: crate::seccomp::SeccompError,
+    },
+    /// The backend failed.
     #[error("vCPU {vcpu}: backend failure")]
-    Backend { vcpu: u32, source: BackendError },
+    Backend {
+        /// The vCPU.
+        vcpu: u32,
+        /// The cause.
+        source: BackendError,
+    },
 }
 
 fn describe_fault(f: &GuestFault) -> String {
