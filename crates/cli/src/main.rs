@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 pub(crate) use error::chain;
+use error::Error;
 use handlers::{BuildOptions, HandlerSpec};
 use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
@@ -357,7 +358,7 @@ fn main() -> ExitCode {
             let usable = backends::info(args.json);
             return if usable { ExitCode::SUCCESS } else { ExitCode::from(1) };
         }
-        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS).map_err(Error::Bench),
         Command::Ctl(args) => {
             use control::client::Command as C;
             let cmd = match args.command {
@@ -379,13 +380,13 @@ fn main() -> ExitCode {
         Command::Man => match man_page() {
             // `vmcall man | head` is no error.
             Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                Err(format!("cannot write the man page: {e}"))
+                Err(Error::io("cannot write the man page", e))
             }
             _ => Ok(ExitCode::SUCCESS),
         },
     };
-    result.unwrap_or_else(|msg| {
-        eprintln!("vmcall: error: {msg}");
+    result.unwrap_or_else(|e| {
+        error::report(&e);
         ExitCode::from(EXIT_FAILURE)
     })
 }
@@ -508,16 +509,16 @@ fn run(
     cmdline: String,
     base: Option<HypercallTable>,
     default_timeout: Option<Duration>,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, Error> {
     let opts = BuildOptions { exec_deadline: a.exec_deadline };
     let table = Arc::new(base.unwrap_or_default());
     for (nr, spec) in &a.hypercalls {
         table
-            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?)
-            .map_err(|e| format!("--hypercall {nr}={spec}: {e} (use --override)"))?;
+            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts))
+            .map_err(|source| Error::Table { what: format!("--hypercall {nr}={spec}"), source })?;
     }
     for (nr, spec) in &a.overrides {
-        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?);
+        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts));
     }
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let hv = backends::select(&a.backend, &a.trap)?;
@@ -526,8 +527,9 @@ fn run(
         .vcpus(a.vcpus)
         .timeout(a.timeout.map_or(default_timeout, |t| t.0))
         .cmdline(cmdline)
-        .boot(a.boot.parse()?)
-        .foreign_hypercall(a.foreign_hypercall.parse()?)
+        // Both values are among the ones clap accepts, which all parse.
+        .boot(a.boot.parse().map_err(Error::Refused)?)
+        .foreign_hypercall(a.foreign_hypercall.parse().map_err(Error::Refused)?)
         .pv_cpuid(PvCpuid {
             features: a.pv_features.unwrap_or(vmcall_vmm::x86::cpuid::PV_FEATURES),
             enforce: a.enforce_pv_cpuid,
@@ -542,7 +544,7 @@ fn run(
     if let Some(t) = &json_trace {
         builder = builder.sink(t.clone());
     }
-    let vm = builder.build(hv.as_ref()).map_err(|e| error::chain(&e))?;
+    let vm = builder.build(hv.as_ref())?;
     note!("vmcall: {}", vm.describe());
     let monitor = vm.monitor();
     let control = match &a.control {
@@ -592,7 +594,7 @@ fn run(
             error::report(&e);
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Err(e) => Err(error::chain(&e)),
+        Err(e) => Err(e.into()),
     }
 }
 
