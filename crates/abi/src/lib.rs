@@ -3,6 +3,7 @@
 //! Hypercall numbers and error codes are Linux KVM's (`include/uapi/linux/kvm_para.h`); ports,
 //! selectors and the boot layout are vmcall's own (see `docs/guest-abi.md`). The ABI is versioned
 //! by [`ABI_VERSION`], independently of the crate's semver.
+#![warn(missing_docs)]
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -13,17 +14,30 @@ pub const ABI_VERSION: u32 = 1;
 
 /// Linux KVM hypercall numbers (`KVM_HC_*`), x86 meanings in `docs/hypercalls.md`.
 pub mod hc {
+    /// Poll for a pending interrupt: a no-op that answers 0 (its exit is the point).
     pub const KVM_HC_VAPIC_POLL_IRQ: u64 = 1;
+    /// The paravirtual MMU operations, removed from Linux: -KVM_ENOSYS.
     pub const KVM_HC_MMU_OP: u64 = 2;
+    /// PowerPC only: -KVM_ENOSYS on x86.
     pub const KVM_HC_FEATURES: u64 = 3;
+    /// PowerPC only: -KVM_ENOSYS on x86.
     pub const KVM_HC_PPC_MAP_MAGIC_PAGE: u64 = 4;
+    /// Wake a vCPU halted in a paravirtual spinlock: a0 = flags, a1 = its APIC id.
     pub const KVM_HC_KICK_CPU: u64 = 5;
+    /// MIPS only: -KVM_ENOSYS on x86.
     pub const KVM_HC_MIPS_GET_CLOCK_FREQ: u64 = 6;
+    /// MIPS only: -KVM_ENOSYS on x86.
     pub const KVM_HC_MIPS_EXIT_VM: u64 = 7;
+    /// MIPS only: -KVM_ENOSYS on x86.
     pub const KVM_HC_MIPS_CONSOLE_OUTPUT: u64 = 8;
+    /// Write a [`crate::KvmClockPairing`] (host wall clock and TSC) at guest-physical a0.
     pub const KVM_HC_CLOCK_PAIRING: u64 = 9;
+    /// Send an IPI to the vCPUs of a bitmap (a0 low, a1 high half) of APIC ids from a2, with ICR a3.
     pub const KVM_HC_SEND_IPI: u64 = 10;
+    /// Yield to the vCPU with APIC id a0 (the host just schedules).
     pub const KVM_HC_SCHED_YIELD: u64 = 11;
+    /// Map a guest-physical range (confidential guests): answered by user space, which is
+    /// why a custom handler may take it without an override.
     pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
 
     /// One past the highest number Linux assigns; numbers below it are "standard" and a custom
@@ -71,11 +85,17 @@ pub mod hc {
 
 /// KVM hypercall error codes (positive; hypercalls return them negated).
 pub mod errno {
+    /// Unknown or unavailable hypercall.
     pub const KVM_ENOSYS: i64 = 1000;
+    /// A guest address could not be read or written.
     pub const KVM_EFAULT: i64 = 14;
+    /// An invalid argument.
     pub const KVM_EINVAL: i64 = 22;
+    /// An argument too large (a batch or list that does not fit).
     pub const KVM_E2BIG: i64 = 7;
+    /// Not allowed: the caller is not at CPL 0.
     pub const KVM_EPERM: i64 = 1;
+    /// Not supported here (e.g. clock pairing without a stable host clock).
     pub const KVM_EOPNOTSUPP: i64 = 95;
 
     /// Every error code with its name, for parsing and printing.
@@ -143,6 +163,7 @@ pub mod ports {
 pub mod mmio {
     /// The local APIC's register page (xAPIC mode), one per vCPU at the same address.
     pub const APIC_BASE: u64 = 0xfee0_0000;
+    /// Size of the APIC's register page.
     pub const APIC_SIZE: u64 = 0x1000;
 }
 
@@ -166,12 +187,17 @@ pub mod selectors {
 
 /// CPUID values a guest uses to detect KVM and the CPU vendor.
 pub mod cpuid {
+    /// The leaf with KVM's signature ("KVMKVMKVM") and the highest KVM leaf in EAX.
     pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
+    /// The leaf whose EAX lists the paravirtual features (`KVM_FEATURE_*` bits).
     pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
     /// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
     pub const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+    /// Bit of `KVM_HC_KICK_CPU` support (paravirtual spinlocks).
     pub const KVM_FEATURE_PV_UNHALT: u32 = 7;
+    /// Bit of `KVM_HC_SEND_IPI` support.
     pub const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
+    /// Bit of `KVM_HC_SCHED_YIELD` support.
     pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
     /// Leaf 0 EBX of an AMD CPU ("Auth"): guests on AMD use VMMCALL.
     pub const VENDOR_AMD_EBX: u32 = 0x6874_7541;
@@ -183,10 +209,15 @@ pub mod cpuid {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KvmClockPairing {
+    /// Host wall-clock seconds at the pairing.
     pub sec: i64,
+    /// Nanoseconds within `sec`.
     pub nsec: i64,
+    /// The guest TSC at the same moment.
     pub tsc: u64,
+    /// Flags (none defined; 0).
     pub flags: u32,
+    /// Reserved, zero.
     pub pad: [u32; 9],
 }
 const _: () = assert!(core::mem::size_of::<KvmClockPairing>() == 64);
@@ -243,6 +274,7 @@ pub struct BootInfo {
     pub abi_version: u32,
     /// This vCPU's index, which is also its APIC id.
     pub vcpu_id: u32,
+    /// Number of vCPUs in the VM.
     pub vcpu_count: u32,
     /// Set if the host CPU is AMD-like (the native hypercall instruction is VMMCALL).
     pub amd: u32,
@@ -250,6 +282,7 @@ pub struct BootInfo {
     pub ram_size: u64,
     /// Guest-physical address of the command line (UTF-8, not NUL-terminated).
     pub cmdline_gpa: u64,
+    /// Length of the command line in bytes.
     pub cmdline_len: u64,
     /// Initial RSP of this vCPU.
     pub stack_top: u64,

@@ -9,7 +9,7 @@ use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::HypercallTable;
 use vmcall_vmm::vm::{RunStatus, VmBuilder};
 
-use crate::error::chain;
+use crate::error::{chain, Error};
 
 /// The backend named by `--backend` (and `--trap` for KVM). `auto` takes KVM whenever
 /// `/dev/kvm` is usable — even a software KVM, where the emulator runs guest code faster,
@@ -17,8 +17,8 @@ use crate::error::chain;
 /// saying why on stderr. A usable KVM that lacks the `--trap` strategy asked for is an error,
 /// not a reason to fall back; so is a `--trap` strategy (other than auto) when there is no
 /// usable KVM, since the software CPU has no trap strategies.
-pub fn select(backend: &str, trap: &str) -> Result<Box<dyn Hypervisor>, String> {
-    match backend {
+pub fn select(backend: &str, trap: &str) -> Result<Box<dyn Hypervisor>, Error> {
+    let hv = match backend {
         "kvm" => kvm(trap),
         "emu" => emu(),
         "auto" => open_kvm(trap).or_else(|e| match e {
@@ -34,7 +34,8 @@ pub fn select(backend: &str, trap: &str) -> Result<Box<dyn Hypervisor>, String> 
             }
         }),
         other => Err(format!("unknown backend '{other}'")),
-    }
+    };
+    hv.map_err(Error::Backend)
 }
 
 /// The software-CPU backend, if built in.

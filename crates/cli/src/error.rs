@@ -26,6 +26,60 @@ macro_rules! note {
     };
 }
 
+/// What the command reports as an error (exit status 125): its one error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operation on a file, a socket or the system failed: what, and the OS's reason.
+    #[error("{what}")]
+    Io {
+        /// What failed, e.g. "cannot read guest 'x.elf'".
+        what: String,
+        /// The OS's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something vmcall will not use or do: an empty or oversized guest file, a path that is
+    /// not a socket, a directory that is not private. The text says what and why.
+    #[error("{0}")]
+    Refused(String),
+    /// No backend can run the guest as asked (the text says why).
+    #[error("{0}")]
+    Backend(String),
+    /// A handler could not be installed.
+    #[error("{what}")]
+    Table {
+        /// The option that asked for it, e.g. "--hypercall 20=echo".
+        what: String,
+        /// Why the table refused it.
+        #[source]
+        source: vmcall_vmm::hypercall::TableError,
+    },
+    /// The VM could not be built.
+    #[error(transparent)]
+    Build(#[from] vmcall_vmm::vm::BuildError),
+    /// The run ended with an error.
+    #[error(transparent)]
+    Run(#[from] vmcall_vmm::vm::RunError),
+    /// `vmcall bench` failed (its text says how).
+    #[error("{0}")]
+    Bench(String),
+    /// A recording could not be written, read or replayed (`--record`, `vmcall replay`,
+    /// `vmcall stats`; the text says what).
+    #[error("{0}")]
+    Record(String),
+    /// The guest faulted: the run's error with the symbol at RIP and the vCPU's last
+    /// hypercalls (`fault.rs`), already composed.
+    #[error("{0}")]
+    GuestFault(String),
+}
+
+impl Error {
+    /// An [`Error::Io`]: `what` failed because of `source`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { what: what.into(), source }
+    }
+}
+
 /// An error and each of its causes, on one line: `error: cause: cause`. The command's one
 /// way of showing an error chain, in error messages and in `vmcall info` alike.
 pub fn chain(e: &(dyn std::error::Error + '_)) -> String {

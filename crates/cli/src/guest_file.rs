@@ -2,6 +2,7 @@
 //! (`/dev/zero`), a FIFO, a directory, a huge or sparse file or one that changes while it is
 //! read gets a clear refusal, never an unbounded read or a hang.
 
+use crate::error::Error;
 use std::fs::{File, Metadata};
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -20,7 +21,7 @@ pub fn image_limit(ram: u64) -> u64 {
 }
 
 /// Read the regular file at `path`, of at most `limit` bytes.
-pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>, Error> {
     let name = path.display();
     // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below);
     // on a regular file the flag does nothing.
@@ -28,21 +29,22 @@ pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| format!("cannot read guest '{name}': {e}"))?;
+        .map_err(|e| Error::io(format!("cannot read guest '{name}'"), e))?;
     // The type and size of what was opened, not of what the path names now.
-    let before = file.metadata().map_err(|e| format!("cannot read guest '{name}': {e}"))?;
+    let before =
+        file.metadata().map_err(|e| Error::io(format!("cannot read guest '{name}'"), e))?;
     let kind = kind(&before);
     if !before.is_file() {
-        return Err(format!(
+        return Err(Error::Refused(format!(
             "guest '{name}' is {kind}, not a regular file: vmcall runs a guest ELF from a file"
-        ));
+        )));
     }
     let size = before.len();
     if size == 0 {
-        return Err(format!("guest '{name}' is empty (its size is 0 bytes)"));
+        return Err(Error::Refused(format!("guest '{name}' is empty (its size is 0 bytes)")));
     }
     if size > limit {
-        return Err(format!(
+        return Err(Error::Refused(format!(
             "guest '{name}' is {} bytes ({}); an image may have at most {limit} bytes ({}) \
              here: the larger of --memory and {} MiB, and at most {} GiB",
             size,
@@ -50,22 +52,22 @@ pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
             human(limit),
             MIN_IMAGE_LIMIT >> 20,
             MAX_IMAGE_LIMIT >> 30
-        ));
+        )));
     }
     let mut image = Vec::with_capacity(size as usize);
     // One byte more than the size: a file that grew is noticed without reading all of it.
     (&file)
         .take(size + 1)
         .read_to_end(&mut image)
-        .map_err(|e| format!("cannot read guest '{name}': {e}"))?;
-    let after = file.metadata().map_err(|e| format!("cannot read guest '{name}': {e}"))?;
+        .map_err(|e| Error::io(format!("cannot read guest '{name}'"), e))?;
+    let after = file.metadata().map_err(|e| Error::io(format!("cannot read guest '{name}'"), e))?;
     if image.len() as u64 != size || changed(&before, &after) {
-        return Err(format!(
+        return Err(Error::Refused(format!(
             "guest '{name}' changed while it was read ({size} bytes when opened, {} read, {} \
              now); run it again once it is written",
             image.len(),
             after.len()
-        ));
+        )));
     }
     Ok(image)
 }
@@ -116,12 +118,13 @@ mod tests {
 
     #[test]
     fn non_files_and_oversized_files_are_refused_before_reading() {
-        let e = read(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        let e = read(Path::new("/dev/zero"), 1 << 20).unwrap_err().to_string();
         assert!(e.contains("is a character device, not a regular file"), "{e}");
-        let e = read(Path::new("/"), 1 << 20).unwrap_err();
+        let e = read(Path::new("/"), 1 << 20).unwrap_err().to_string();
         assert!(e.contains("is a directory"), "{e}");
         let e = read(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml").as_path(), 10)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("an image may have at most 10 bytes"), "{e}");
     }
 
@@ -130,7 +133,7 @@ mod tests {
         // sysfs files claim a size of one page and read a few bytes.
         let path = Path::new("/sys/kernel/mm/transparent_hugepage/enabled");
         if path.exists() {
-            let e = read(path, 1 << 20).unwrap_err();
+            let e = read(path, 1 << 20).unwrap_err().to_string();
             assert!(e.contains("changed while it was read"), "{e}");
         }
         let here = std::fs::metadata(env!("CARGO_MANIFEST_DIR")).unwrap();

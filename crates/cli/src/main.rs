@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 pub(crate) use error::chain;
+use error::Error;
 use handlers::{BuildOptions, HandlerSpec};
 use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::Call;
@@ -373,9 +374,9 @@ fn main() -> ExitCode {
             let usable = backends::info(args.json);
             return if usable { ExitCode::SUCCESS } else { ExitCode::from(1) };
         }
-        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
-        Command::Replay(args) => replay::replay(&args),
-        Command::Stats(args) => replay::stats(&args),
+        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS).map_err(Error::Bench),
+        Command::Replay(args) => replay::replay(&args).map_err(Error::Record),
+        Command::Stats(args) => replay::stats(&args).map_err(Error::Record),
         Command::Ctl(args) => {
             use control::client::Command as C;
             let cmd = match args.command {
@@ -397,13 +398,13 @@ fn main() -> ExitCode {
         Command::Man => match man_page() {
             // `vmcall man | head` is no error.
             Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                Err(format!("cannot write the man page: {e}"))
+                Err(Error::io("cannot write the man page", e))
             }
             _ => Ok(ExitCode::SUCCESS),
         },
     };
-    result.unwrap_or_else(|msg| {
-        eprintln!("vmcall: error: {msg}");
+    result.unwrap_or_else(|e| {
+        error::report(&e);
         ExitCode::from(EXIT_FAILURE)
     })
 }
@@ -426,6 +427,13 @@ fn check_usage(command: &Command) -> Result<(), clap::Error> {
         let sub = cli.find_subcommand_mut(name).expect("a subcommand of Cli");
         Err(sub.clone().bin_name(format!("vmcall {name}")).error(ArgumentConflict, msg))
     };
+    let to_stdout = |p: &Option<PathBuf>| p.as_deref() == Some(std::path::Path::new("-"));
+    if to_stdout(&vm.record) && (to_stdout(&vm.trace_json) || to_stdout(&vm.stats_json)) {
+        return usage(
+            "--record - needs stdout to itself: write the JSON trace or statistics to a file"
+                .into(),
+        );
+    }
     if vm.backend == "emu" && vm.trap != "auto" {
         return usage(format!(
             "--trap {} needs the kvm backend: the software CPU (--backend emu) traps every \
@@ -536,26 +544,20 @@ fn run(
     cmdline: String,
     base: Option<HypercallTable>,
     default_timeout: Option<Duration>,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, Error> {
     let opts = BuildOptions { exec_deadline: a.exec_deadline };
     let table = Arc::new(base.unwrap_or_default());
     for (nr, spec) in &a.hypercalls {
         table
-            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?)
-            .map_err(|e| format!("--hypercall {nr}={spec}: {e} (use --override)"))?;
+            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts))
+            .map_err(|source| Error::Table { what: format!("--hypercall {nr}={spec}"), source })?;
     }
     for (nr, spec) in &a.overrides {
-        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?);
+        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts));
     }
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let to_stdout = |p: &Option<PathBuf>| p.as_deref() == Some(std::path::Path::new("-"));
-    if to_stdout(&a.record) && (to_stdout(&a.trace_json) || to_stdout(&a.stats_json)) {
-        return Err(
-            "--record - needs stdout to itself: write the JSON trace or statistics to a file"
-                .into(),
-        );
-    }
-    let recorder = a.record.as_deref().map(replay::recorder).transpose()?;
+    let recorder = a.record.as_deref().map(replay::recorder).transpose().map_err(Error::Record)?;
     let header_cmdline = cmdline.clone();
     let hv = backends::select(&a.backend, &a.trap)?;
     let mut builder = VmBuilder::new(image)
@@ -563,8 +565,9 @@ fn run(
         .vcpus(a.vcpus)
         .timeout(a.timeout.map_or(default_timeout, |t| t.0))
         .cmdline(cmdline)
-        .boot(a.boot.parse()?)
-        .foreign_hypercall(a.foreign_hypercall.parse()?)
+        // Both values are among the ones clap accepts, which all parse.
+        .boot(a.boot.parse().map_err(Error::Refused)?)
+        .foreign_hypercall(a.foreign_hypercall.parse().map_err(Error::Refused)?)
         .pv_cpuid(PvCpuid {
             features: a.pv_features.unwrap_or(vmcall_vmm::x86::cpuid::PV_FEATURES),
             enforce: a.enforce_pv_cpuid,
@@ -591,11 +594,11 @@ fn run(
     } else if let Some(sink) = sinks.pop() {
         builder = builder.sink(sink);
     }
-    let vm = builder.build(hv.as_ref()).map_err(|e| error::chain(&e))?;
+    let vm = builder.build(hv.as_ref())?;
     note!("vmcall: {}", vm.describe());
     if let Some(r) = &recorder {
         let h = replay::header(a, hv.name(), vm.describe(), image_name, &header_cmdline, &table);
-        r.begin(&h).map_err(|e| format!("cannot write the recording: {e}"))?;
+        r.begin(&h).map_err(|e| Error::io("cannot write the recording", e))?;
     }
     let monitor = vm.monitor();
     let control = match &a.control {
@@ -618,7 +621,7 @@ fn run(
     }
     if let Some(r) = &recorder {
         r.finish(&replay::outcome(&report.result))
-            .map_err(|e| format!("cannot write the recording: {e}"))?;
+            .map_err(|e| Error::io("cannot write the recording", e))?;
     }
     if let Some(view) = &a.stats {
         let per_vcpu_view = view == "vcpu";
@@ -647,7 +650,13 @@ fn run(
             error::report(&e);
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
-        Err(e) => Err(fault::report(&e, error::chain(&e), image_name, report.last_calls.as_ref())),
+        Err(e) if e.is_guest_fault() => Err(Error::GuestFault(fault::report(
+            &e,
+            error::chain(&e),
+            image_name,
+            report.last_calls.as_ref(),
+        ))),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -148,7 +148,7 @@ fn replay_table(
                 ))
             }
         };
-        let handler = spec.build(e.nr, opts)?;
+        let handler = spec.build(e.nr, opts);
         if e.overrides_standard {
             table.override_shared(e.nr, &e.name, handler);
         } else {
@@ -157,11 +157,11 @@ fn replay_table(
     }
     for (nr, spec) in &args.hypercalls {
         table
-            .set(*nr, &spec.to_string(), spec.build(*nr, opts)?)
+            .set(*nr, &spec.to_string(), spec.build(*nr, opts))
             .map_err(|e| format!("--hypercall {nr}={spec}: {e} (use --override)"))?;
     }
     for (nr, spec) in &args.overrides {
-        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, opts)?);
+        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, opts));
     }
     Ok(table)
 }
@@ -203,7 +203,6 @@ fn call_text(c: &CallEntry) -> String {
 
 /// `vmcall replay`.
 pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
-    crate::init_tracing(); // handlers' warnings (a wasm trap, an exec process that failed)
     let rec = read_recording(&args.file)?;
     let opts = BuildOptions { exec_deadline: args.exec_deadline };
     let table = Arc::new(replay_table(&rec.header, args, &opts)?);
@@ -296,8 +295,9 @@ fn rerun(
     args: &ReplayArgs,
 ) -> Result<u8, String> {
     let h = &rec.header;
-    let image = crate::guest_file::read(guest, crate::guest_file::image_limit(h.memory))?;
-    let hv = crate::backends::select(&args.backend, &args.trap)?;
+    let image = crate::guest_file::read(guest, crate::guest_file::image_limit(h.memory))
+        .map_err(|e| crate::chain(&e))?;
+    let hv = crate::backends::select(&args.backend, &args.trap).map_err(|e| crate::chain(&e))?;
     let sink = Arc::new(Recorder::in_memory());
     // An exec: handler starts its process from a vCPU thread, which a seccomp filter would
     // forbid (as `vmcall run` does, see seccomp_mode in main.rs).

@@ -1,6 +1,7 @@
 //! Machine-readable output: the statistics as JSON (`--stats-json`, the control socket's
 //! `stats`) and the per-call JSON trace (`--trace-json`), each to a file or `-` for stdout.
 
+use crate::error::Error;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,14 +93,14 @@ pub fn stats_text(
 }
 
 /// Write `text` to `path`, `-` meaning stdout.
-pub fn write_to(path: &Path, text: &str) -> Result<(), String> {
+pub fn write_to(path: &Path, text: &str) -> Result<(), Error> {
     if path == Path::new("-") {
         let mut out = std::io::stdout().lock();
         out.write_all(text.as_bytes()).and_then(|()| out.flush())
     } else {
         std::fs::write(path, text)
     }
-    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
 }
 
 /// `--trace-json`: one JSON object per call, one per line.
@@ -117,12 +118,12 @@ impl std::fmt::Debug for JsonTrace {
 
 impl JsonTrace {
     /// A trace written to `path` (`-`: stdout), created now.
-    pub fn create(path: &Path) -> Result<Arc<Self>, String> {
+    pub fn create(path: &Path) -> Result<Arc<Self>, Error> {
         let out: Box<dyn Write + Send> = if path == Path::new("-") {
             Box::new(std::io::stdout())
         } else {
             let f = std::fs::File::create(path)
-                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
             Box::new(std::io::BufWriter::with_capacity(1 << 16, f))
         };
         Ok(Arc::new(Self {
@@ -133,9 +134,9 @@ impl JsonTrace {
     }
 
     /// Flush what is buffered.
-    pub fn finish(&self) -> Result<(), String> {
+    pub fn finish(&self) -> Result<(), Error> {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        out.flush().map_err(|e| format!("cannot write {}: {e}", self.path))
+        out.flush().map_err(|e| Error::io(format!("cannot write {}", self.path), e))
     }
 }
 

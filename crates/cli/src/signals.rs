@@ -1,6 +1,7 @@
 //! SIGINT and SIGTERM stop the VM through its normal end (statistics are printed and written,
 //! the control socket removed); a second one exits at once.
 
+use crate::error::Error;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
@@ -17,9 +18,9 @@ pub struct StopOnSignal {
 }
 
 impl StopOnSignal {
-    pub fn install(monitor: VmMonitor) -> Result<Self, String> {
+    pub fn install(monitor: VmMonitor) -> Result<Self, Error> {
         let mut signals = Signals::new([SIGINT, SIGTERM])
-            .map_err(|e| format!("cannot install the signal handlers: {e}"))?;
+            .map_err(|e| Error::io("cannot install the signal handlers", e))?;
         let handle = signals.handle();
         let caught = Arc::new(AtomicI32::new(0));
         let thread = {
@@ -37,7 +38,7 @@ impl StopOnSignal {
                         monitor.stop();
                     }
                 })
-                .map_err(|e| format!("cannot start the signal thread: {e}"))?
+                .map_err(|e| Error::io("cannot start the signal thread", e))?
         };
         Ok(Self { handle, thread, caught })
     }

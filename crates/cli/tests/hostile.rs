@@ -105,15 +105,20 @@ fn flags_at_and_beyond_their_limits() {
     let demo = vmcall_test_guests::path("demo").expect("demo guest");
     let long_cmdline = "x".repeat(4097);
     for (args, status, want) in [
-        (vec!["--memory", "0"], 125, "guest RAM of 0 bytes is not supported: 2 MiB to 64 GiB"),
-        (vec!["--memory", "1M"], 125, "a multiple of 2 MiB"),
-        (vec!["--memory", "3M"], 125, "guest RAM of 3145728 bytes is not supported"),
-        (vec!["--memory", "65G"], 125, "is not supported: 2 MiB to 64 GiB"),
-        (vec!["--memory", "18446744073709551615"], 125, "is not supported"),
+        // Sizes and counts out of range are usage errors (status 2), caught while parsing.
+        (
+            vec!["--memory", "0"],
+            2,
+            "'0' is not a guest RAM size: it must be a multiple of 2M from 2M to 64G",
+        ),
+        (vec!["--memory", "1M"], 2, "a multiple of 2M"),
+        (vec!["--memory", "3M"], 2, "'3M' is not a guest RAM size"),
+        (vec!["--memory", "65G"], 2, "from 2M to 64G"),
+        (vec!["--memory", "18446744073709551615"], 2, "is not a guest RAM size"),
         (vec!["--memory", "99999999999999G"], 2, "is too large"),
         (vec!["--memory", "2M"], 125, "outside the guest's load area"),
-        (vec!["--vcpus", "0"], 125, "0 vCPUs requested; vmcall supports 1..=64"),
-        (vec!["--vcpus", "65"], 125, "65 vCPUs requested"),
+        (vec!["--vcpus", "0"], 2, "0 is not in 1..=64"),
+        (vec!["--vcpus", "65"], 2, "65 is not in 1..=64"),
         (vec!["--vcpus", "4294967296"], 2, "invalid value '4294967296'"),
         (vec!["--timeout", "1000000001"], 2, "is out of range"),
         (vec!["--timeout", "nan"], 2, "is not a duration"),

@@ -6,6 +6,7 @@
 //! as a hypercall exit and the VMM's one dispatcher answers it. See `docs/emu-backend.md`.
 //!
 //! This crate links the unicorn engine and is therefore GPL-2.0; the rest of vmcall is not.
+#![warn(missing_docs)]
 
 pub mod baseline;
 mod cpu_state;
@@ -22,10 +23,26 @@ use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::seccomp::{Allowed, ThreadKind};
 
 /// The software-CPU backend.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use vmcall_vmm::hypercall::{Call, HypercallTable};
+/// use vmcall_vmm::vm::VmBuilder;
+///
+/// let table = Arc::new(HypercallTable::new());
+/// table.register(20, "double", |c: &Call<'_>| Ok(c.args[0] * 2))?;
+/// let vm = VmBuilder::new(std::fs::read("guest.elf")?)
+///     .table(table)
+///     .build(&vmcall_emu::EmuHypervisor::new())?;
+/// let report = vm.run();
+/// println!("{:?}, {} hypercalls", report.result, report.stats.total_hypercalls());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EmuHypervisor;
 
 impl EmuHypervisor {
+    /// The backend: it holds no state until a VM is created.
     pub fn new() -> Self {
         Self
     }

@@ -3,7 +3,26 @@
 //! A guest binary is `#![no_std] #![no_main]`, names its main function with [`entry!`] and is
 //! linked with `link.ld` (the `guests/` crate shows how). The VMM starts it in 64-bit mode at CPL 0
 //! with RDI pointing at its [`BootInfo`]; see `docs/guest-abi.md`.
-#![no_std]
+//!
+//! ```ignore
+//! // A whole guest (not run as a doctest: it is a bare-metal binary).
+//! #![no_std]
+//! #![no_main]
+//! use vmcall_guest::fmt::Dec;
+//! use vmcall_guest::{hc, hypercall1, println, BootInfo};
+//!
+//! vmcall_guest::entry!(main);
+//!
+//! fn main(info: &'static BootInfo) -> i32 {
+//!     let r = hypercall1(hc::KVM_HC_MY_VMCALL, 41);
+//!     println!("vCPU {}: hypercall 20 answered {}", Dec(info.vcpu_id.into()), Dec(r));
+//!     0 // halt this vCPU; any other value ends the run with that status
+//! }
+//! ```
+#![warn(missing_docs)]
+// A host test build of this crate (which only `cargo clippy --all-targets` makes, without
+// linking: the manifest turns its tests off) has std and std's panic handler.
+#![cfg_attr(not(test), no_std)]
 
 use core::arch::{asm, global_asm};
 use core::fmt as core_fmt;
@@ -223,6 +242,7 @@ pub fn halt_forever() -> ! {
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     println!("guest panic: {}", info);

@@ -20,6 +20,7 @@
 //! hardware breakpoint so the host answers first (`debugregs`).
 //! Under `xen` the #UD path still catches the other vendor's instruction when the quirk is
 //! disabled.
+#![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod baseline;
@@ -68,6 +69,7 @@ pub enum Trap {
 }
 
 impl Trap {
+    /// The strategy's name, as `--trap` takes it.
     pub fn name(self) -> &'static str {
         match self {
             Trap::Auto => "auto",
@@ -101,28 +103,42 @@ pub use debugregs::HW_BREAKPOINTS;
 /// Where a KVM backend cannot be used, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    /// `/dev/kvm` could not be opened (missing, or no permission).
     #[error("cannot open /dev/kvm")]
     Open(#[source] vmm_sys_util::errno::Error),
+    /// The kernel speaks another KVM API version than 12.
     #[error("KVM API version {0} is not 12")]
     ApiVersion(i32),
+    /// The kernel lacks `KVM_CAP_SYNC_REGS`, which the run loop relies on.
     #[error("this KVM lacks KVM_CAP_SYNC_REGS for regs and sregs")]
     NoSyncRegs,
+    /// `VMCALL_NO_KVM` is set: act as a host without KVM.
     #[error("KVM is disabled by VMCALL_NO_KVM")]
     DisabledByEnv,
     /// The trap strategy asked for cannot work on this KVM.
     #[error("--trap {trap} is unavailable on this KVM: {reason}")]
-    TrapUnavailable { trap: &'static str, reason: String },
+    TrapUnavailable {
+        /// The strategy's name.
+        trap: &'static str,
+        /// What the kernel lacks.
+        reason: String,
+    },
 }
 
 /// What this host's KVM offers vmcall.
 #[derive(Debug, Clone)]
 pub struct KvmCapabilities {
+    /// `KVM_GET_API_VERSION` (12 on every kernel vmcall runs on).
     pub api_version: i32,
+    /// `KVM_CAP_MAX_VCPUS`: most vCPUs per VM.
     pub max_vcpus: usize,
+    /// `KVM_CAP_SYNC_REGS`: registers shared through the run structure.
     pub sync_regs: bool,
+    /// `KVM_CAP_IMMEDIATE_EXIT`: a vCPU can be stopped without a signal race.
     pub immediate_exit: bool,
     /// KVM_X86_QUIRK_FIX_HYPERCALL_INSN can be disabled (needed by the #UD path).
     pub can_disable_hypercall_quirk: bool,
+    /// `KVM_CAP_SET_GUEST_DEBUG`: hardware breakpoints (the `hwbp` strategy).
     pub guest_debug: bool,
     /// `KVM_CHECK_EXTENSION(KVM_CAP_XEN_HVM)` as reported: a mask of
     /// `KVM_XEN_HVM_CONFIG_*` bits (0 without `CONFIG_KVM_XEN`, 1 before Linux 5.12).
@@ -152,6 +168,17 @@ impl std::fmt::Debug for KvmHypervisor {
 impl KvmHypervisor {
     /// Open `/dev/kvm` and check what vmcall needs. Setting the environment variable
     /// `VMCALL_NO_KVM=1` makes this fail, to exercise hosts without KVM.
+    ///
+    /// ```no_run
+    /// use vmcall_kvm::{KvmHypervisor, Trap};
+    /// use vmcall_vmm::vm::VmBuilder;
+    ///
+    /// let hv = KvmHypervisor::open(Trap::Auto)?;
+    /// println!("trapping hypercalls with {}", hv.resolved_trap().name());
+    /// let vm = VmBuilder::new(std::fs::read("guest.elf")?).build(&hv)?;
+    /// println!("{:?}", vm.run().result);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn open(trap: Trap) -> Result<Self, OpenError> {
         if std::env::var_os("VMCALL_NO_KVM").is_some_and(|v| !v.is_empty() && v != "0") {
             return Err(OpenError::DisabledByEnv);
@@ -174,10 +201,12 @@ impl KvmHypervisor {
         Ok(Self { kvm, trap, caps, cpuid: std::sync::OnceLock::new() })
     }
 
+    /// What this KVM offers.
     pub fn capabilities(&self) -> &KvmCapabilities {
         &self.caps
     }
 
+    /// The strategy asked for (see [`KvmHypervisor::resolved_trap`] for what `auto` picks).
     pub fn trap(&self) -> Trap {
         self.trap
     }

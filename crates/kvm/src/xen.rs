@@ -16,7 +16,7 @@
 //! `KVM_CAP_XEN_HVM = 0`).
 
 use kvm_bindings::{
-    kvm_regs, kvm_run, kvm_sregs, kvm_xen_hvm_config, KVMIO, KVM_EXIT_XEN, KVM_EXIT_XEN_HCALL,
+    kvm_regs, kvm_run, kvm_sregs, kvm_xen_hvm_config, KVM_EXIT_XEN, KVM_EXIT_XEN_HCALL,
     KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL, KVM_XEN_MSR_MAX_INDEX, KVM_XEN_MSR_MIN_INDEX,
 };
 use kvm_ioctls::VmFd;
@@ -40,7 +40,12 @@ const _: () =
     assert!(INTERCEPT_MSR >= KVM_XEN_MSR_MIN_INDEX && INTERCEPT_MSR <= KVM_XEN_MSR_MAX_INDEX);
 
 // `_IOW(KVMIO, 0x7a, struct kvm_xen_hvm_config)`, issued on the VM fd; kvm-ioctls lacks it.
-vmm_sys_util::ioctl_iow_nr!(KVM_XEN_HVM_CONFIG, KVMIO, 0x7a, kvm_xen_hvm_config);
+// (In a private module: the macro makes a `pub fn`, which is not part of this crate's API.)
+mod ioctl {
+    use kvm_bindings::{kvm_xen_hvm_config, KVMIO};
+    vmm_sys_util::ioctl_iow_nr!(KVM_XEN_HVM_CONFIG, KVMIO, 0x7a, kvm_xen_hvm_config);
+}
+use ioctl::KVM_XEN_HVM_CONFIG;
 
 /// Whether a `KVM_CHECK_EXTENSION(KVM_CAP_XEN_HVM)` value offers the hypercall intercept.
 /// A plain `> 0` test is wrong: kernels before 5.12 report 1 (only the hypercall-page MSR)

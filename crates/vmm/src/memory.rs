@@ -13,18 +13,23 @@ use vm_memory::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("guest-physical range {gpa:#x}+{len:#x} is outside guest RAM ({ram_size:#x} bytes)")]
 pub struct OutOfBounds {
+    /// The first guest-physical address of the access.
     pub gpa: u64,
+    /// Its length in bytes.
     pub len: u64,
+    /// The guest's RAM size.
     pub ram_size: u64,
 }
 
 /// Errors creating guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum RamError {
+    /// An unsupported RAM size (in bytes).
     #[error("guest RAM of {0} bytes is not supported: {min} MiB to {max} GiB, a multiple of {align} MiB",
         min = vmcall_abi::layout::MIN_RAM >> 20, max = vmcall_abi::layout::MAX_RAM >> 30,
         align = vmcall_abi::layout::RAM_ALIGN >> 20)]
     BadSize(u64),
+    /// The RAM could not be mapped.
     #[error("cannot map guest RAM")]
     Mmap(#[source] vm_memory::mmap::FromRangesError),
 }

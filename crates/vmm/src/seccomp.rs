@@ -9,7 +9,7 @@
 //! an error it can report, and the guest an answer, while nothing outside the list runs.
 //!
 //! What a backend's vCPU threads need beyond the common list comes from
-//! [`VmBackend::vcpu_syscalls`](crate::backend::VmBackend::vcpu_syscalls); what a kind of
+//! [`VmBackend::syscalls`](crate::backend::VmBackend::syscalls); what a kind of
 //! handler needs (pipes and polling for an exec handler, say) is declared with
 //! [`VmBuilder::seccomp_allow`](crate::vm::VmBuilder::seccomp_allow). Setting
 //! `VMCALL_SECCOMP_AUDIT=1` in the environment turns every refusal into an allowed, logged
@@ -45,9 +45,19 @@ pub enum Args {
     /// Any.
     Any,
     /// Argument `arg` (its low 32 bits) is one of `values`: ioctl requests, signal numbers.
-    OneOf { arg: u8, values: Vec<u64> },
+    OneOf {
+        /// The argument's index.
+        arg: u8,
+        /// The values it may take.
+        values: Vec<u64>,
+    },
     /// Argument `arg` has none of the bits in `mask`: `mmap`/`mprotect` without `PROT_EXEC`.
-    Lacks { arg: u8, mask: u64 },
+    Lacks {
+        /// The argument's index.
+        arg: u8,
+        /// The bits it must not have.
+        mask: u64,
+    },
 }
 
 /// One syscall a kind of thread may make, and who needs it.
@@ -55,6 +65,7 @@ pub enum Args {
 pub struct Allowed {
     /// The syscall number (`libc::SYS_*`).
     pub nr: i64,
+    /// Which arguments it may have.
     pub args: Args,
     /// Who makes it, for the reader of a filter and for its error messages.
     pub who: Cow<'static, str>,
@@ -85,6 +96,7 @@ pub struct SeccompError(String);
 /// The kinds of threads a run confines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThreadKind {
+    /// A vCPU thread.
     Vcpu,
     /// The thread that called `Vm::run`, once the vCPU threads run.
     Main,

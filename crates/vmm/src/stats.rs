@@ -23,9 +23,13 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 /// Latency distribution of one hypercall number.
 #[derive(Debug, Clone)]
 pub struct Latency {
+    /// Number of samples.
     pub count: u64,
+    /// Smallest sample, in ns.
     pub min_ns: u64,
+    /// Largest sample, in ns.
     pub max_ns: u64,
+    /// Sum of the samples, in ns.
     pub sum_ns: u64,
     buckets: Box<[u64]>,
 }
@@ -55,6 +59,7 @@ fn bucket_floor(index: usize) -> u64 {
 }
 
 impl Latency {
+    /// Add one sample of `ns` nanoseconds.
     pub fn record(&mut self, ns: u64) {
         self.count += 1;
         self.min_ns = self.min_ns.min(ns);
@@ -63,6 +68,7 @@ impl Latency {
         self.buckets[bucket(ns)] += 1;
     }
 
+    /// Add all of `other`'s samples.
     pub fn merge(&mut self, other: &Latency) {
         self.count += other.count;
         self.min_ns = self.min_ns.min(other.min_ns);
@@ -89,6 +95,7 @@ impl Latency {
         self.max_ns
     }
 
+    /// Mean sample, in ns (0 without samples).
     pub fn mean_ns(&self) -> u64 {
         self.sum_ns.checked_div(self.count).unwrap_or(0)
     }
@@ -97,6 +104,7 @@ impl Latency {
 /// One vCPU's counters.
 #[derive(Debug, Clone, Default)]
 pub struct VcpuStats {
+    /// Exits by reason, indexed by [`ExitReason`].
     pub exits: [u64; ExitReason::COUNT],
     /// Host handling time per hypercall number.
     pub hypercalls: BTreeMap<u64, Latency>,
@@ -114,6 +122,7 @@ pub struct VcpuStats {
 }
 
 impl VcpuStats {
+    /// Count one exit for `reason`.
     pub fn exit(&mut self, reason: ExitReason) {
         self.exits[reason as usize] += 1;
     }
@@ -183,6 +192,7 @@ impl VcpuStats {
         }
     }
 
+    /// Add all of `other`'s counts and latencies.
     pub fn merge(&mut self, other: &VcpuStats) {
         for (a, b) in self.exits.iter_mut().zip(other.exits) {
             *a += b;
@@ -206,6 +216,7 @@ impl VcpuStats {
             .or_else(|| vmcall_abi::hc::name(nr).map(String::from))
     }
 
+    /// Hypercalls answered, all numbers together.
     pub fn total_hypercalls(&self) -> u64 {
         self.hypercalls.values().map(|l| l.count).sum()
     }

@@ -11,6 +11,7 @@ use crate::x86::CpuMode;
 /// One answered hypercall, as a [`CallSink`] sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct CallRecord<'a> {
+    /// The calling vCPU.
     pub vcpu: u32,
     /// The number after truncation.
     pub nr: u64,
@@ -18,10 +19,13 @@ pub struct CallRecord<'a> {
     pub args: [u64; 4],
     /// The value written to RAX.
     pub ret: u64,
+    /// The caller's privilege level.
     pub cpl: u8,
+    /// The caller's CPU mode.
     pub mode: CpuMode,
     /// Address of the hypercall instruction.
     pub rip: u64,
+    /// Who answered it.
     pub answered_by: AnsweredBy,
     /// The custom handler that answered, by its name at the time of the call.
     pub handler: Option<&'a str>,
@@ -32,6 +36,7 @@ pub struct CallRecord<'a> {
 /// Receives every hypercall of a VM, on the vCPU thread that made it, after it is answered
 /// (before the vCPU resumes): keep it quick.
 pub trait CallSink: Send + Sync + 'static {
+    /// Record one call (from the vCPU thread that answered it: keep it short).
     fn record(&self, call: &CallRecord<'_>);
 }
 
@@ -113,12 +118,15 @@ impl CallSink for Fanout {
 pub struct TraceSwitch(Arc<AtomicBool>);
 
 impl TraceSwitch {
+    /// A switch, on or off.
     pub fn new(on: bool) -> Self {
         Self(Arc::new(AtomicBool::new(on)))
     }
+    /// Turn the trace on or off; vCPUs see the change at their next call.
     pub fn set(&self, on: bool) {
         self.0.store(on, Ordering::Relaxed);
     }
+    /// Whether the trace is on.
     #[inline]
     pub fn is_on(&self) -> bool {
         self.0.load(Ordering::Relaxed)

@@ -29,20 +29,33 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Errors building a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The guest ELF was refused.
     #[error("invalid guest ELF")]
     Elf(#[from] ElfError),
+    /// The multiboot kernel was refused.
     #[error("invalid multiboot kernel")]
     Multiboot(#[from] MultibootError),
+    /// Guest RAM could not be created.
     #[error(transparent)]
     Ram(#[from] RamError),
+    /// An unsupported number of vCPUs.
     #[error("{0} vCPUs requested; vmcall supports 1..={MAX_VCPUS}")]
     VcpuCount(u32),
+    /// The command line (its length) does not fit.
     #[error("guest command line is {0} bytes; at most {CMDLINE_MAX} fit")]
     CmdlineTooLong(usize),
+    /// Writing the boot state into guest RAM failed.
     #[error("guest memory setup failed")]
     Memory(#[from] crate::memory::OutOfBounds),
+    /// The backend could not create the VM.
     #[error("{backend} backend")]
-    Backend { backend: &'static str, source: BackendError },
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// The cause.
+        source: BackendError,
+    },
+    /// A seccomp filter could not be built.
     #[error("seccomp filter")]
     Seccomp(#[from] SeccompError),
 }
@@ -50,11 +63,13 @@ pub enum BuildError {
 /// The result of [`Vm::run`].
 #[derive(Debug)]
 pub struct RunReport {
+    /// How the run ended.
     pub result: Result<RunStatus, RunError>,
     /// Every vCPU's statistics, merged.
     pub stats: VcpuStats,
     /// Each vCPU's own, by vCPU id.
     pub per_vcpu: Vec<VcpuStats>,
+    /// How long it ran.
     pub elapsed: Duration,
     /// vCPUs whose threads had not stopped when the stop grace ran out (held by a handler
     /// that never returned): left running, detached, their statistics not counted.
@@ -135,18 +150,22 @@ impl VmBuilder {
         self.boot.image_name = name.into();
         self
     }
+    /// Guest RAM in bytes (a multiple of 2 MiB, 2 MiB to 64 GiB; default 32 MiB).
     pub fn memory(mut self, bytes: u64) -> Self {
         self.memory = bytes;
         self
     }
+    /// Number of vCPUs (1 to 64; default 1).
     pub fn vcpus(mut self, n: u32) -> Self {
         self.vcpus = n;
         self
     }
+    /// The guest's command line (`BootInfo::cmdline_gpa`, or the multiboot command line).
     pub fn cmdline(mut self, cmdline: impl Into<Vec<u8>>) -> Self {
         self.cmdline = cmdline.into();
         self
     }
+    /// Stop the run with [`RunError::Timeout`] after this long (`None`: never).
     pub fn timeout(mut self, t: Option<Duration>) -> Self {
         self.timeout = t;
         self
@@ -165,6 +184,7 @@ impl VmBuilder {
         self.table = table;
         self
     }
+    /// Where the guest's console output goes (default: stdout).
     pub fn console(mut self, console: ConsoleWriter) -> Self {
         self.console = Some(console);
         self
@@ -228,8 +248,11 @@ impl VmBuilder {
 /// Guest RAM with an image loaded and every vCPU's boot state set up, before any backend.
 #[derive(Debug)]
 pub struct PreparedGuest {
+    /// The guest's RAM, loaded.
     pub ram: Arc<GuestRam>,
+    /// What the backend needs to know about the guest.
     pub guest: GuestInfo,
+    /// Each vCPU's state at entry.
     pub inits: Vec<VcpuInit>,
 }
 
@@ -262,6 +285,7 @@ impl std::str::FromStr for Boot {
 /// choose as on KVM itself.
 #[derive(Debug, Clone, Default)]
 pub struct BootOptions {
+    /// The boot protocol.
     pub boot: Boot,
     /// The image's name, which multiboot puts first on the kernel's command line (as QEMU
     /// does for `-kernel NAME -append ARGS`); "kernel" if empty.
@@ -348,6 +372,7 @@ impl std::fmt::Debug for VmStopper {
 }
 
 impl VmStopper {
+    /// Stop the VM: every vCPU leaves its run loop and the run ends with [`RunStatus::Stopped`].
     pub fn stop(&self) {
         self.0.finish(Ok(RunStatus::Stopped));
     }
@@ -376,6 +401,7 @@ pub struct LiveStats {
 }
 
 impl VmMonitor {
+    /// The VM's hypercall table (change it at any time).
     pub fn table(&self) -> &Arc<HypercallTable> {
         &self.0.table
     }
@@ -390,9 +416,11 @@ impl VmMonitor {
         let elapsed = self.0.started.get().map_or(Duration::ZERO, Instant::elapsed);
         LiveStats { total, per_vcpu, elapsed }
     }
+    /// The per-call trace switch.
     pub fn trace(&self) -> &TraceSwitch {
         &self.0.trace
     }
+    /// Stop the VM, as [`VmStopper::stop`] does.
     pub fn stop(&self) {
         self.0.finish(Ok(RunStatus::Stopped));
     }

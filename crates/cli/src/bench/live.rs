@@ -94,7 +94,7 @@ pub(super) fn ctl_set(hv: &dyn Hypervisor, swaps: u32, lat: &mut Latency) -> Res
     let monitor = vm.monitor();
     let path = std::env::temp_dir().join(format!("vmcall-bench-{}.sock", std::process::id()));
     let target = Arc::new(VmTarget { monitor: monitor.clone(), opts: BuildOptions::default() });
-    let server = ControlServer::start(&path, target)?;
+    let server = ControlServer::start(&path, target).map_err(|e| crate::chain(&e))?;
     let runner = std::thread::spawn(move || vm.run());
     let result = (|| {
         let wait_for = |v: u64| -> Result<Instant, String> {

@@ -324,7 +324,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         print!("{report}");
     }
     if let Some(path) = &args.json {
-        crate::report::write_to(path, &json(&bench)).map_err(|e| e.to_string())?;
+        crate::report::write_to(path, &json(&bench)).map_err(|e| crate::chain(&e))?;
         if !json_to_stdout {
             crate::note!("vmcall bench: wrote {}", path.display());
         }

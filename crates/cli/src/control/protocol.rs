@@ -153,10 +153,7 @@ pub fn execute(req: Request, target: &dyn Target) -> Value {
 
 /// `set` (register or replace) or `override` (any number, explicitly).
 fn install(target: &dyn Target, nr: u64, spec: &HandlerSpec, overriding: bool) -> Value {
-    let handler = match spec.build(nr, &target.build_options()) {
-        Ok(h) => h,
-        Err(e) => return error(e),
-    };
+    let handler = spec.build(nr, &target.build_options());
     let name = spec.to_string();
     let table = target.table();
     let replaced = if overriding {

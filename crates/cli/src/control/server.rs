@@ -4,6 +4,7 @@
 //! thread: requests only touch the table (lock-free for the vCPUs), the trace switch and the
 //! stop flag.
 
+use crate::error::Error;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,16 +35,16 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Bind `path` and serve `target` on a thread of its own.
-    pub fn start(path: &Path, target: Arc<dyn Target + Send + Sync>) -> Result<Self, String> {
+    pub fn start(path: &Path, target: Arc<dyn Target + Send + Sync>) -> Result<Self, Error> {
         let listener = bind(path)?;
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let thread = {
             let shutdown = shutdown.clone();
             std::thread::Builder::new()
                 .name("control".into())
                 .spawn(move || serve(&listener, &target, &shutdown))
-                .map_err(|e| format!("cannot start the control thread: {e}"))?
+                .map_err(|e| Error::io("cannot start the control thread", e))?
         };
         Ok(Self {
             path: path.to_path_buf(),
@@ -79,7 +80,7 @@ impl Drop for ControlServer {
 /// The default socket path: `$XDG_RUNTIME_DIR/vmcall/<pid>.sock`, or, without
 /// XDG_RUNTIME_DIR, `/tmp/vmcall-<uid>/<pid>.sock`; the directory is created mode 0700 and
 /// must be ours and private.
-pub fn default_path() -> Result<PathBuf, String> {
+pub fn default_path() -> Result<PathBuf, Error> {
     let uid = rustix::process::getuid().as_raw();
     let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("vmcall"),
@@ -91,15 +92,15 @@ pub fn default_path() -> Result<PathBuf, String> {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
-        Err(e) => return Err(format!("{}: {e}", dir.display())),
+        Err(e) => return Err(Error::io(dir.display().to_string(), e)),
         Ok(meta) => {
             if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
-                return Err(format!(
+                return Err(Error::Refused(format!(
                     "{} is not a private directory of this user (mode 0700); pass --control PATH",
                     dir.display()
-                ));
+                )));
             }
         }
     }
@@ -108,35 +109,38 @@ pub fn default_path() -> Result<PathBuf, String> {
 
 /// Bind a fresh socket at `path`, mode 0600. A stale socket (nobody listening) is replaced; a
 /// live one, or anything that is not a socket, is an error.
-fn bind(path: &Path) -> Result<UnixListener, String> {
+fn bind(path: &Path) -> Result<UnixListener, Error> {
     let shown = path.display();
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(format!("{shown} exists and is not a socket; not replacing it"));
+            return Err(Error::Refused(format!(
+                "{shown} exists and is not a socket; not replacing it"
+            )));
         }
         Ok(_) => match UnixStream::connect(path) {
             Ok(_) => {
-                return Err(format!(
+                return Err(Error::Refused(format!(
                     "{shown} is in use: another process (a running vmcall?) listens on it"
-                ))
+                )))
             }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 std::fs::remove_file(path)
-                    .map_err(|e| format!("cannot remove the stale socket {shown}: {e}"))?;
+                    .map_err(|e| Error::io(format!("cannot remove the stale socket {shown}"), e))?;
             }
-            Err(e) => return Err(format!("{shown} exists and cannot be checked: {e}")),
+            Err(e) => return Err(Error::io(format!("{shown} exists and cannot be checked"), e)),
         },
         Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{shown}: {e}")),
+        Err(e) => return Err(Error::io(shown.to_string(), e)),
     }
     // Created 0600 (no window where others could connect), and set so again in case the file
     // system ignores the umask for sockets.
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
     rustix::process::umask(old);
-    let listener = bound.map_err(|e| format!("cannot create the control socket {shown}: {e}"))?;
+    let listener =
+        bound.map_err(|e| Error::io(format!("cannot create the control socket {shown}"), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot make {shown} private: {e}"))?;
+        .map_err(|e| Error::io(format!("cannot make {shown} private"), e))?;
     Ok(listener)
 }
 

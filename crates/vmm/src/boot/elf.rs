@@ -15,26 +15,60 @@ use crate::memory::GuestRam;
 /// Why a guest image was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ElfError {
+    /// Not an ELF file.
     #[error("not an ELF file (bad magic)")]
     NotElf,
+    /// Not a 64-bit little-endian ELF.
     #[error("not a 64-bit little-endian ELF")]
     NotElf64,
+    /// Neither a little-endian ELF32 nor ELF64 file.
     #[error("not a little-endian ELF32 or ELF64 file")]
     NotElfX86,
+    /// Built for another machine than x86 (the ELF machine number).
     #[error("ELF machine is {0:#x}, not x86 (0x3e for ELF64, 0x3 for ELF32)")]
     WrongMachine(u16),
+    /// Not a static executable (the ELF type).
     #[error("ELF type is {0}, not a static executable (ET_EXEC = 2); build without -pie")]
     NotExecutable(u16),
+    /// The headers contradict themselves or the file (what is wrong).
     #[error("malformed ELF: {0}")]
     Malformed(&'static str),
+    /// Nothing to load.
     #[error("ELF has no PT_LOAD segment")]
     NoSegments,
+    /// A segment has more bytes in the file than in memory.
     #[error("segment {index} has file size {filesz:#x} larger than its memory size {memsz:#x}")]
-    FileLargerThanMemory { index: usize, filesz: u64, memsz: u64 },
+    FileLargerThanMemory {
+        /// The segment's index among the program headers.
+        index: usize,
+        /// Its size in the file.
+        filesz: u64,
+        /// Its size in memory.
+        memsz: u64,
+    },
+    /// A segment lies outside the guest's load area.
     #[error("segment {index} ({paddr:#x}+{memsz:#x}) is outside the guest's load area {min:#x}..{max:#x}; link it at or above {min:#x} or give the VM more memory")]
-    OutsideRam { index: usize, paddr: u64, memsz: u64, min: u64, max: u64 },
+    OutsideRam {
+        /// The segment's index among the program headers.
+        index: usize,
+        /// Its physical load address.
+        paddr: u64,
+        /// Its size in memory.
+        memsz: u64,
+        /// The lowest address a segment may use.
+        min: u64,
+        /// The end of the load area.
+        max: u64,
+    },
+    /// Two segments overlap.
     #[error("segments {a} and {b} overlap")]
-    Overlap { a: usize, b: usize },
+    Overlap {
+        /// One segment's index.
+        a: usize,
+        /// The other's.
+        b: usize,
+    },
+    /// The entry point is not in an executable segment.
     #[error("entry point {0:#x} is not inside an executable segment")]
     BadEntry(u64),
 }
@@ -47,9 +81,13 @@ pub struct Segment {
     /// Where the guest's code sees it once the guest maps it (p_vaddr; = `paddr` for images
     /// that run on vmcall's identity mapping, different for higher-half kernels).
     pub vaddr: u64,
+    /// Bytes the segment occupies in memory.
     pub memsz: u64,
+    /// Bytes of it in the file (the rest is zeroed).
     pub filesz: u64,
+    /// Where those bytes start in the file.
     pub offset: u64,
+    /// Whether the segment is executable.
     pub executable: bool,
 }
 
@@ -58,6 +96,7 @@ pub struct Segment {
 pub struct ElfImage {
     /// Guest-physical address of the entry point.
     pub entry: u64,
+    /// The loadable segments.
     pub segments: Vec<Segment>,
     /// Where code is known to start: the entry point and every function symbol inside an
     /// executable segment (for a decoder that must not mistake data for code).
@@ -69,6 +108,7 @@ pub struct ElfImage {
 /// A virtual address known to start code, and the width of the code there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CodeRoot {
+    /// The code's virtual address.
     pub vaddr: u64,
     /// 16, 32 or 64: how to decode the instructions from here.
     pub bits: u32,

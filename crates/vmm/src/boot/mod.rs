@@ -3,8 +3,10 @@
 //! instruction (`docs/guest-abi.md` is the contract this module implements).
 
 pub mod elf;
-pub mod multiboot;
+pub(crate) mod multiboot;
 pub mod symbols;
+
+pub use multiboot::MultibootError;
 
 use vmcall_abi::layout::*;
 use vmcall_abi::{ports, selectors, BootInfo, ABI_VERSION, BOOT_INFO_MAGIC};
@@ -17,17 +19,24 @@ use crate::x86::regs::{DescriptorTable, Regs, Segment, SpecialRegs};
 /// Initial state of one vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VcpuInit {
+    /// General-purpose registers at entry.
     pub regs: Regs,
+    /// Segment, control and descriptor-table registers at entry.
     pub sregs: SpecialRegs,
 }
 
 /// What the boot setup needs to know about the VM.
 #[derive(Debug, Clone)]
 pub struct BootParams<'a> {
+    /// The entry point.
     pub entry: u64,
+    /// First byte after the loaded image.
     pub image_end: u64,
+    /// Number of vCPUs.
     pub vcpus: u32,
+    /// The guest's command line.
     pub cmdline: &'a [u8],
+    /// Whether the host CPU is AMD-like (VMMCALL is native).
     pub amd: bool,
 }
 

@@ -32,20 +32,28 @@ const LOADER_NAME: u64 = 0x4200;
 /// Why a multiboot image was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MultibootError {
+    /// No multiboot header in the first 8 KiB.
     #[error("no multiboot header in the image's first 8 KiB (--boot multiboot)")]
     NoHeader,
+    /// The header at this offset has a bad checksum.
     #[error("multiboot header at offset {0:#x} has a bad checksum (--boot elf64 ignores it)")]
     Checksum(usize),
+    /// The header asks for features vmcall does not provide (its flags).
     #[error("multiboot header requires features vmcall does not provide (flags {0:#x})")]
     Unsupported(u32),
+    /// The header is cut short.
     #[error("multiboot header is truncated")]
     Truncated,
+    /// The load addresses contradict each other (how).
     #[error("multiboot load addresses are inconsistent: {0}")]
     BadAddresses(&'static str),
+    /// The kernel as an ELF file was refused.
     #[error("multiboot image")]
     Elf(#[from] ElfError),
+    /// The command line (its length) does not fit.
     #[error("{0} bytes of command line do not fit in {CMDLINE_MAX}")]
     CmdlineTooLong(usize),
+    /// Guest RAM is too small for the multiboot information.
     #[error("guest RAM too small for the multiboot information")]
     Memory(#[from] OutOfBounds),
 }
@@ -55,6 +63,7 @@ pub enum MultibootError {
 pub struct Header {
     /// Offset of the header in the file.
     pub offset: usize,
+    /// The header's flags.
     pub flags: u32,
     /// header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr (valid with bit 16).
     pub addresses: Option<[u32; 5]>,

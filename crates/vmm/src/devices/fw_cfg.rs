@@ -4,10 +4,15 @@
 
 /// Item keys (QEMU's `FW_CFG_*`).
 pub const SIGNATURE: u16 = 0x0000;
+/// fw_cfg item: the "QEMU" signature.
 pub const ID: u16 = 0x0001;
+/// fw_cfg item: RAM size in bytes.
 pub const RAM_SIZE: u16 = 0x0003;
+/// fw_cfg item: number of CPUs.
 pub const NB_CPUS: u16 = 0x0005;
+/// fw_cfg item: most CPUs.
 pub const MAX_CPUS: u16 = 0x000f;
+/// fw_cfg item: the file directory (empty here).
 pub const FILE_DIR: u16 = 0x0019;
 
 /// The selected item and how far it has been read.
@@ -20,6 +25,7 @@ pub struct FwCfg {
 }
 
 impl FwCfg {
+    /// The device for a VM with `vcpus` vCPUs and `ram_size` bytes of RAM.
     pub fn new(vcpus: u32, ram_size: u64) -> Self {
         let mut f = Self { vcpus: vcpus as u16, ram_size, item: Vec::new(), at: 0 };
         f.select(SIGNATURE);

@@ -3,8 +3,8 @@
 //! reads as absent hardware does (all ones) and accepts writes. One model serves accesses
 //! whether they arrive as exits or inline from a backend's hooks.
 
-pub mod apic;
-pub mod fw_cfg;
+pub(crate) mod apic;
+pub(crate) mod fw_cfg;
 pub mod serial;
 
 use std::sync::Mutex;
@@ -24,7 +24,12 @@ pub enum PortWrite {
     /// ends a run with a status; a narrower write is what a guest gone wrong leaves behind (a
     /// probe loop or a crash writing a stray byte to every port), so the run ends with an
     /// error instead of a status that could read as success (docs/guest-abi.md).
-    StrayExit { size: u8, data: u32 },
+    StrayExit {
+        /// Bytes written: 1 or 2.
+        size: u8,
+        /// The value written.
+        data: u32,
+    },
 }
 
 /// The devices of one VM.
@@ -45,6 +50,7 @@ fn sized(data: u32, size: u8) -> u32 {
 }
 
 impl Devices {
+    /// The devices of a VM with `vcpus` vCPUs and `ram_size` bytes of RAM, printing to `console`.
     pub fn new(console: Console, vcpus: u32, ram_size: u64) -> Self {
         Self {
             uart: serial::Uart::new(console),
@@ -53,6 +59,7 @@ impl Devices {
         }
     }
 
+    /// The console the serial port and the console port write to.
     pub fn console(&self) -> &Console {
         self.uart.console()
     }

@@ -26,6 +26,7 @@ impl std::fmt::Debug for Console {
 }
 
 impl Console {
+    /// A console writing to `writer`.
     pub fn new(writer: ConsoleWriter) -> Self {
         Self(Mutex::new(writer))
     }
@@ -40,6 +41,7 @@ impl Console {
         let _ = c.flush();
     }
 
+    /// Write out what is buffered.
     pub fn flush(&self) {
         let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).flush();
     }
@@ -70,10 +72,12 @@ impl std::fmt::Debug for Uart {
 }
 
 impl Uart {
+    /// A serial port printing to `console`.
     pub fn new(console: Console) -> Self {
         Self { regs: Mutex::new(Serial::new(NoIrq, Vec::new())), console }
     }
 
+    /// The console it prints to.
     pub fn console(&self) -> &Console {
         &self.console
     }

@@ -8,9 +8,13 @@ use crate::x86::CpuMode;
 /// What a handler sees: the call after KVM's truncation and CPL rules, and checked guest memory.
 #[derive(Debug)]
 pub struct Call<'a> {
+    /// The hypercall number (RAX, truncated to 32 bits outside 64-bit mode).
     pub nr: u64,
+    /// a0..a3 (RBX, RCX, RDX, RSI, truncated as the number is).
     pub args: [u64; 4],
+    /// The calling vCPU.
     pub vcpu_id: u32,
+    /// The caller's CPU mode.
     pub mode: CpuMode,
     /// Guest RAM by guest-physical address; every access is bounds-checked.
     pub mem: &'a GuestRam,
@@ -59,6 +63,7 @@ impl HypercallError {
 /// A custom hypercall handler. Called on the vCPU thread that made the call; must not block
 /// for long, since that vCPU waits for the answer.
 pub trait HypercallHandler: Send + Sync + 'static {
+    /// Answer one call: the value for RAX, or an error the guest sees as `-KVM_E*`.
     fn call(&self, call: &Call<'_>) -> HypercallResult;
 
     /// What kind of handler this is, for listings: `const`, `echo`, `exec`, ...; `native` for

@@ -33,6 +33,7 @@ pub struct HypercallExit {
     pub mode: CpuMode,
     /// Address of the hypercall instruction (guest-virtual, as the caller executed it).
     pub rip: u64,
+    /// The instruction that made the call.
     pub insn: HypercallInsn,
     /// The caller's paging registers, for handlers that follow virtual pointers.
     pub paging: PagingContext,
@@ -82,6 +83,7 @@ pub struct Emulated {
     pub args: [u64; 4],
     /// The value written to RAX.
     pub rax: u64,
+    /// Who answered it.
     pub answered_by: AnsweredBy,
 }
 

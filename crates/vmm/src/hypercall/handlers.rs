@@ -25,7 +25,9 @@ pub enum Builtin {
 /// its own instance; clones share it. Equal only to itself (or a clone).
 #[derive(Debug, Clone)]
 pub struct WasmSpec {
+    /// The module's path, as given.
     pub path: String,
+    /// The loaded module.
     #[cfg(feature = "wasm")]
     pub handler: std::sync::Arc<super::wasm::WasmHandler>,
 }
@@ -62,16 +64,21 @@ fn load_wasm(_: &str) -> Result<Builtin, SpecError> {
 /// Why a handler spec did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
+    /// Not a handler kind (the text).
     #[error(
         "unknown handler kind '{0}'; expected const:V, echo, add, log, errno:NAME or wasm:PATH"
     )]
     UnknownKind(String),
+    /// Not a number (the text).
     #[error("'{0}' is not a number (decimal, 0x hex, or negative decimal)")]
     BadNumber(String),
+    /// Not an error name (the text).
     #[error("unknown error name '{0}'; expected one of {names}", names = error_names())]
     BadErrno(String),
+    /// Not of the form NR=HANDLER.
     #[error("expected NR=HANDLER, e.g. 20=const:42")]
     BadAssignment,
+    /// A `wasm:` module could not be loaded (why).
     #[error("{0}")]
     Wasm(String),
 }

@@ -6,7 +6,9 @@ use vmcall_abi::insn::{VMCALL, VMMCALL};
 /// Which instruction made the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HypercallInsn {
+    /// Intel's VMCALL (0f 01 c1).
     Vmcall,
+    /// AMD's VMMCALL (0f 01 d9).
     Vmmcall,
 }
 
@@ -20,6 +22,7 @@ impl HypercallInsn {
         }
     }
 
+    /// The instruction's encoding.
     pub fn bytes(self) -> [u8; 3] {
         match self {
             HypercallInsn::Vmcall => VMCALL,
@@ -68,7 +71,10 @@ pub enum InsnAction {
     /// Answer it.
     Answer,
     /// Write `native` over the instruction's 3 bytes, then answer it.
-    PatchThenAnswer { native: HypercallInsn },
+    PatchThenAnswer {
+        /// The instruction written over it.
+        native: HypercallInsn,
+    },
     /// Deliver #UD to the guest instead.
     RaiseUd,
 }

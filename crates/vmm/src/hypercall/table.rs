@@ -24,6 +24,7 @@ use super::call::HypercallHandler;
 /// One registered handler.
 #[derive(Clone)]
 pub struct Entry {
+    /// The handler.
     pub handler: Arc<dyn HypercallHandler>,
     /// Shown in stats and traces.
     pub name: Arc<str>,
@@ -50,10 +51,13 @@ impl std::fmt::Debug for Entry {
 /// One row of [`HypercallTable::list`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
+    /// The hypercall number.
     pub nr: u64,
+    /// The handler's name.
     pub name: String,
     /// [`HypercallHandler::kind`] of the handler: `const`, `exec`, `native`...
     pub kind: String,
+    /// Whether it replaces a standard KVM hypercall (an override).
     pub overrides_standard: bool,
     /// Calls answered by this number's custom handlers so far.
     pub calls: u64,
@@ -62,10 +66,23 @@ pub struct Listed {
 /// Why a table change was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
+    /// The number already has a handler.
     #[error("hypercall {nr} already has a handler ({name}); replace it explicitly")]
-    Taken { nr: u64, name: String },
+    Taken {
+        /// The hypercall number.
+        nr: u64,
+        /// The name of its handler (`Taken`) or Linux's name for it (`Standard`).
+        name: String,
+    },
+    /// The number is a standard KVM hypercall (an override must be explicit).
     #[error("hypercall {nr} is {name}, a standard KVM hypercall; overriding it must be explicit")]
-    Standard { nr: u64, name: &'static str },
+    Standard {
+        /// The hypercall number.
+        nr: u64,
+        /// The name of its handler (`Taken`) or Linux's name for it (`Standard`).
+        name: &'static str,
+    },
+    /// The number has no custom handler.
     #[error("hypercall {0} has no custom handler to replace")]
     NotRegistered(u64),
 }
@@ -109,6 +126,7 @@ impl std::fmt::Debug for TableSnapshot {
 }
 
 impl TableSnapshot {
+    /// The entry of `nr`, if it has a handler.
     pub fn get(&self, nr: u64) -> Option<&Entry> {
         self.0.get(&nr)
     }
@@ -118,10 +136,12 @@ impl TableSnapshot {
         self.0.iter().map(|(nr, e)| (*nr, e))
     }
 
+    /// Number of handlers.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// Whether there are no handlers.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -145,6 +165,7 @@ impl std::fmt::Debug for HypercallTable {
 }
 
 impl HypercallTable {
+    /// An empty table: every number gets KVM's behaviour.
     pub fn new() -> Self {
         Self::default()
     }

@@ -20,6 +20,7 @@ pub const PV_FEATURES: u32 = (1 << KVM_FEATURE_PV_UNHALT) | (1 << KVM_FEATURE_PV
 pub struct PvCpuid {
     /// Leaf 0x40000001 EAX.
     pub features: u32,
+    /// Refuse what `features` does not offer, as `KVM_CAP_ENFORCE_PV_FEATURE_CPUID` does.
     pub enforce: bool,
 }
 

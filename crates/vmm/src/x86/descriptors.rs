@@ -16,10 +16,15 @@ pub const GP_VECTOR: u8 = 13;
 /// An exception frame as the CPU leaves it on the handler's stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrapFrame {
+    /// The exception vector.
     pub vector: u8,
+    /// The error code, for the vectors that push one.
     pub error_code: Option<u64>,
+    /// RIP the exception returns to.
     pub rip: u64,
+    /// CS the exception returns to.
     pub cs: u16,
+    /// RFLAGS at the exception.
     pub rflags: u64,
     /// The interrupted code's stack: always saved by a 64-bit gate, by a 32-bit gate only on
     /// a privilege change.

@@ -3,16 +3,27 @@
 
 use super::regs::Segment;
 
+/// CR0.PE: protected mode.
 pub const CR0_PE: u64 = 1;
+/// CR0.MP: monitor coprocessor.
 pub const CR0_MP: u64 = 1 << 1;
+/// CR0.ET: extension type (always 1 on modern CPUs).
 pub const CR0_ET: u64 = 1 << 4;
+/// CR0.NE: native FPU error reporting.
 pub const CR0_NE: u64 = 1 << 5;
+/// CR0.WP: supervisor writes honour read-only pages.
 pub const CR0_WP: u64 = 1 << 16;
+/// CR0.PG: paging.
 pub const CR0_PG: u64 = 1 << 31;
+/// CR4.PAE: physical address extension (needed for long mode).
 pub const CR4_PAE: u64 = 1 << 5;
+/// CR4.OSFXSR: FXSAVE/FXRSTOR and SSE enabled by the OS.
 pub const CR4_OSFXSR: u64 = 1 << 9;
+/// CR4.OSXMMEXCPT: the OS handles SIMD floating-point exceptions.
 pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// EFER.LME: long mode enable.
 pub const EFER_LME: u64 = 1 << 8;
+/// EFER.LMA: long mode active (set by the CPU).
 pub const EFER_LMA: u64 = 1 << 10;
 
 /// The execution mode of the code that made a hypercall, which decides argument truncation.
@@ -51,6 +62,7 @@ impl CpuMode {
         }
     }
 
+    /// The mode's name, as traces and statistics print it.
     pub fn name(self) -> &'static str {
         match self {
             CpuMode::Long64 => "64-bit",

@@ -24,9 +24,13 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// The registers that decide how the guest translates addresses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct PagingContext {
+    /// CR0 (PG, WP).
     pub cr0: u64,
+    /// CR3: the root table.
     pub cr3: u64,
+    /// CR4 (PAE, PSE, LA57).
     pub cr4: u64,
+    /// EFER (LMA, NXE).
     pub efer: u64,
 }
 
@@ -46,10 +50,12 @@ pub enum PagingMode {
 }
 
 impl PagingContext {
+    /// The context of the registers `s`.
     pub fn from_sregs(s: &SpecialRegs) -> Self {
         Self { cr0: s.cr0, cr3: s.cr3, cr4: s.cr4, efer: s.efer }
     }
 
+    /// The paging mode these registers select.
     pub fn mode(&self) -> PagingMode {
         if self.cr0 & CR0_PG == 0 {
             PagingMode::None
@@ -70,38 +76,68 @@ impl PagingContext {
 /// Why a guest-virtual address has no translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WalkError {
+    /// No present entry maps the address.
     #[error("guest-virtual {va:#x} is not mapped (no present entry at level {level})")]
-    NotPresent { va: u64, level: u8 },
+    NotPresent {
+        /// The guest-virtual address.
+        va: u64,
+        /// The paging level without a present entry (4: PML4).
+        level: u8,
+    },
+    /// The address is not canonical.
     #[error("guest-virtual {va:#x} is not a canonical address")]
-    NonCanonical { va: u64 },
+    NonCanonical {
+        /// The guest-virtual address.
+        va: u64,
+    },
+    /// A write to a read-only page.
     #[error("guest-virtual {va:#x} is mapped read-only")]
-    ReadOnly { va: u64 },
+    ReadOnly {
+        /// The guest-virtual address.
+        va: u64,
+    },
+    /// A CPL 3 access to a supervisor page.
     #[error("guest-virtual {va:#x} is a supervisor page, refused to CPL 3")]
-    Supervisor { va: u64 },
+    Supervisor {
+        /// The guest-virtual address.
+        va: u64,
+    },
+    /// A page table lies outside guest RAM.
     #[error("a page table for guest-virtual {va:#x} lies at guest-physical {table:#x}, outside guest RAM")]
-    TableOutsideRam { va: u64, table: u64 },
+    TableOutsideRam {
+        /// The guest-virtual address.
+        va: u64,
+        /// The table's guest-physical address.
+        table: u64,
+    },
 }
 
 /// What an access through a translation intends, for the permission check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Access {
+    /// A write (read-only pages refuse it).
     pub write: bool,
     /// Checked as a CPL 3 access (user pages only).
     pub user: bool,
 }
 
 impl Access {
+    /// A supervisor read.
     pub const READ: Access = Access { write: false, user: false };
+    /// A supervisor write.
     pub const WRITE: Access = Access { write: true, user: false };
 }
 
 /// A successful translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
+    /// The guest-physical address.
     pub gpa: u64,
     /// Size of the page that maps it (4 KiB, 2 or 4 MiB, 1 GiB; 4 GiB with paging off).
     pub page_size: u64,
+    /// Whether the page is writable.
     pub writable: bool,
+    /// Whether the page is user-accessible.
     pub user: bool,
 }
 
@@ -219,8 +255,10 @@ fn leaf(base: u64, va: u64, size: u64, rights: u64) -> Translation {
 /// A failed access to guest memory by virtual address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VirtError {
+    /// The address has no translation.
     #[error(transparent)]
     Walk(#[from] WalkError),
+    /// The translation points outside guest RAM.
     #[error(transparent)]
     OutOfRam(#[from] crate::memory::OutOfBounds),
 }
@@ -228,11 +266,14 @@ pub enum VirtError {
 /// Guest memory as code running with one [`PagingContext`] sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct VirtualMemory<'a> {
+    /// The guest's RAM.
     pub mem: &'a GuestRam,
+    /// The paging registers to translate with.
     pub ctx: PagingContext,
 }
 
 impl<'a> VirtualMemory<'a> {
+    /// Guest virtual memory as `ctx` maps it.
     pub fn new(mem: &'a GuestRam, ctx: PagingContext) -> Self {
         Self { mem, ctx }
     }
@@ -265,12 +306,14 @@ impl<'a> VirtualMemory<'a> {
         Ok(())
     }
 
+    /// Read a u64 at virtual address `va`.
     pub fn read_u64(&self, va: u64) -> Result<u64, VirtError> {
         let mut b = [0u8; 8];
         self.read(va, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
+    /// Write a u64 at virtual address `va`.
     pub fn write_u64(&self, va: u64, value: u64) -> Result<(), VirtError> {
         self.write(va, &value.to_le_bytes())
     }

@@ -23,8 +23,11 @@ const I64: ValType = ValType::I64;
 /// One host function: its import name and wasm type.
 #[derive(Debug, Clone, Copy)]
 pub struct HostFn {
+    /// The import's field name.
     pub name: &'static str,
+    /// Its parameter types.
     pub params: &'static [ValType],
+    /// Its result types.
     pub results: &'static [ValType],
     /// One line on what it does.
     pub doc: &'static str,

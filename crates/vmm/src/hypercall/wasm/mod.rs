@@ -95,33 +95,73 @@ impl std::fmt::Debug for WasmConfig {
 /// Why a module could not become a handler. Every variant names the module.
 #[derive(Debug, thiserror::Error)]
 pub enum WasmError {
+    /// The file could not be read.
     #[error("cannot read wasm handler '{name}'")]
     Read {
+        /// The module's name (its path).
         name: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// Not a valid module.
     #[error("'{name}' is not a valid WebAssembly module (binary .wasm or .wat text)")]
     Invalid {
+        /// The module's name (its path).
         name: String,
+        /// What the parser or validator said.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The module exports no handler function.
     #[error(
         "'{name}' exports no function `{EXPORT}`; a handler must export `{EXPORT}{SIGNATURE}`"
     )]
-    MissingExport { name: String },
+    MissingExport {
+        /// The module's name (its path).
+        name: String,
+    },
+    /// The handler function has the wrong signature.
     #[error("'{name}' exports `{EXPORT}` as {found}; it must be `{EXPORT}{SIGNATURE}`")]
-    WrongSignature { name: String, found: String },
+    WrongSignature {
+        /// The module's name (its path).
+        name: String,
+        /// What the module has.
+        found: String,
+    },
+    /// The module imports something vmcall does not provide.
     #[error("'{name}' imports {module}.{field} ({found}), which vmcall does not provide; the host \
              API is module \"{HOST_MODULE}\" with {api}", api = host::api_list())]
-    UnknownImport { name: String, module: String, field: String, found: String },
+    UnknownImport {
+        /// The module's name (its path).
+        name: String,
+        /// The import's module.
+        module: String,
+        /// The import's field.
+        field: String,
+        /// What the module has.
+        found: String,
+    },
+    /// The module imports a host function with the wrong signature.
     #[error("'{name}' imports {HOST_MODULE}.{field} as {found}; vmcall provides {HOST_MODULE}.{field}{expected}")]
-    ImportSignature { name: String, field: String, found: String, expected: String },
+    ImportSignature {
+        /// The module's name (its path).
+        name: String,
+        /// The import's field.
+        field: String,
+        /// What the module has.
+        found: String,
+        /// What vmcall provides.
+        expected: String,
+    },
+    /// The module could not be instantiated.
     #[error("'{name}' cannot be instantiated (memory over the {limit}-byte cap, or its start function failed)")]
     Instantiate {
+        /// The module's name (its path).
         name: String,
+        /// The memory cap, in bytes.
         limit: usize,
+        /// What the runtime said.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
