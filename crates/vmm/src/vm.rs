@@ -26,35 +26,70 @@ pub const DEFAULT_MEMORY: u64 = 32 << 20;
 /// Generous: on a loaded machine a thread only waiting for a CPU is not a stuck one.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Errors building a VM.
+/// Errors building a VM: bad input (the image or the settings; [`BuildError::is_host_fault`]
+/// is false) or a host that cannot run it (true).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BuildError {
+    /// The image is not a guest vmcall's ELF64 contract can load.
     #[error("invalid guest ELF")]
     Elf(#[from] ElfError),
+    /// The image is not a multiboot kernel vmcall can load.
     #[error("invalid multiboot kernel")]
     Multiboot(#[from] MultibootError),
+    /// Guest RAM of this size is not supported, or could not be mapped.
     #[error(transparent)]
     Ram(#[from] RamError),
+    /// The vCPU count is outside `1..=MAX_VCPUS`.
     #[error("{0} vCPUs requested; vmcall supports 1..={MAX_VCPUS}")]
     VcpuCount(u32),
+    /// The guest command line is too long.
     #[error("guest command line is {0} bytes; at most {CMDLINE_MAX} fit")]
     CmdlineTooLong(usize),
+    /// The boot structures do not fit in guest RAM.
     #[error("guest memory setup failed")]
     Memory(#[from] crate::memory::OutOfBounds),
+    /// The backend could not create the VM.
     #[error("{backend} backend")]
-    Backend { backend: &'static str, source: BackendError },
+    Backend {
+        /// The backend's name ([`Hypervisor::name`]).
+        backend: &'static str,
+        /// What failed.
+        source: BackendError,
+    },
+    /// The seccomp filters could not be compiled.
     #[error("seccomp filter")]
     Seccomp(#[from] SeccompError),
+}
+
+impl BuildError {
+    /// Whether the host is to blame (the backend, the filters, mapping RAM) rather than the
+    /// image or the settings. Every variant is classified here, without a wildcard.
+    pub fn is_host_fault(&self) -> bool {
+        match self {
+            BuildError::Elf(_)
+            | BuildError::Multiboot(_)
+            | BuildError::Ram(RamError::BadSize(_))
+            | BuildError::VcpuCount(_)
+            | BuildError::CmdlineTooLong(_)
+            | BuildError::Memory(_) => false,
+            BuildError::Ram(RamError::Mmap(_))
+            | BuildError::Backend { .. }
+            | BuildError::Seccomp(_) => true,
+        }
+    }
 }
 
 /// The result of [`Vm::run`].
 #[derive(Debug)]
 pub struct RunReport {
+    /// How the run ended ([`RunError::blame`] says whose fault an error is).
     pub result: Result<RunStatus, RunError>,
     /// Every vCPU's statistics, merged.
     pub stats: VcpuStats,
     /// Each vCPU's own, by vCPU id.
     pub per_vcpu: Vec<VcpuStats>,
+    /// From the start of the run until it returned.
     pub elapsed: Duration,
     /// vCPUs whose threads had not stopped when the stop grace ran out (held by a handler
     /// that never returned): left running, detached, their statistics not counted.
