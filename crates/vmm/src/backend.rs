@@ -100,9 +100,21 @@ pub struct GuestFault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuExit {
     /// `out` to `port` of `size` bytes (1, 2 or 4), value in the low bytes of `data`.
-    IoOut { port: u16, size: u8, data: u32 },
+    IoOut {
+        /// The port.
+        port: u16,
+        /// The access size in bytes.
+        size: u8,
+        /// The value written.
+        data: u32,
+    },
     /// `in` from `port`; answer with [`Vcpu::complete_io_in`].
-    IoIn { port: u16, size: u8 },
+    IoIn {
+        /// The port.
+        port: u16,
+        /// The access size in bytes.
+        size: u8,
+    },
     /// HLT (with no interrupt controller, always a stop of this vCPU).
     Hlt,
     /// A VMCALL or VMMCALL; answer with [`Vcpu::complete_hypercall`].
@@ -110,12 +122,27 @@ pub enum VcpuExit {
     /// An exception the guest does not handle.
     Fault(GuestFault),
     /// Triple fault.
-    Shutdown { rip: u64 },
+    Shutdown {
+        /// Where, as the backend saw it.
+        rip: u64,
+    },
     /// A debug exit the backend did not consume.
-    Debug { rip: u64 },
+    Debug {
+        /// Where.
+        rip: u64,
+    },
     /// An access to a guest-physical address with no RAM behind it (`data`: what a write
     /// writes); answer a read with [`Vcpu::complete_mmio_read`].
-    Mmio { gpa: u64, write: bool, len: u8, data: u64 },
+    Mmio {
+        /// The guest-physical address.
+        gpa: u64,
+        /// A write (else a read).
+        write: bool,
+        /// The access size in bytes (1 to 8).
+        len: u8,
+        /// What a write writes (its low `len` bytes); 0 for a read.
+        data: u64,
+    },
     /// Stopped from another thread through [`Interrupter::interrupt`] (or a signal): the
     /// host's doing, not the guest's. The vCPU loop stops if the run is ending, else resumes.
     Interrupted,

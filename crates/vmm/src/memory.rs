@@ -13,8 +13,11 @@ use vm_memory::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("guest-physical range {gpa:#x}+{len:#x} is outside guest RAM ({ram_size:#x} bytes)")]
 pub struct OutOfBounds {
+    /// Where the range starts.
     pub gpa: u64,
+    /// Its length in bytes.
     pub len: u64,
+    /// The size of guest RAM.
     pub ram_size: u64,
 }
 
@@ -24,8 +27,10 @@ pub enum RamError {
     #[error("guest RAM of {0} bytes is not supported: {min} MiB to {max} GiB, a multiple of {align} MiB",
         min = vmcall_abi::layout::MIN_RAM >> 20, max = vmcall_abi::layout::MAX_RAM >> 30,
         align = vmcall_abi::layout::RAM_ALIGN >> 20)]
+    /// A size outside the supported range or not aligned.
     BadSize(u64),
     #[error("cannot map guest RAM")]
+    /// The host could not map it.
     Mmap(#[source] vm_memory::mmap::FromRangesError),
 }
 

@@ -167,18 +167,22 @@ impl VmBuilder {
         self.boot.image_name = name.into();
         self
     }
+    /// Guest RAM in bytes (default [`DEFAULT_MEMORY`]).
     pub fn memory(mut self, bytes: u64) -> Self {
         self.memory = bytes;
         self
     }
+    /// How many vCPUs (default 1; at most `MAX_VCPUS`).
     pub fn vcpus(mut self, n: u32) -> Self {
         self.vcpus = n;
         self
     }
+    /// The guest's command line (default empty).
     pub fn cmdline(mut self, cmdline: impl Into<Vec<u8>>) -> Self {
         self.cmdline = cmdline.into();
         self
     }
+    /// End the run with [`RunError::Timeout`] after this long (default: no limit).
     pub fn timeout(mut self, t: Option<Duration>) -> Self {
         self.timeout = t;
         self
@@ -197,6 +201,7 @@ impl VmBuilder {
         self.table = table;
         self
     }
+    /// Where the guest's serial console output goes (default stdout).
     pub fn console(mut self, console: ConsoleWriter) -> Self {
         self.console = Some(console);
         self
@@ -260,8 +265,11 @@ impl VmBuilder {
 /// Guest RAM with an image loaded and every vCPU's boot state set up, before any backend.
 #[derive(Debug)]
 pub struct PreparedGuest {
+    /// Guest RAM, loaded.
     pub ram: Arc<GuestRam>,
+    /// What a backend learns about the guest.
     pub guest: GuestInfo,
+    /// Each vCPU's boot state, by id.
     pub inits: Vec<VcpuInit>,
 }
 
@@ -294,6 +302,7 @@ impl std::str::FromStr for Boot {
 /// choose as on KVM itself.
 #[derive(Debug, Clone, Default)]
 pub struct BootOptions {
+    /// The boot protocol.
     pub boot: Boot,
     /// The image's name, which multiboot puts first on the kernel's command line (as QEMU
     /// does for `-kernel NAME -append ARGS`); "kernel" if empty.
@@ -380,6 +389,7 @@ impl std::fmt::Debug for VmStopper {
 }
 
 impl VmStopper {
+    /// End the run with [`RunStatus::Stopped`] (unless it has already ended).
     pub fn stop(&self) {
         self.0.finish(Ok(RunStatus::Stopped));
     }
@@ -408,6 +418,7 @@ pub struct LiveStats {
 }
 
 impl VmMonitor {
+    /// The VM's hypercall table.
     pub fn table(&self) -> &Arc<HypercallTable> {
         &self.0.table
     }
@@ -422,9 +433,11 @@ impl VmMonitor {
         let elapsed = self.0.started.get().map_or(Duration::ZERO, Instant::elapsed);
         LiveStats { total, per_vcpu, elapsed }
     }
+    /// The switch of the per-call text trace.
     pub fn trace(&self) -> &TraceSwitch {
         &self.0.trace
     }
+    /// End the run with [`RunStatus::Stopped`] (unless it has already ended).
     pub fn stop(&self) {
         self.0.finish(Ok(RunStatus::Stopped));
     }

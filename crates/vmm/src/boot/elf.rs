@@ -16,26 +16,60 @@ use crate::memory::GuestRam;
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ElfError {
     #[error("not an ELF file (bad magic)")]
+    /// No ELF magic.
     NotElf,
     #[error("not a 64-bit little-endian ELF")]
+    /// Not ELF64 little-endian (vmcall's ELF64 contract).
     NotElf64,
     #[error("not a little-endian ELF32 or ELF64 file")]
+    /// Neither a little-endian ELF32 nor ELF64 (multiboot).
     NotElfX86,
     #[error("ELF machine is {0:#x}, not x86 (0x3e for ELF64, 0x3 for ELF32)")]
+    /// Built for another machine (`e_machine`).
     WrongMachine(u16),
     #[error("ELF type is {0}, not a static executable (ET_EXEC = 2); build without -pie")]
+    /// Not a static executable (`e_type`).
     NotExecutable(u16),
     #[error("malformed ELF: {0}")]
+    /// Headers that cannot be read; says which.
     Malformed(&'static str),
     #[error("ELF has no PT_LOAD segment")]
+    /// Nothing to load.
     NoSegments,
     #[error("segment {index} has file size {filesz:#x} larger than its memory size {memsz:#x}")]
-    FileLargerThanMemory { index: usize, filesz: u64, memsz: u64 },
+    /// A segment's file size exceeds its memory size.
+    FileLargerThanMemory {
+        /// The segment's index among the program headers.
+        index: usize,
+        /// Its file size.
+        filesz: u64,
+        /// Its memory size.
+        memsz: u64,
+    },
     #[error("segment {index} ({paddr:#x}+{memsz:#x}) is outside the guest's load area {min:#x}..{max:#x}; link it at or above {min:#x} or give the VM more memory")]
-    OutsideRam { index: usize, paddr: u64, memsz: u64, min: u64, max: u64 },
+    /// A segment outside the area the guest may load into.
+    OutsideRam {
+        /// The segment's index among the program headers.
+        index: usize,
+        /// Where it loads.
+        paddr: u64,
+        /// Its memory size.
+        memsz: u64,
+        /// The load area's start.
+        min: u64,
+        /// The load area's end.
+        max: u64,
+    },
     #[error("segments {a} and {b} overlap")]
-    Overlap { a: usize, b: usize },
+    /// Two segments overlap.
+    Overlap {
+        /// One segment's index.
+        a: usize,
+        /// The other's.
+        b: usize,
+    },
     #[error("entry point {0:#x} is not inside an executable segment")]
+    /// The entry point is outside every executable segment.
     BadEntry(u64),
 }
 

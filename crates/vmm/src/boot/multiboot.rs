@@ -33,20 +33,28 @@ const LOADER_NAME: u64 = 0x4200;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MultibootError {
     #[error("no multiboot header in the image's first 8 KiB (--boot multiboot)")]
+    /// No header where multiboot requires one.
     NoHeader,
     #[error("multiboot header at offset {0:#x} has a bad checksum (--boot elf64 ignores it)")]
+    /// A header whose checksum is wrong (at this offset).
     Checksum(usize),
     #[error("multiboot header requires features vmcall does not provide (flags {0:#x})")]
+    /// Required features vmcall lacks (the header's flags).
     Unsupported(u32),
     #[error("multiboot header is truncated")]
+    /// The header runs past the image's end.
     Truncated,
     #[error("multiboot load addresses are inconsistent: {0}")]
+    /// The header's load addresses contradict each other; says how.
     BadAddresses(&'static str),
     #[error("multiboot image")]
+    /// The kernel's ELF image was refused.
     Elf(#[from] ElfError),
     #[error("{0} bytes of command line do not fit in {CMDLINE_MAX}")]
+    /// The command line is too long.
     CmdlineTooLong(usize),
     #[error("guest RAM too small for the multiboot information")]
+    /// The multiboot information does not fit in guest RAM.
     Memory(#[from] OutOfBounds),
 }
 

@@ -63,10 +63,23 @@ pub struct Listed {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
     #[error("hypercall {nr} already has a handler ({name}); replace it explicitly")]
-    Taken { nr: u64, name: String },
+    /// The number already has a custom handler, and replacing it was not asked for.
+    Taken {
+        /// The hypercall number.
+        nr: u64,
+        /// The handler it has.
+        name: String,
+    },
     #[error("hypercall {nr} is {name}, a standard KVM hypercall; overriding it must be explicit")]
-    Standard { nr: u64, name: &'static str },
+    /// The number is a standard KVM hypercall, and overriding it was not asked for.
+    Standard {
+        /// The hypercall number.
+        nr: u64,
+        /// KVM's name for it.
+        name: &'static str,
+    },
     #[error("hypercall {0} has no custom handler to replace")]
+    /// There is no custom handler to replace.
     NotRegistered(u64),
 }
 
