@@ -9,7 +9,7 @@
 //! an error it can report, and the guest an answer, while nothing outside the list runs.
 //!
 //! What a backend's vCPU threads need beyond the common list comes from
-//! [`VmBackend::vcpu_syscalls`](crate::backend::VmBackend::vcpu_syscalls); what a kind of
+//! [`VmBackend::syscalls`](crate::backend::VmBackend::syscalls); what a kind of
 //! handler needs (pipes and polling for an exec handler, say) is declared with
 //! [`VmBuilder::seccomp_allow`](crate::vm::VmBuilder::seccomp_allow). Setting
 //! `VMCALL_SECCOMP_AUDIT=1` in the environment turns every refusal into an allowed, logged

@@ -19,7 +19,7 @@ pub trait Platform {
 }
 
 /// A [`Platform`] with no VM behind it: `vcpus` vCPUs that kicks and yields do not reach,
-/// and a TSC that reads 0. For driving [`emulate`] in tests, benchmarks and fuzzing.
+/// and a TSC that reads 0. For driving [`emulate`](fn@super::emulate) in tests, benchmarks and fuzzing.
 #[derive(Debug, Clone, Copy)]
 pub struct DetachedPlatform {
     pub vcpus: u32,
