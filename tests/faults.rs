@@ -7,7 +7,7 @@ use vmcall_conformance::{backends, guest, run_image, NoVm};
 use vmcall_vmm::backend::Hypervisor;
 use vmcall_vmm::boot::elf::{minimal_elf, ElfError};
 use vmcall_vmm::hypercall::HypercallTable;
-use vmcall_vmm::vm::{BuildError, RunError, RunStatus, VmBuilder};
+use vmcall_vmm::vm::{Blame, BuildError, RunError, RunStatus, VmBuilder};
 
 fn bad(hv: &dyn Hypervisor, what: &str) -> vmcall_conformance::Outcome {
     run_image(hv, guest("bad"), what, Arc::new(HypercallTable::new()), |b| {
@@ -22,7 +22,8 @@ fn guest_faults_are_reported_with_vector_and_address() {
         for (what, vector) in [("null", 14u8), ("ud2", 6), ("divide", 0), ("wild-write", 14)] {
             let out = bad(hv, what);
             match &out.result {
-                Err(RunError::GuestFault { fault, .. }) => {
+                Err(e @ RunError::GuestFault { fault, .. }) => {
+                    assert_eq!(e.blame(), Blame::Guest, "{}: {what}: {e}", b.name);
                     assert_eq!(fault.vector, vector, "{}: {what}", b.name);
                     if what == "null" {
                         assert_eq!(fault.cr2, Some(0), "{}", b.name);
@@ -44,6 +45,7 @@ fn endless_loops_time_out_and_triple_faults_stop_the_vm() {
     for b in backends("endless_loops_time_out_and_triple_faults_stop_the_vm") {
         let out = bad(b.hv.as_ref(), "loop");
         assert!(matches!(out.result, Err(RunError::Timeout(_))), "{}: {:?}", b.name, out.result);
+        assert_eq!(out.result.as_ref().unwrap_err().blame(), Blame::Timeout);
         let out = bad(b.hv.as_ref(), "triple");
         assert!(
             matches!(out.result, Err(RunError::TripleFault { .. })),
@@ -51,14 +53,18 @@ fn endless_loops_time_out_and_triple_faults_stop_the_vm() {
             b.name,
             out.result
         );
+        assert!(out.result.as_ref().unwrap_err().is_guest_fault(), "{}", b.name);
         let out = bad(b.hv.as_ref(), "panic");
         out.expect_status(RunStatus::Exited(101), &b.name);
         assert!(out.console.contains("guest panic: panicked at"), "{}: {}", b.name, out.console);
     }
 }
 
+/// The build error for `image`; bad input is never blamed on the host.
 fn build(image: Vec<u8>, f: impl FnOnce(VmBuilder) -> VmBuilder) -> BuildError {
-    f(VmBuilder::new(image)).build(&NoVm).expect_err("must be refused")
+    let e = f(VmBuilder::new(image)).build(&NoVm).expect_err("must be refused");
+    assert_eq!(e.is_host_fault(), matches!(e, BuildError::Backend { .. }), "{e}");
+    e
 }
 
 #[test]
@@ -102,6 +108,7 @@ fn stray_writes_to_the_exit_port_are_errors_not_a_status() {
             match &out.result {
                 Err(e @ RunError::StrayExit { size: 1, data: 0, .. }) => {
                     assert!(e.to_string().contains("only a 4-byte write"), "{e}");
+                    assert!(e.is_guest_fault(), "{e}");
                 }
                 Ok(RunStatus::Exited(1)) if what == "spray" => {}
                 other => panic!("{}: {what}: expected a stray exit write, got {other:?}", b.name),

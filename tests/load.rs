@@ -1,98 +1,35 @@
-//! A run cannot hang the process, even under load: a vCPU thread that panics (a backend double
-//! that gives up) ends its run at once with an error naming the vCPU, timeout or not; a handler
-//! that never returns is left behind once the timeout and the stop grace have passed, and the
-//! run returns, naming the stuck vCPU. Each case runs among many other VMs at once.
+//! A run cannot hang the process, even under load: a vCPU thread that panics (a scripted
+//! backend that gives up, `vmcall_vmm::testing`) ends its run at once with an error naming the
+//! vCPU, timeout or not; a handler that never returns is left behind once the timeout and the
+//! stop grace have passed, and the run returns, naming the stuck vCPU. Each case runs among
+//! many other VMs at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmcall_conformance::{backends, guest, run_image};
-use vmcall_vmm::backend::{
-    BackendError, GuestInfo, Hypervisor, InlineExits, Interrupter, Vcpu, VcpuExit, VmBackend,
-};
-use vmcall_vmm::boot::elf::minimal_elf;
-use vmcall_vmm::boot::VcpuInit;
+use vmcall_vmm::backend::VcpuExit;
 use vmcall_vmm::hypercall::{Call, HypercallTable};
-use vmcall_vmm::memory::GuestRam;
+use vmcall_vmm::testing::{image, Scripted, Step};
 use vmcall_vmm::vm::{RunError, RunStatus, VmBuilder};
-use vmcall_vmm::x86::Regs;
 
-/// A backend double: every vCPU writes to port 0x80 over and over; vCPU `panics_on` panics
-/// after `after` of them.
-struct Panicky {
-    panics_on: u32,
-    after: u64,
-}
-
-struct PanickyVm {
-    panics_on: u32,
-    after: u64,
-}
-
-struct PanickyVcpu {
-    id: u32,
-    panics_on: u32,
-    left: u64,
-}
-
-struct NoInterrupt;
-
-impl Interrupter for NoInterrupt {
-    fn interrupt(&self) {}
-}
-
-impl Hypervisor for Panicky {
-    fn name(&self) -> &'static str {
-        "panicky"
-    }
-    fn create_vm(
-        &self,
-        _: Arc<GuestRam>,
-        _: &GuestInfo,
-    ) -> Result<Box<dyn VmBackend>, BackendError> {
-        Ok(Box::new(PanickyVm { panics_on: self.panics_on, after: self.after }))
-    }
-}
-
-impl VmBackend for PanickyVm {
-    fn create_vcpu(&self, id: u32, _: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError> {
-        Ok(Box::new(PanickyVcpu { id, panics_on: self.panics_on, left: self.after }))
-    }
-    fn describe(&self) -> String {
-        "a backend double whose vCPU panics".into()
-    }
-}
-
-impl Vcpu for PanickyVcpu {
-    fn run(&mut self, _: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
-        if self.id == self.panics_on {
-            if self.left == 0 {
-                panic!("backend double: vCPU {} gives up", self.id);
-            }
-            self.left -= 1;
-        }
-        std::thread::yield_now();
-        Ok(VcpuExit::IoOut { port: 0x80, size: 1, data: 0 })
-    }
-    fn complete_hypercall(&mut self, _: u64) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn complete_io_in(&mut self, _: u32) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn complete_mmio_read(&mut self, _: u64) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn regs(&mut self) -> Result<Regs, BackendError> {
-        Ok(Regs::default())
-    }
-    fn guest_tsc(&mut self) -> u64 {
-        0
-    }
-    fn interrupter(&self) -> Arc<dyn Interrupter> {
-        Arc::new(NoInterrupt)
-    }
+/// A scripted backend whose vCPU `panics_on` panics after `after` port writes, while the
+/// others run on until interrupted.
+fn panicky(vcpus: u32, panics_on: u32, after: u64) -> Scripted {
+    let write = || Step::Exit(VcpuExit::IoOut { port: 0x80, size: 1, data: 0 });
+    Scripted::new(
+        (0..vcpus)
+            .map(|id| {
+                if id == panics_on {
+                    let writes = (0..after).map(|_| write());
+                    writes.chain([Step::Panic("backend double: the vCPU gives up")]).collect()
+                } else {
+                    vec![write(), Step::Spin]
+                }
+            })
+            .collect(),
+    )
 }
 
 /// A busy soak VM on the software CPU (or KVM where that is all there is), as background load.
@@ -114,11 +51,11 @@ fn a_panicking_vcpu_ends_its_run_naming_it_among_many_vms() {
         let runs: Vec<_> = (0..16u32)
             .map(|i| {
                 s.spawn(move || {
-                    let hv = Panicky { panics_on: i % 4, after: 100 * u64::from(i) };
+                    let hv = panicky(4, i % 4, 100 * u64::from(i));
                     // Half with a timeout, half without: neither may wait for it.
                     let timeout = (i % 2 == 0).then_some(Duration::from_secs(120));
                     let start = Instant::now();
-                    let vm = VmBuilder::new(minimal_elf(0x20_0000, &[0xf4]))
+                    let vm = VmBuilder::new(image())
                         .vcpus(4)
                         .timeout(timeout)
                         .build(&hv)

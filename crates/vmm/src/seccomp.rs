@@ -88,10 +88,29 @@ impl Allowed {
     }
 }
 
-/// A filter could not be built or installed.
+/// A filter could not be built or installed (a host fault: the rules are vmcall's and the
+/// backend's, not the guest's).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SeccompError(String);
+#[non_exhaustive]
+pub enum SeccompError {
+    /// The rule for one syscall could not be built.
+    #[error("the rule for syscall {nr} ({who})")]
+    Rule {
+        /// The syscall number.
+        nr: i64,
+        /// Who needs it.
+        who: String,
+        /// seccompiler's error.
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    /// The filter could not be compiled.
+    #[error("compiling the filter")]
+    Compile(#[source] seccompiler::BackendError),
+    /// The kernel refused to install the filter on the thread.
+    #[error("installing the filter")]
+    Install(#[source] seccompiler::Error),
+}
 
 /// The kinds of threads a run confines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,13 +213,12 @@ pub fn rules(kind: ThreadKind, extra: &[Allowed]) -> Vec<Allowed> {
 /// The BPF program for `rules`: each syscall allowed under any of its entries' conditions,
 /// every other syscall failing with `EPERM` (or, with `audit`, allowed and logged).
 pub fn compile(rules: &[Allowed], audit: bool) -> Result<BpfProgram, SeccompError> {
-    let bad = |what: &str, e: seccompiler::BackendError| SeccompError(format!("{what}: {e}"));
     let mut map: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
     for a in rules {
         let cond = |arg: u8, op: SeccompCmpOp, value: u64| {
             SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
                 .and_then(|c| SeccompRule::new(vec![c]))
-                .map_err(|e| bad(&format!("syscall {} ({})", a.nr, a.who), e))
+                .map_err(|source| SeccompError::Rule { nr: a.nr, who: a.who.to_string(), source })
         };
         let new: Option<Vec<SeccompRule>> = match &a.args {
             Args::Any => None,
@@ -222,8 +240,8 @@ pub fn compile(rules: &[Allowed], audit: bool) -> Result<BpfProgram, SeccompErro
     let map = map.into_iter().map(|(nr, rules)| (nr, rules.unwrap_or_default())).collect();
     let refuse = if audit { SeccompAction::Log } else { SeccompAction::Errno(libc::EPERM as u32) };
     let filter = SeccompFilter::new(map, refuse, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| bad("filter", e))?;
-    filter.try_into().map_err(|e| bad("filter", e))
+        .map_err(SeccompError::Compile)?;
+    filter.try_into().map_err(SeccompError::Compile)
 }
 
 /// Whether `VMCALL_SECCOMP_AUDIT` asks for logging instead of refusing.
@@ -233,7 +251,7 @@ pub fn audit_requested() -> bool {
 
 /// Install `program` on the calling thread (for good: a seccomp filter cannot be removed).
 pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
-    seccompiler::apply_filter(program).map_err(|e| SeccompError(format!("install: {e}")))
+    seccompiler::apply_filter(program).map_err(SeccompError::Install)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::Duration;
 
 use vmcall_abi::ports;
@@ -36,6 +36,9 @@ pub enum Step {
     Panic(&'static str),
     /// Sleep this long, then play the next step (to order vCPUs loosely).
     Sleep(Duration),
+    /// Wait at this barrier, then play the next step (to order vCPUs and the test strictly:
+    /// a vCPU past it is inside `run`).
+    Wait(Arc<Barrier>),
     /// Behave like a guest that never exits: wait until interrupted, then return
     /// [`VcpuExit::Interrupted`]. Never used up: every later `run` waits again.
     Spin,
@@ -176,6 +179,9 @@ impl Vcpu for ScriptedVcpu {
                 Some(Step::Fail(e)) => return Err(e),
                 Some(Step::Panic(message)) => panic!("{message}"),
                 Some(Step::Sleep(d)) => std::thread::sleep(d),
+                Some(Step::Wait(barrier)) => {
+                    barrier.wait();
+                }
                 Some(Step::Spin) => {
                     self.script.push_front(Step::Spin);
                     let mut pending = lock(&self.signal.pending);

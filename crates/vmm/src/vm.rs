@@ -26,8 +26,10 @@ pub const DEFAULT_MEMORY: u64 = 32 << 20;
 /// Generous: on a loaded machine a thread only waiting for a CPU is not a stuck one.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Errors building a VM.
+/// Errors building a VM: bad input (the image or the settings; [`BuildError::is_host_fault`]
+/// is false) or a host that cannot run it (true).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BuildError {
     /// The guest ELF was refused.
     #[error("invalid guest ELF")]
@@ -58,6 +60,24 @@ pub enum BuildError {
     /// A seccomp filter could not be built.
     #[error("seccomp filter")]
     Seccomp(#[from] SeccompError),
+}
+
+impl BuildError {
+    /// Whether the host is to blame (the backend, the filters, mapping RAM) rather than the
+    /// image or the settings. Every variant is classified here, without a wildcard.
+    pub fn is_host_fault(&self) -> bool {
+        match self {
+            BuildError::Elf(_)
+            | BuildError::Multiboot(_)
+            | BuildError::Ram(RamError::BadSize(_))
+            | BuildError::VcpuCount(_)
+            | BuildError::CmdlineTooLong(_)
+            | BuildError::Memory(_) => false,
+            BuildError::Ram(RamError::Mmap(_))
+            | BuildError::Backend { .. }
+            | BuildError::Seccomp(_) => true,
+        }
+    }
 }
 
 /// The result of [`Vm::run`].

@@ -4,12 +4,12 @@
 
 use std::error::Error;
 use std::io::Write;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use vmcall_abi::errno::{KVM_ENOSYS, KVM_EPERM};
 use vmcall_abi::hc::{KVM_HC_KICK_CPU, KVM_HC_VAPIC_POLL_IRQ};
-use vmcall_abi::{ports, ExitReason};
+use vmcall_abi::{mmio, ports, ExitReason};
 
 use crate::backend::{BackendError, GuestFault, VcpuExit};
 use crate::hypercall::{neg, Call, HypercallTable};
@@ -110,6 +110,25 @@ fn port_io_reaches_the_devices() {
 }
 
 #[test]
+fn mmio_reaches_each_vcpus_apic() {
+    let read =
+        |offset| VcpuExit::Mmio { gpa: mmio::APIC_BASE + offset, write: false, len: 4, data: 0 };
+    // Each vCPU reads its own APIC's ID register and the version register.
+    let script = || vec![Step::Exit(read(0x20)), Step::Exit(read(0x30)), Step::Exit(VcpuExit::Hlt)];
+    let hv = Scripted::new(vec![script(), script()]);
+    let report = run(build(&hv, 2, |b| b));
+    assert_eq!(report.result.unwrap(), RunStatus::AllHalted);
+    for id in 0..2u32 {
+        assert_eq!(
+            hv.completions(id),
+            [u64::from(id) << 24, 0x0005_0014].map(Completion::MmioRead),
+            "vCPU {id}"
+        );
+    }
+    assert_eq!(report.stats.exits[ExitReason::Mmio as usize], 4);
+}
+
+#[test]
 fn a_kick_wakes_a_halted_vcpu() {
     // vCPU 1 halts; vCPU 0 kicks it (most likely once it is parked, else its HLT returns at
     // once) and halts itself. Without the wake-up both would halt and the run end AllHalted.
@@ -147,11 +166,15 @@ fn every_vcpu_halted_ends_the_run() {
 
 #[test]
 fn a_monitor_stops_the_run_from_another_thread() {
-    let hv = Scripted::new(vec![vec![Step::Spin], vec![Step::Spin]]);
+    // Both vCPUs are inside `run` before the stop, so each must be interrupted out of it.
+    let running = Arc::new(Barrier::new(3));
+    let spin = || vec![Step::Wait(running.clone()), Step::Spin];
+    let hv = Scripted::new(vec![spin(), spin()]);
     let vm = build(&hv, 2, |b| b);
     let monitor = vm.monitor();
+    let barrier = running.clone();
     let stopper = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        barrier.wait();
         monitor.stop();
         monitor.stopping()
     });
@@ -185,10 +208,13 @@ fn the_timeout_ends_a_run_that_never_does() {
 #[test]
 fn a_panicking_vcpu_ends_the_run_naming_it() {
     for timeout in [None, Some(Duration::from_secs(120))] {
+        // vCPU 1 panics only once vCPU 0 is inside `run`, which must then be interrupted.
+        let running = Arc::new(Barrier::new(2));
         let hv = Scripted::new(vec![
-            vec![Step::Spin],
+            vec![Step::Wait(running.clone()), Step::Spin],
             vec![
                 Step::Exit(VcpuExit::IoOut { port: 0x80, size: 1, data: 0 }),
+                Step::Wait(running),
                 Step::Panic("scripted vCPU gives up"),
             ],
         ]);

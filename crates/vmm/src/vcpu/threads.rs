@@ -81,14 +81,20 @@ impl Threads {
             let (shared_here, done_here) = (shared.clone(), done.clone());
             let spawned = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
                 let _finished = Finished(&done, id);
-                // Confined before the guest runs a single instruction.
-                if let Some(Err(source)) = filter.as_deref().map(seccomp::install) {
-                    let thread = format!("vCPU {id}");
-                    shared.finish(Err(RunError::Seccomp { thread, source }));
-                    return VcpuStats::default();
-                }
-                interrupters.lock().unwrap_or_else(|p| p.into_inner()).push(vcpu.interrupter());
-                match catch_unwind(AssertUnwindSafe(|| vcpu_loop(vcpu_id, vcpu, &shared))) {
+                // Everything the thread does is inside: a panic anywhere (the backend's
+                // interrupter too) ends the run naming this vCPU, never leaves it waiting.
+                let body = || {
+                    // Confined before the guest runs a single instruction.
+                    if let Some(Err(source)) = filter.as_deref().map(seccomp::install) {
+                        let thread = format!("vCPU {id}");
+                        shared.finish(Err(RunError::Seccomp { thread, source }));
+                        return VcpuStats::default();
+                    }
+                    let interrupter = vcpu.interrupter();
+                    interrupters.lock().unwrap_or_else(|p| p.into_inner()).push(interrupter);
+                    vcpu_loop(vcpu_id, vcpu, &shared)
+                };
+                match catch_unwind(AssertUnwindSafe(body)) {
                     Ok(stats) => stats,
                     Err(payload) => {
                         let message = panic_message(payload.as_ref());
