@@ -145,6 +145,13 @@ pub(crate) struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Measure density instead: N VMs at once in one process on each backend (fleets of 1,
+    /// 10, 100, ... up to N), their start latency, RSS per VM and hypercalls/s (docs/bench.md).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    density: Option<u32>,
+    /// One fleet of `--density`, run in a process of its own: BACKEND:N (internal).
+    #[arg(long, value_name = "BACKEND:N", hide = true)]
+    density_step: Option<String>,
 }
 
 #[derive(Args, Debug)]
