@@ -6,7 +6,7 @@
 //! (`guests/src/bin/density.rs`) with 4 MiB of RAM, and waits for each VM's first hypercall:
 //!
 //! - **start latency**: from `VmBuilder::new` to the host receiving that VM's first hypercall
-//!   (image loaded, boot structures written, backend VM, run thread, vCPU, vCPU thread,
+//!   (image loaded, boot structures written, backend VM, vCPU, vCPU thread,
 //!   guest boot), measured while the VMs started before it stay resident;
 //! - **idle**: that first hypercall parks: its handler blocks the vCPU thread until the host
 //!   lets the fleet go. With all N parked the child reads its RSS and subtracts the RSS from
@@ -70,6 +70,9 @@ pub(crate) struct Fleet {
     /// seccomp filters), before any thread exists.
     pub build_median_ms: f64,
     pub build_p99_ms: f64,
+    /// CPU time (every thread of the process, user and system) the bring-up took, per VM:
+    /// what a start costs whatever else the host is doing (10 ms resolution overall).
+    pub start_cpu_ms: f64,
     /// From the first build to the last VM's first hypercall.
     pub bring_up_s: f64,
     pub rss_before_kib: u64,
@@ -81,12 +84,20 @@ pub(crate) struct Fleet {
     pub threads: u64,
     pub fds: u64,
     pub calls_per_vm: u64,
+    /// From letting the fleet go to the last VM's last answer.
     pub busy_s: f64,
+    /// From then until every VM had ended and was collected.
+    pub teardown_s: f64,
+    /// CPU time of the process over both.
+    pub cpu_busy_s: f64,
     pub calls_per_s: f64,
     /// VMs whose run ended with status 0 and the expected counts.
     pub ok_vms: u32,
     /// The first few failures, if any.
     pub failures: Vec<String>,
+    /// The host's 1-minute load average when the fleet started (other work on the machine
+    /// lengthens the start-latency tail most of all).
+    pub load: f64,
 }
 
 /// The fleet sizes measured for `--density n`: 1, 10, 100, ... below n, then n.
@@ -208,9 +219,21 @@ struct Parking {
     arrived_cv: Condvar,
     open: Mutex<bool>,
     open_cv: Condvar,
+    /// When the last VM answered its last call.
+    last_call: Mutex<Option<Instant>>,
 }
 
 impl Parking {
+    fn new(n: usize, open: bool) -> Arc<Self> {
+        Arc::new(Self {
+            arrived: Mutex::new(vec![None; n]),
+            arrived_cv: Condvar::new(),
+            open: Mutex::new(open),
+            open_cv: Condvar::new(),
+            last_call: Mutex::new(None),
+        })
+    }
+
     fn open(&self) {
         *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.open_cv.notify_all();
@@ -251,7 +274,7 @@ impl Drop for OpenOnDrop {
 }
 
 /// The table every VM of a fleet shares (as `vmcall run --instances` does).
-fn fleet_table(parking: &Arc<Parking>) -> Arc<HypercallTable> {
+fn fleet_table(parking: &Arc<Parking>, calls: u64) -> Arc<HypercallTable> {
     let table = Arc::new(HypercallTable::new());
     let p = parking.clone();
     table
@@ -272,8 +295,14 @@ fn fleet_table(parking: &Arc<Parking>) -> Arc<HypercallTable> {
             Ok(id.wrapping_add(1))
         })
         .expect("empty table");
+    let p = parking.clone();
     table
-        .register(CALL_NR, "answer", |c: &Call<'_>| {
+        .register(CALL_NR, "answer", move |c: &Call<'_>| {
+            if c.args[1].wrapping_add(1) == calls {
+                let now = Instant::now();
+                let mut last = p.last_call.lock().unwrap_or_else(|e| e.into_inner());
+                *last = Some(last.map_or(now, |l| l.max(now)));
+            }
             Ok(c.args[0].wrapping_mul(1_000_003).wrapping_add(c.args[1]))
         })
         .expect("free number");
@@ -291,15 +320,12 @@ pub(crate) fn measure(
     // One VM first, built, run and dropped, so that what a process pays once (the engine's
     // global set-up, the allocator's first arenas) is not charged to the fleet.
     warm_up(hv, image)?;
-    let parking = Arc::new(Parking {
-        arrived: Mutex::new(vec![None; n as usize]),
-        arrived_cv: Condvar::new(),
-        open: Mutex::new(false),
-        open_cv: Condvar::new(),
-    });
+    let parking = Parking::new(n as usize, false);
     let gate = OpenOnDrop(parking.clone());
-    let table = fleet_table(&parking);
+    let table = fleet_table(&parking, calls);
+    let load = load_average();
     let rss_before = rss_kib()?;
+    let cpu_before = cpu_seconds();
     let mut start = Latency::default();
     let mut build = Latency::default();
     let mut runs = Vec::new();
@@ -352,6 +378,7 @@ pub(crate) fn measure(
         }
     }
     let bring_up_s = bring_up.elapsed().as_secs_f64();
+    let bring_up_cpu = cpu_seconds() - cpu_before;
     let started = start.count as u32;
     // Let the last vCPU thread settle into its wait before reading memory.
     std::thread::sleep(Duration::from_millis(100));
@@ -360,10 +387,14 @@ pub(crate) fn measure(
     let threads = status_field("Threads:").unwrap_or(0);
     let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
 
+    let cpu_start = cpu_seconds(); // of the whole process, so far
     let busy = Instant::now();
     drop(gate);
     let reports: Vec<RunReport> = runs.into_iter().map(|r| r.wait()).collect();
-    let busy_s = busy.elapsed().as_secs_f64();
+    let torn_down = busy.elapsed();
+    // The calls' own time: until the last answer, without the VMs' ends and teardown.
+    let last_call = *parking.last_call.lock().unwrap_or_else(|e| e.into_inner());
+    let busy_s = last_call.map_or(torn_down, |l| l.saturating_duration_since(busy)).as_secs_f64();
 
     let mut failures = Vec::new();
     let mut ok_vms = 0;
@@ -408,6 +439,7 @@ pub(crate) fn measure(
         start_max_ms: ms(if start.count > 0 { start.max_ns } else { 0 }),
         build_median_ms: ms(build.quantile_ns(0.5)),
         build_p99_ms: ms(build.quantile_ns(0.99)),
+        start_cpu_ms: if started == 0 { 0.0 } else { bring_up_cpu * 1e3 / f64::from(started) },
         bring_up_s,
         rss_before_kib: rss_before,
         rss_idle_kib: rss_idle,
@@ -417,24 +449,22 @@ pub(crate) fn measure(
         fds,
         calls_per_vm: calls,
         busy_s,
+        teardown_s: torn_down.as_secs_f64() - busy_s,
+        cpu_busy_s: cpu_seconds() - cpu_start,
         calls_per_s: if busy_s > 0.0 { answered as f64 / busy_s } else { 0.0 },
         ok_vms,
         failures,
+        load,
     })
 }
 
 /// One VM that parks and is let go at once, run to its end.
 fn warm_up(hv: &dyn Hypervisor, image: &[u8]) -> Result<(), String> {
-    let parking = Arc::new(Parking {
-        arrived: Mutex::new(vec![None]),
-        arrived_cv: Condvar::new(),
-        open: Mutex::new(true),
-        open_cv: Condvar::new(),
-    });
+    let parking = Parking::new(1, true);
     let report = VmBuilder::new(image.to_vec())
         .memory(RAM)
         .cmdline(format!("0 {MIN_CALLS} {PARK_NR} {CALL_NR}"))
-        .table(fleet_table(&parking))
+        .table(fleet_table(&parking, MIN_CALLS))
         .timeout(Some(Duration::from_secs(60)))
         .console(Box::new(std::io::sink()))
         .build(hv)
@@ -453,6 +483,25 @@ fn status_field(name: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// User and system CPU time of the whole process so far (/proc/self/stat, in the fixed
+/// 100 Hz USER_HZ of Linux's ABI).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |i: usize| rest.split_whitespace().nth(i).and_then(|v| v.parse::<u64>().ok());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (field(11).unwrap_or(0) + field(12).unwrap_or(0)) as f64 / 100.0
+}
+
+/// The 1-minute load average (0 if unknown).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn rss_kib() -> Result<u64, String> {
@@ -507,35 +556,39 @@ fn render(n: u32, rows: &[(String, u32, Result<Fleet, String>)]) -> String {
         "\nDensity: N VMs at once in one process (4 MiB guest RAM each, one vCPU, one shared table)\n",
     );
     s += &format!(
-        "{:<4} {:>6} {:>7} {:>9} {:>9} {:>9} {:>10} {:>8} {:>7} {:>9} {:>13}\n",
+        "{:<4} {:>5} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>5} {:>12} {:>12} {:>5}\n",
         "",
         "N",
         "started",
         "start p50",
         "start p99",
-        "start max",
+        "CPU/start",
         "RSS/VM",
         "threads",
         "fds",
-        "calls/VM",
-        "hypercalls/s"
+        "hypercalls/s",
+        "per CPU-s",
+        "load"
     );
     for (backend, size, r) in rows {
         match r {
             Ok(f) => {
+                let per_cpu =
+                    if f.cpu_busy_s > 0.0 { f.calls_per_s * f.busy_s / f.cpu_busy_s } else { 0.0 };
                 s += &format!(
-                    "{:<4} {:>6} {:>7} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.0}KiB {:>8} {:>7} {:>9} {:>13.0}\n",
+                    "{:<4} {:>5} {:>7} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>6.0}KiB {:>7} {:>5} {:>12.0} {:>12.0} {:>5.1}\n",
                     backend,
                     size,
                     f.started,
                     f.start_median_ms,
                     f.start_p99_ms,
-                    f.start_max_ms,
+                    f.start_cpu_ms,
                     f.per_vm_kib,
                     f.threads,
                     f.fds,
-                    f.calls_per_vm,
-                    f.calls_per_s
+                    f.calls_per_s,
+                    per_cpu,
+                    f.load
                 );
                 if let Some(why) = &f.limit {
                     s += &format!("     limit: {} of {} VMs: {why}\n", f.started, f.requested);
@@ -547,9 +600,12 @@ fn render(n: u32, rows: &[(String, u32, Result<Fleet, String>)]) -> String {
             Err(why) => s += &format!("{backend:<4} {size:>6} unavailable: {why}\n"),
         }
     }
-    s += "RSS/VM: process RSS with every VM parked, minus RSS before the fleet, minus the resident\n\
-          pages of all guest RAM (/proc/self/pagemap), per VM. Start: VmBuilder::new to the VM's\n\
-          first hypercall, one VM after another while the earlier ones stay resident.\n";
+    s += "Start: VmBuilder::new to the VM's first hypercall, one VM after another while the earlier\n\
+          ones stay resident; CPU/start: the process's CPU time over the bring-up, per VM.\n\
+          RSS/VM: process RSS with every VM parked, minus RSS before the fleet, minus the resident\n\
+          pages of all guest RAM (/proc/self/pagemap), per VM. Hypercalls/s: every VM calling at\n\
+          once, to the last answer; per CPU-s: the same per second of the process's CPU time.\n\
+          Load: the host's 1-minute load average as the fleet started.\n";
     let best = |b: &str| {
         rows.iter()
             .filter(|(backend, _, _)| backend == b)
