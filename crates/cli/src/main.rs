@@ -7,6 +7,7 @@ mod bench;
 mod control;
 mod guest_file;
 mod handlers;
+mod instances;
 mod parse;
 mod report;
 mod signals;
@@ -126,6 +127,11 @@ struct RunArgs {
     guest: PathBuf,
     #[command(flatten)]
     vm: VmArgs,
+    /// Run N copies of the guest at once in this process, sharing the hypercall handlers;
+    /// `{instance}` in the guest's command line becomes each one's number, and each console
+    /// line is prefixed `[i] `. Not with --control, --stats-json or --trace-json.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    instances: u32,
     /// Command line passed to the guest (after `--`).
     #[arg(last = true)]
     cmdline: Vec<String>,
@@ -233,7 +239,12 @@ fn main() -> ExitCode {
             guest_file::read(&args.guest, guest_file::image_limit(args.vm.memory)).and_then(
                 |image| {
                     let name = args.guest.display().to_string();
-                    run(image, &name, &args.vm, args.cmdline.join(" "), None, DEFAULT_TIMEOUT)
+                    let cmdline = args.cmdline.join(" ");
+                    if args.instances > 1 {
+                        instances::run(image, &name, &args.vm, cmdline, args.instances)
+                    } else {
+                        run(image, &name, &args.vm, cmdline, None, DEFAULT_TIMEOUT)
+                    }
                 },
             )
         }
@@ -335,39 +346,12 @@ fn run(
 ) -> Result<ExitCode, String> {
     init_tracing();
     let opts = BuildOptions { exec_deadline: a.exec_deadline };
-    let table = Arc::new(base.unwrap_or_default());
-    for (nr, spec) in &a.hypercalls {
-        table
-            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?)
-            .map_err(|e| format!("--hypercall {nr}={spec}: {e} (use --override)"))?;
-    }
-    for (nr, spec) in &a.overrides {
-        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?);
-    }
+    let table = run_table(a, base)?;
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let hv = backends::select(&a.backend, &a.trap)?;
-    let mut builder = VmBuilder::new(image)
-        .memory(a.memory)
-        .vcpus(a.vcpus)
-        .timeout(a.timeout.map_or(default_timeout, |t| t.0))
-        .cmdline(cmdline)
-        .boot(a.boot.parse()?)
-        .foreign_hypercall(a.foreign_hypercall.parse()?)
-        .pv_cpuid(PvCpuid {
-            features: match a.pv_features {
-                Some(mask) => u32::try_from(mask)
-                    .map_err(|_| format!("--pv-features {mask:#x} does not fit in 32 bits"))?,
-                None => vmcall_vmm::x86::cpuid::PV_FEATURES,
-            },
-            enforce: a.enforce_pv_cpuid,
-        })
-        .image_name(image_name)
-        .table(table.clone())
-        .trace(TraceSwitch::new(a.trace))
-        // The vCPU threads, which run guest-driven code (backends, devices, handlers), are
-        // confined. This thread is not: after the run it writes --stats-json/--trace-json files
-        // and ends the signal thread, which a thread confined by Seccomp::AllThreads cannot.
-        .seccomp(seccomp_mode(a));
+    let seccomp = seccomp_mode(a);
+    let mut builder =
+        vm_builder(image, image_name, a, cmdline, table.clone(), default_timeout, seccomp)?;
     if let Some(t) = &json_trace {
         builder = builder.sink(t.clone());
     }
@@ -385,7 +369,7 @@ fn run(
             Some(server)
         }
     };
-    let signals = signals::StopOnSignal::install(monitor)?;
+    let signals = signals::StopOnSignal::install(move || monitor.stop())?;
     let report = vm.run();
     drop(control);
     let interrupted = signals.finish();
@@ -423,6 +407,56 @@ fn run(
         }
         Err(e) => Err(chain(&e)),
     }
+}
+
+/// The hypercall table of a run: the base table (the demo's) with `--hypercall` and
+/// `--override` handlers added.
+fn run_table(a: &VmArgs, base: Option<HypercallTable>) -> Result<Arc<HypercallTable>, String> {
+    let opts = BuildOptions { exec_deadline: a.exec_deadline };
+    let table = Arc::new(base.unwrap_or_default());
+    for (nr, spec) in &a.hypercalls {
+        table
+            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?)
+            .map_err(|e| format!("--hypercall {nr}={spec}: {e} (use --override)"))?;
+    }
+    for (nr, spec) in &a.overrides {
+        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts)?);
+    }
+    Ok(table)
+}
+
+/// A VM as the options say, with `table`, before its console and trace sink are chosen.
+fn vm_builder(
+    image: Vec<u8>,
+    image_name: &str,
+    a: &VmArgs,
+    cmdline: String,
+    table: Arc<HypercallTable>,
+    default_timeout: Option<Duration>,
+    seccomp: Seccomp,
+) -> Result<VmBuilder, String> {
+    Ok(VmBuilder::new(image)
+        .memory(a.memory)
+        .vcpus(a.vcpus)
+        .timeout(a.timeout.map_or(default_timeout, |t| t.0))
+        .cmdline(cmdline)
+        .boot(a.boot.parse()?)
+        .foreign_hypercall(a.foreign_hypercall.parse()?)
+        .pv_cpuid(PvCpuid {
+            features: match a.pv_features {
+                Some(mask) => u32::try_from(mask)
+                    .map_err(|_| format!("--pv-features {mask:#x} does not fit in 32 bits"))?,
+                None => vmcall_vmm::x86::cpuid::PV_FEATURES,
+            },
+            enforce: a.enforce_pv_cpuid,
+        })
+        .image_name(image_name)
+        .table(table)
+        .trace(TraceSwitch::new(a.trace))
+        // The vCPU threads, which run guest-driven code (backends, devices, handlers), are
+        // confined. This thread is not: after the run it writes --stats-json/--trace-json files
+        // and ends the signal thread, which a thread confined by Seccomp::AllThreads cannot.
+        .seccomp(seccomp))
 }
 
 /// Warnings and errors, and the per-call trace, whose switch (`--trace`, `vmcall ctl trace`)

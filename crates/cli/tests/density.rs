@@ -82,3 +82,82 @@ fn density_report_judges_the_targets() {
     // Eight VMs is below the targets' thousand: the report says it does not judge them.
     assert!(out.contains("not judged"), "{out}");
 }
+
+fn guest(name: &str) -> &'static str {
+    vmcall_test_guests::path(name).expect("guest exists")
+}
+
+#[test]
+fn instances_run_side_by_side_with_their_own_console_prefix() {
+    let (out, err, ok) = vmcall_within(
+        &[
+            "run",
+            guest("demo"),
+            "--instances",
+            "4",
+            "--backend",
+            "emu",
+            "--hypercall",
+            "20=const:5",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(ok, "{out}\n{err}");
+    for i in 0..4 {
+        let mine: Vec<&str> = out.lines().filter(|l| l.starts_with(&format!("[{i}] "))).collect();
+        assert!(
+            mine.iter().any(|l| l.ends_with("KVM_HC_MY_VMCALL(41)       -> 5")),
+            "instance {i} shares the table:\n{out}"
+        );
+    }
+    assert!(out.lines().all(|l| l.starts_with('[')), "every line has its prefix:\n{out}");
+    assert!(err.contains("4 instances"), "{err}");
+}
+
+#[test]
+fn instances_get_their_number_and_the_first_failure_sets_the_status() {
+    // The density guest checks that hypercall 21 answers its id + 1: const:1 is right for
+    // instance 0 only, so instances 1 and 2 each see one wrong answer and exit 1.
+    let backends: &[&str] = if vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto).is_ok() {
+        &["emu", "kvm"]
+    } else {
+        let _ = writeln!(std::io::stderr(), "SKIP instances on kvm: KVM unavailable");
+        &["emu"]
+    };
+    for backend in backends {
+        let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
+            .args(["run", guest("density"), "--instances", "3", "--backend", backend])
+            .args([
+                "--hypercall",
+                "21=const:1",
+                "--timeout",
+                "60s",
+                "--",
+                "{instance}",
+                "0",
+                "21",
+                "20",
+            ])
+            .output()
+            .expect("run vmcall");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{backend}: {err}");
+        assert!(!err.contains("instance 0:"), "{backend}: {err}");
+        assert!(err.contains("instance 1: exit 1") && err.contains("instance 2: exit 1"), "{err}");
+        assert!(err.contains("2 of 3 instances did not end with 0"), "{backend}: {err}");
+    }
+}
+
+#[test]
+fn instances_refuse_what_works_with_one_vm_only() {
+    for flag in [&["--control"][..], &["--stats-json", "-"], &["--trace-json", "-"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
+            .args(["run", guest("demo"), "--instances", "2", "--backend", "emu"])
+            .args(flag)
+            .output()
+            .expect("run vmcall");
+        assert_eq!(o.status.code(), Some(125), "{flag:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("works with one VM; not with --instances"), "{flag:?}: {err}");
+    }
+}

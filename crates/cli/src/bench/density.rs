@@ -110,7 +110,7 @@ fn ladder(n: u32) -> Vec<u32> {
 
 /// `vmcall bench --density N`: every fleet size on every backend, each in a child process.
 pub fn run(n: u32, args: &BenchArgs) -> Result<(), String> {
-    raise_fd_limit();
+    crate::instances::raise_fd_limit();
     let exe = std::env::current_exe().map_err(|e| format!("cannot find vmcall itself: {e}"))?;
     let mut fleets: Vec<Result<Fleet, String>> = Vec::new();
     let mut rows: Vec<(String, u32, Result<Fleet, String>)> = Vec::new();
@@ -197,7 +197,7 @@ fn child(exe: &std::path::Path, backend: &str, size: u32) -> Result<Fleet, Strin
 
 /// `vmcall bench --density-step BACKEND:N` (the child): one fleet, one line of JSON.
 pub fn step(spec: &str) -> Result<(), String> {
-    raise_fd_limit();
+    crate::instances::raise_fd_limit();
     let (backend, n) = spec
         .split_once(':')
         .and_then(|(b, n)| Some((b, n.parse::<u32>().ok()?)))
@@ -529,17 +529,6 @@ fn resident_kib(ranges: &[(*mut u8, usize)]) -> Result<u64, String> {
             .count() as u64;
     }
     Ok(pages * (PAGE as u64 / 1024))
-}
-
-/// Many VMs need many descriptors (a KVM VM holds a VM fd and one per vCPU): take the hard
-/// limit, as servers do; a failure leaves the soft one, and the fleet reports where it stopped.
-pub(crate) fn raise_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut lim = getrlimit(Resource::Nofile);
-    if lim.current < lim.maximum {
-        lim.current = lim.maximum;
-        let _ = setrlimit(Resource::Nofile, lim);
-    }
 }
 
 fn met(ok: bool) -> &'static str {
