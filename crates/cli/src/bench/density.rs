@@ -20,6 +20,7 @@
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,7 @@ pub(crate) struct Fleet {
     pub busy_s: f64,
     /// From then until every VM had ended and was collected.
     pub teardown_s: f64,
-    /// CPU time of the process over both.
+    /// CPU time of the process while the VMs made their calls (to within a millisecond).
     pub cpu_busy_s: f64,
     pub calls_per_s: f64,
     /// VMs whose run ended with status 0 and the expected counts.
@@ -221,6 +222,8 @@ struct Parking {
     open_cv: Condvar,
     /// When the last VM answered its last call.
     last_call: Mutex<Option<Instant>>,
+    /// VMs whose last call has been answered.
+    finished: AtomicU32,
 }
 
 impl Parking {
@@ -231,6 +234,7 @@ impl Parking {
             open: Mutex::new(open),
             open_cv: Condvar::new(),
             last_call: Mutex::new(None),
+            finished: AtomicU32::new(0),
         })
     }
 
@@ -302,6 +306,7 @@ fn fleet_table(parking: &Arc<Parking>, calls: u64) -> Arc<HypercallTable> {
                 let now = Instant::now();
                 let mut last = p.last_call.lock().unwrap_or_else(|e| e.into_inner());
                 *last = Some(last.map_or(now, |l| l.max(now)));
+                p.finished.fetch_add(1, Ordering::SeqCst);
             }
             Ok(c.args[0].wrapping_mul(1_000_003).wrapping_add(c.args[1]))
         })
@@ -390,6 +395,19 @@ pub(crate) fn measure(
     let cpu_start = cpu_seconds(); // of the whole process, so far
     let busy = Instant::now();
     drop(gate);
+    // Until every VM has had its last answer (or they have all ended some other way), so
+    // that the CPU time is that of the calls, not of the VMs' teardown.
+    let monitors: Vec<_> = runs.iter().map(|r| r.monitor()).collect();
+    for tick in 0u64.. {
+        if parking.finished.load(Ordering::SeqCst) >= started || busy.elapsed() > VM_TIMEOUT {
+            break;
+        }
+        if tick % 100 == 99 && monitors.iter().all(|m| m.stopping()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let cpu_busy_s = cpu_seconds() - cpu_start;
     let reports: Vec<RunReport> = runs.into_iter().map(|r| r.wait()).collect();
     let torn_down = busy.elapsed();
     // The calls' own time: until the last answer, without the VMs' ends and teardown.
@@ -450,7 +468,7 @@ pub(crate) fn measure(
         calls_per_vm: calls,
         busy_s,
         teardown_s: torn_down.as_secs_f64() - busy_s,
-        cpu_busy_s: cpu_seconds() - cpu_start,
+        cpu_busy_s,
         calls_per_s: if busy_s > 0.0 { answered as f64 / busy_s } else { 0.0 },
         ok_vms,
         failures,
