@@ -113,7 +113,6 @@ fn ladder(n: u32) -> Vec<u32> {
 pub fn run(n: u32, args: &BenchArgs) -> Result<(), String> {
     crate::instances::raise_fd_limit();
     let exe = std::env::current_exe().map_err(|e| format!("cannot find vmcall itself: {e}"))?;
-    let mut fleets: Vec<Result<Fleet, String>> = Vec::new();
     let mut rows: Vec<(String, u32, Result<Fleet, String>)> = Vec::new();
     for backend in ["emu", "kvm"] {
         let available = match backend {
@@ -121,16 +120,17 @@ pub fn run(n: u32, args: &BenchArgs) -> Result<(), String> {
             _ => crate::backends::kvm("rewrite").map(drop),
         };
         if let Err(why) = available {
-            rows.push((backend.into(), n, Err(why)));
+            // Size 0: the backend itself is unavailable, no fleet was tried.
+            rows.push((backend.into(), 0, Err(why)));
             continue;
         }
         for size in ladder(n) {
             eprintln!("vmcall bench --density: {backend}, {size} VMs ...");
             let fleet = child(&exe, backend, size);
-            let stop = matches!(&fleet, Ok(f) if f.started < f.requested);
-            rows.push((backend.into(), size, fleet.clone()));
-            fleets.push(fleet);
-            // A backend that could not hold this many will not hold more.
+            let stop = !fleet.as_ref().is_ok_and(|f| f.started >= f.requested);
+            rows.push((backend.into(), size, fleet));
+            // A backend that could not hold this many (or whose fleet process failed) will
+            // not hold more.
             if stop {
                 break;
             }
@@ -143,6 +143,7 @@ pub fn run(n: u32, args: &BenchArgs) -> Result<(), String> {
             .iter()
             .map(|(b, size, r)| match r {
                 Ok(f) => serde_json::to_value(f).expect("serialisable"),
+                Err(why) if *size == 0 => serde_json::json!({"backend": b, "unavailable": why}),
                 Err(why) => serde_json::json!({"backend": b, "requested": size, "error": why}),
             })
             .collect();
@@ -151,16 +152,20 @@ pub fn run(n: u32, args: &BenchArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("vmcall bench: wrote {}", path.display());
     }
-    let failed: Vec<String> = fleets
+    let failed: Vec<String> = rows
         .iter()
-        .filter_map(|f| f.as_ref().ok())
-        .filter(|f| !f.failures.is_empty())
-        .map(|f| format!("{} x{}: {}", f.backend, f.requested, f.failures.join("; ")))
+        .filter_map(|(b, size, r)| match r {
+            Ok(f) if !f.failures.is_empty() => {
+                Some(format!("{b} x{size}: {}", f.failures.join("; ")))
+            }
+            Err(why) if *size > 0 => Some(format!("{b} x{size}: {why}")),
+            _ => None,
+        })
         .collect();
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(format!("density: VMs answered wrongly or ended badly:\n{}", failed.join("\n")))
+        Err(format!("density: fleets failed or VMs answered wrongly:\n{}", failed.join("\n")))
     }
 }
 
@@ -604,7 +609,8 @@ fn render(n: u32, rows: &[(String, u32, Result<Fleet, String>)]) -> String {
                     s += &format!("     FAILED: {e}\n");
                 }
             }
-            Err(why) => s += &format!("{backend:<4} {size:>6} unavailable: {why}\n"),
+            Err(why) if *size == 0 => s += &format!("{backend:<4} unavailable: {why}\n"),
+            Err(why) => s += &format!("{backend:<4} {size:>5} FAILED: {why}\n"),
         }
     }
     s += "Start: VmBuilder::new to the VM's first hypercall, one VM after another while the earlier\n\
@@ -667,6 +673,12 @@ fn render(n: u32, rows: &[(String, u32, Result<Fleet, String>)]) -> String {
         }
         None => s += "  kvm: unavailable\n",
     }
+    // A fleet process that failed outright (a crash, a hang) is a limit too.
+    for (backend, size, r) in rows {
+        if let (Err(why), true) = (r, *size > 0) {
+            s += &format!("  {backend}: the fleet of {size} failed: {why}\n");
+        }
+    }
     for b in ["emu", "kvm"] {
         let fleets: Vec<&Fleet> = rows
             .iter()
@@ -675,10 +687,14 @@ fn render(n: u32, rows: &[(String, u32, Result<Fleet, String>)]) -> String {
             .collect();
         if let (Some(one), Some(last)) = (fleets.first(), fleets.last()) {
             if fleets.len() > 1 && one.calls_per_s > 0.0 {
+                let cores = |f: &Fleet| if f.busy_s > 0.0 { f.cpu_busy_s / f.busy_s } else { 0.0 };
                 s += &format!(
-                    "  {b}: hypercalls/s with {} VMs = {:.2} x one VM's ({} cores)\n",
+                    "  {b}: hypercalls/s with {} VMs = {:.2} x one VM's, using {:.2} cores against {:.2} \
+                     (of {} here; the rest went to other work)\n",
                     last.started,
                     last.calls_per_s / one.calls_per_s,
+                    cores(last),
+                    cores(one),
                     std::thread::available_parallelism().map_or(1, |p| p.get())
                 );
             }
