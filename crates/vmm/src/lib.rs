@@ -16,9 +16,9 @@
 //!
 //! Layout: [`x86`] (architecture), [`memory`] (the one gate to guest RAM), [`boot`] (ELF and
 //! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
-//! [`vcpu`] (run loop and exit table), [`vm`] (builder and run), [`seccomp`] (the filters
-//! each kind of thread runs under), [`stats`], [`trace`] (per-call observers), and
-//! [`backend`], the thin trait KVM and the software CPU implement.
+//! [`vcpu`] (run loop and exit table), [`vm`] (builder and run; `Vm::start` for many VMs from
+//! one thread), [`seccomp`] (the filters each kind of thread runs under), [`stats`], [`trace`]
+//! (per-call observers), and [`backend`], the thin trait KVM and the software CPU implement.
 #![forbid(unsafe_code)]
 
 pub mod backend;
