@@ -1,5 +1,5 @@
 //! Builds the command's built-in guests (`guests/*.rs` in this package: the demo, the loop guest
-//! of `vmcall demo --loop` and the benchmark guest) for bare metal, offline, with a nested
+//! of `vmcall demo --loop`, the benchmark guest and the density guest of `vmcall bench --density`) for bare metal, offline, with a nested
 //! `cargo build`, so that `src/builtin.rs` can embed them. The guest SDK and the ABI crate are
 //! this package's own dependencies: their build scripts tell this one where their sources are
 //! (`links`), so the guests build the same from this workspace, from a packaged `vmcall` and
@@ -10,7 +10,7 @@ use std::process::Command;
 use std::{env, fs};
 
 /// The built-in guests: `guests/NAME.rs`.
-const GUESTS: [&str; 3] = ["demo", "hcloop", "bench"];
+const GUESTS: [&str; 4] = ["demo", "hcloop", "bench", "density"];
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());

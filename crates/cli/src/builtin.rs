@@ -9,3 +9,7 @@ pub static HCLOOP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/target/rele
 
 /// The benchmark guest of `vmcall bench`.
 pub static BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/target/release/bench"));
+
+/// The density guest of `vmcall bench --density` (one of many small VMs: parks in a hypercall,
+/// then checks the answers of a run of calls).
+pub static DENSITY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/target/release/density"));

@@ -10,6 +10,7 @@ mod error;
 mod fault;
 mod guest_file;
 mod handlers;
+mod instances;
 mod logfmt;
 mod parse;
 mod replay;
@@ -240,6 +241,11 @@ struct RunArgs {
     guest: PathBuf,
     #[command(flatten)]
     vm: VmArgs,
+    /// Run N copies of the guest at once in this process, sharing the hypercall handlers;
+    /// `{instance}` in the guest's command line becomes each one's number, and each console
+    /// line is prefixed `[i] `. Not with --control, --stats-json or --trace-json.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    instances: u32,
     /// Command line passed to the guest (after `--`).
     #[arg(last = true)]
     cmdline: Vec<String>,
@@ -259,6 +265,13 @@ pub(crate) struct BenchArgs {
     /// Also write the results as JSON to this file (`-`: stdout).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Measure density instead: N VMs at once in one process on each backend (fleets of 1,
+    /// 10, 100, ... up to N), their start latency, RSS per VM and hypercalls/s (docs/bench.md).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    density: Option<u32>,
+    /// One fleet of `--density`, run in a process of its own: BACKEND:N (internal).
+    #[arg(long, value_name = "BACKEND:N", hide = true)]
+    density_step: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -355,7 +368,12 @@ fn main() -> ExitCode {
             guest_file::read(&args.guest, guest_file::image_limit(args.vm.memory)).and_then(
                 |image| {
                     let name = args.guest.display().to_string();
-                    run(image, &name, &args.vm, args.cmdline.join(" "), None, DEFAULT_TIMEOUT)
+                    let cmdline = args.cmdline.join(" ");
+                    if args.instances > 1 {
+                        instances::run(image, &name, &args.vm, cmdline, args.instances)
+                    } else {
+                        run(image, &name, &args.vm, cmdline, None, DEFAULT_TIMEOUT)
+                    }
                 },
             )
         }
@@ -433,6 +451,17 @@ fn check_usage(command: &Command) -> Result<(), clap::Error> {
             "--record - needs stdout to itself: write the JSON trace or statistics to a file"
                 .into(),
         );
+    }
+    if let Command::Run(run) = command {
+        let one_vm_only = [
+            (vm.control.is_some(), "--control"),
+            (vm.stats_json.is_some(), "--stats-json"),
+            (vm.trace_json.is_some(), "--trace-json"),
+            (vm.record.is_some(), "--record"),
+        ];
+        if let Some((_, flag)) = one_vm_only.iter().find(|(set, _)| run.instances > 1 && *set) {
+            return usage(format!("{flag} works with one VM; not with --instances"));
+        }
     }
     if vm.backend == "emu" && vm.trap != "auto" {
         return usage(format!(
@@ -546,39 +575,15 @@ fn run(
     default_timeout: Option<Duration>,
 ) -> Result<ExitCode, Error> {
     let opts = BuildOptions { exec_deadline: a.exec_deadline };
-    let table = Arc::new(base.unwrap_or_default());
-    for (nr, spec) in &a.hypercalls {
-        table
-            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts))
-            .map_err(|source| Error::Table { what: format!("--hypercall {nr}={spec}"), source })?;
-    }
-    for (nr, spec) in &a.overrides {
-        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts));
-    }
+    let table = run_table(a, base)?;
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let to_stdout = |p: &Option<PathBuf>| p.as_deref() == Some(std::path::Path::new("-"));
     let recorder = a.record.as_deref().map(replay::recorder).transpose().map_err(Error::Record)?;
     let header_cmdline = cmdline.clone();
     let hv = backends::select(&a.backend, &a.trap)?;
-    let mut builder = VmBuilder::new(image)
-        .memory(a.memory)
-        .vcpus(a.vcpus)
-        .timeout(a.timeout.map_or(default_timeout, |t| t.0))
-        .cmdline(cmdline)
-        // Both values are among the ones clap accepts, which all parse.
-        .boot(a.boot.parse().map_err(Error::Refused)?)
-        .foreign_hypercall(a.foreign_hypercall.parse().map_err(Error::Refused)?)
-        .pv_cpuid(PvCpuid {
-            features: a.pv_features.unwrap_or(vmcall_vmm::x86::cpuid::PV_FEATURES),
-            enforce: a.enforce_pv_cpuid,
-        })
-        .image_name(image_name)
-        .table(table.clone())
-        .trace(TraceSwitch::new(a.trace))
-        // The vCPU threads, which run guest-driven code (backends, devices, handlers), are
-        // confined. This thread is not: after the run it writes --stats-json/--trace-json files
-        // and ends the signal thread, which a thread confined by Seccomp::AllThreads cannot.
-        .seccomp(seccomp_mode(a));
+    let seccomp = seccomp_mode(a);
+    let mut builder =
+        vm_builder(image, image_name, a, cmdline, table.clone(), default_timeout, seccomp)?;
     let mut sinks: Vec<Arc<dyn vmcall_vmm::trace::CallSink>> = Vec::new();
     if let Some(t) = &json_trace {
         sinks.push(t.clone());
@@ -612,7 +617,7 @@ fn run(
             Some(server)
         }
     };
-    let signals = signals::StopOnSignal::install(monitor)?;
+    let signals = signals::StopOnSignal::install(move || monitor.stop())?;
     let report = vm.run();
     drop(control);
     let interrupted = signals.finish();
@@ -658,6 +663,53 @@ fn run(
         ))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The hypercall table of a run: the base table (the demo's) with `--hypercall` and
+/// `--override` handlers added.
+fn run_table(a: &VmArgs, base: Option<HypercallTable>) -> Result<Arc<HypercallTable>, Error> {
+    let opts = BuildOptions { exec_deadline: a.exec_deadline };
+    let table = Arc::new(base.unwrap_or_default());
+    for (nr, spec) in &a.hypercalls {
+        table
+            .register_shared(*nr, &spec.to_string(), spec.build(*nr, &opts))
+            .map_err(|source| Error::Table { what: format!("--hypercall {nr}={spec}"), source })?;
+    }
+    for (nr, spec) in &a.overrides {
+        table.override_shared(*nr, &spec.to_string(), spec.build(*nr, &opts));
+    }
+    Ok(table)
+}
+
+/// A VM as the options say, with `table`, before its console and trace sink are chosen.
+fn vm_builder(
+    image: Vec<u8>,
+    image_name: &str,
+    a: &VmArgs,
+    cmdline: String,
+    table: Arc<HypercallTable>,
+    default_timeout: Option<Duration>,
+    seccomp: Seccomp,
+) -> Result<VmBuilder, Error> {
+    Ok(VmBuilder::new(image)
+        .memory(a.memory)
+        .vcpus(a.vcpus)
+        .timeout(a.timeout.map_or(default_timeout, |t| t.0))
+        .cmdline(cmdline)
+        // Both values are among the ones clap accepts, which all parse.
+        .boot(a.boot.parse().map_err(Error::Refused)?)
+        .foreign_hypercall(a.foreign_hypercall.parse().map_err(Error::Refused)?)
+        .pv_cpuid(PvCpuid {
+            features: a.pv_features.unwrap_or(vmcall_vmm::x86::cpuid::PV_FEATURES),
+            enforce: a.enforce_pv_cpuid,
+        })
+        .image_name(image_name)
+        .table(table)
+        .trace(TraceSwitch::new(a.trace))
+        // The vCPU threads, which run guest-driven code (backends, devices, handlers), are
+        // confined. This thread is not: after the run it writes --stats-json/--trace-json files
+        // and ends the signal thread, which a thread confined by Seccomp::AllThreads cannot.
+        .seccomp(seccomp))
 }
 
 /// Warnings and errors (more with -v, fewer with -q, or what RUST_LOG says), and the per-call

@@ -1,4 +1,4 @@
-//! SIGINT and SIGTERM stop the VM through its normal end (statistics are printed and written,
+//! SIGINT and SIGTERM stop the VM (or every instance) through its normal end (statistics are printed and written,
 //! the control socket removed); a second one exits at once.
 
 use crate::error::Error;
@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
-use vmcall_vmm::vm::VmMonitor;
 
 /// The signal thread of one run.
 #[derive(Debug)]
@@ -18,7 +17,9 @@ pub struct StopOnSignal {
 }
 
 impl StopOnSignal {
-    pub fn install(monitor: VmMonitor) -> Result<Self, Error> {
+    /// Call `stop` on the first SIGINT or SIGTERM (which should end the run normally); exit
+    /// at once on the second.
+    pub fn install(stop: impl Fn() + Send + 'static) -> Result<Self, Error> {
         let mut signals = Signals::new([SIGINT, SIGTERM])
             .map_err(|e| Error::io("cannot install the signal handlers", e))?;
         let handle = signals.handle();
@@ -35,7 +36,7 @@ impl StopOnSignal {
                         }
                         let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                         eprintln!("vmcall: {name}: stopping the VM");
-                        monitor.stop();
+                        stop();
                     }
                 })
                 .map_err(|e| Error::io("cannot start the signal thread", e))?

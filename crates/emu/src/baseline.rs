@@ -31,6 +31,7 @@ pub fn raw_hypercall_round_trips(
         init,
         Raw { last: None, lat: Latency::default() },
         vmcall_vmm::x86::cpuid::PV_FEATURES,
+        crate::default_tcg_buffer(ram.size()),
     )?;
     uc.add_insn_invalid_hook(|uc| {
         let now = Instant::now();

@@ -22,6 +22,28 @@ use vmcall_vmm::boot::VcpuInit;
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::seccomp::{Allowed, ThreadKind};
 
+/// Guests with at most this much RAM get [`SMALL_TCG_BUFFER`] unless
+/// [`EmuHypervisor::tcg_buffer`] says otherwise; larger ones get unicorn's own default.
+pub const SMALL_GUEST_RAM: u64 = 64 << 20;
+/// The translation buffer of each vCPU's engine in a small guest. Unicorn's own default is
+/// 1 GiB, which QEMU asks the kernel to back with transparent huge pages: the first
+/// translated block then makes a whole 2 MiB page resident, per vCPU, and faulting it in
+/// (with compaction) is most of a small VM's start time. No huge page fits in a buffer below
+/// 2 MiB, so a small guest pays only for the 4 KiB pages its translations touch
+/// (docs/bench.md, "Density"). Code that outgrows the buffer is not lost: unicorn flushes it
+/// and translates again, correct but slower.
+pub const SMALL_TCG_BUFFER: u32 = 1 << 20;
+
+/// The translation buffer a guest with `ram` bytes of RAM gets by default: [`SMALL_TCG_BUFFER`]
+/// up to [`SMALL_GUEST_RAM`], else 0 (unicorn's own default, 1 GiB).
+pub fn default_tcg_buffer(ram: u64) -> u32 {
+    if ram <= SMALL_GUEST_RAM {
+        SMALL_TCG_BUFFER
+    } else {
+        0
+    }
+}
+
 /// The software-CPU backend.
 ///
 /// ```no_run
@@ -39,12 +61,22 @@ use vmcall_vmm::seccomp::{Allowed, ThreadKind};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Default, Clone, Copy)]
-pub struct EmuHypervisor;
+pub struct EmuHypervisor {
+    /// The translation buffer of every engine; None: [`default_tcg_buffer`] of the guest's RAM.
+    tcg_buffer: Option<u32>,
+}
 
 impl EmuHypervisor {
     /// The backend: it holds no state until a VM is created.
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// Give each vCPU's engine a translation buffer of `bytes`, whatever the guest's RAM
+    /// (unicorn raises anything below 1 MiB to 1 MiB; 0 means unicorn's own default, 1 GiB).
+    pub fn tcg_buffer(mut self, bytes: u32) -> Self {
+        self.tcg_buffer = Some(bytes);
+        self
     }
 }
 
@@ -69,7 +101,8 @@ impl Hypervisor for EmuHypervisor {
         ram: Arc<GuestRam>,
         guest: &GuestInfo,
     ) -> Result<Box<dyn VmBackend>, BackendError> {
-        let config = vcpu::VcpuConfig { pv: guest.pv, foreign: guest.foreign };
+        let tcg_buffer = self.tcg_buffer.unwrap_or_else(|| default_tcg_buffer(ram.size()));
+        let config = vcpu::VcpuConfig { pv: guest.pv, foreign: guest.foreign, tcg_buffer };
         Ok(Box::new(EmuVm { ram, config }))
     }
 }

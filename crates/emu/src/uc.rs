@@ -5,8 +5,18 @@
 use core::ffi::c_void;
 
 use unicorn_engine::{
-    uc_error, uc_reg_read, uc_reg_write, uc_x86_mmr, uc_x86_msr, RegisterX86, Unicorn,
+    uc_ctl, uc_error, uc_reg_read, uc_reg_write, uc_x86_mmr, uc_x86_msr, ControlType, RegisterX86,
+    Unicorn,
 };
+
+/// Size the engine's translation buffer (`UC_CTL_TCG_BUFFER_SIZE`, which the binding does not
+/// wrap). Takes effect only before the engine's first other call, which allocates the buffer.
+pub fn set_tcg_buffer_size<D>(uc: &mut Unicorn<'_, D>, bytes: u32) -> Result<(), uc_error> {
+    let control = ControlType(ControlType::TCG_BUFFER_SIZE.0 | ControlType::IO_WRITE.0);
+    // SAFETY: for a write of this control uc_ctl reads exactly one uint32_t argument; the handle
+    // is this engine's own.
+    unsafe { uc_ctl(uc.get_handle(), control, bytes) }.into()
+}
 
 /// Write a descriptor-table or segment register (GDTR, IDTR, TR, LDTR).
 pub fn write_mmr<D>(
@@ -107,4 +117,38 @@ extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, user_data: *mut c_voi
         unsafe { uc_reg_write(uc, reg as i32, (&v as *const u64).cast()) };
     }
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unicorn_engine::unicorn_const::{Arch, Mode};
+
+    /// The translation buffer unicorn allocated (reading it finishes the engine's set-up).
+    fn tcg_buffer_size<D>(uc: &mut Unicorn<'_, D>) -> u32 {
+        let mut size = 0u32;
+        let control = ControlType(ControlType::TCG_BUFFER_SIZE.0 | ControlType::IO_READ.0);
+        // SAFETY: for a read of this control uc_ctl writes one uint32_t through the pointer,
+        // a live local.
+        let r: Result<(), uc_error> =
+            unsafe { uc_ctl(uc.get_handle(), control, &mut size as *mut u32) }.into();
+        r.expect("read the buffer size");
+        size
+    }
+
+    #[test]
+    fn the_translation_buffer_takes_the_size_asked_for() {
+        let mut uc = Unicorn::new(Arch::X86, Mode::MODE_64).expect("engine");
+        set_tcg_buffer_size(&mut uc, crate::SMALL_TCG_BUFFER).expect("set");
+        assert_eq!(tcg_buffer_size(&mut uc), crate::SMALL_TCG_BUFFER);
+        let mut big = Unicorn::new(Arch::X86, Mode::MODE_64).expect("engine");
+        assert_eq!(tcg_buffer_size(&mut big), 1 << 30, "unicorn's own default");
+    }
+
+    #[test]
+    fn small_guests_get_the_small_buffer() {
+        assert_eq!(crate::default_tcg_buffer(4 << 20), crate::SMALL_TCG_BUFFER);
+        assert_eq!(crate::default_tcg_buffer(crate::SMALL_GUEST_RAM), crate::SMALL_TCG_BUFFER);
+        assert_eq!(crate::default_tcg_buffer(crate::SMALL_GUEST_RAM + (2 << 20)), 0);
+    }
 }

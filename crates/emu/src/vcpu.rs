@@ -24,7 +24,7 @@ use vmcall_vmm::x86::{mode, CpuMode, Regs};
 
 use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
 use crate::hooks::{guest_tsc, on_exception, on_invalid, read_code};
-use crate::uc::{add_cpuid_hook, write_mmr, write_msr};
+use crate::uc::{add_cpuid_hook, set_tcg_buffer_size, write_mmr, write_msr};
 
 pub(crate) const MSR_EFER: u32 = 0xc000_0080;
 /// QEMU's cached TR flags for a present, available 64-bit TSS (what `ltr` leaves there).
@@ -59,6 +59,8 @@ pub(crate) struct HookState {
 pub(crate) struct VcpuConfig {
     pub pv: PvCpuid,
     pub foreign: ForeignInsn,
+    /// Bytes of the engine's translation buffer (0: unicorn's own default, 1 GiB).
+    pub tcg_buffer: u32,
 }
 
 /// The `&mut dyn InlineExits` of the current `run`, with its lifetime erased so that the
@@ -197,8 +199,13 @@ pub(crate) fn new_engine<D: 'static>(
     init: &VcpuInit,
     data: D,
     pv_features: u32,
+    tcg_buffer: u32,
 ) -> Result<Unicorn<'static, D>, BackendError> {
     let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, data).map_err(uc_err("open"))?;
+    // Before anything else: the first other call allocates the buffer.
+    if tcg_buffer != 0 {
+        set_tcg_buffer_size(&mut uc, tcg_buffer).map_err(uc_err("translation buffer size"))?;
+    }
     let (host, len) = ram.host_mapping();
     // SAFETY: `host..host+len` is guest RAM's live mapping, and the engine never outlives it:
     // its owners (`EmuVcpu`, the baseline) hold the `Arc<GuestRam>` and drop the engine first.
@@ -285,7 +292,7 @@ fn create_engine(
         cpu: None,
         cr2_seen: init.sregs.cr2,
     };
-    let mut uc = new_engine(ram, init, state, config.pv.features)?;
+    let mut uc = new_engine(ram, init, state, config.pv.features, config.tcg_buffer)?;
     let mut cpu = CpuState::new(&mut uc)
         .map_err(|e| BackendError::setup("checking unicorn's CPU state layout", e))?;
     if init.sregs.efer & mode::EFER_LMA == 0 {

@@ -16,11 +16,12 @@
 //!
 //! Layout: [`x86`] (architecture), [`memory`] (the one gate to guest RAM), [`boot`] (ELF and
 //! boot state), [`devices`] (port I/O), [`hypercall`] (emulation, table, handlers, batches),
-//! `vcpu` (run loop and exit table; internal), [`vm`] (builder and run), [`seccomp`] (the
-//! filters each kind of thread runs under), [`stats`] and [`stats_table`] (the `--stats`
-//! report), [`trace`] (per-call observers), [`record`] (recordings, replay), and [`backend`],
-//! the thin trait KVM and the software CPU implement. With the `test-double` feature,
-//! `testing` is a scripted backend for testing the run loop without a VM.
+//! `vcpu` (run loop and exit table; internal), [`vm`] (builder and run; `Vm::start` for many
+//! VMs from one thread), [`seccomp`] (the filters each kind of thread runs under), [`stats`]
+//! and [`stats_table`] (the `--stats` report), [`trace`] (per-call observers), [`record`]
+//! (recordings, replay), and [`backend`], the thin trait KVM and the software CPU implement.
+//! With the `test-double` feature, `testing` is a scripted backend for testing the run loop
+//! without a VM.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 

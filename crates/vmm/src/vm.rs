@@ -531,7 +531,21 @@ impl Vm {
     /// Run every vCPU on its own thread until the guest exits, all vCPUs halt, an error stops
     /// it (a vCPU thread that panics among them), or the timeout fires. Returns once every
     /// vCPU thread has stopped, or the stop grace has passed for those that did not.
+    /// The same as [`Vm::start`] followed by [`RunningVm::wait`].
     pub fn run(self) -> RunReport {
+        match self.start() {
+            Ok(running) => running.wait(),
+            Err(report) => *report,
+        }
+    }
+
+    /// Create the vCPUs and start their threads, and return at once: the VM runs while the
+    /// caller does something else, such as starting more VMs, and [`RunningVm::wait`] collects
+    /// its end. No thread of the caller's is needed per VM, only the vCPU threads. The
+    /// timeout is enforced by `wait`: a VM past its timeout before `wait` is called runs on
+    /// until then. Under [`Seccomp::AllThreads`] the calling thread is confined here, as in
+    /// `run`. If a vCPU cannot be created, the report of that failed run.
+    pub fn start(self) -> Result<RunningVm, Box<RunReport>> {
         let start = Instant::now();
         let _ = self.shared.started.set(start);
         let mut vcpus = Vec::new();
@@ -540,14 +554,14 @@ impl Vm {
                 Ok(v) => vcpus.push(v),
                 Err(source) => {
                     let err = RunError::Backend { vcpu: id as u32, source };
-                    return RunReport {
+                    return Err(Box::new(RunReport {
                         result: Err(err),
                         stats: VcpuStats::default(),
                         per_vcpu: Vec::new(),
                         elapsed: start.elapsed(),
                         stuck_vcpus: Vec::new(),
                         last_calls: None,
-                    };
+                    }));
                 }
             }
         }
@@ -557,29 +571,7 @@ impl Vm {
             let thread = "the thread running the VM".into();
             self.shared.finish(Err(RunError::Seccomp { thread, source }));
         }
-        self.wait_for_end(start);
-        // Threads get the grace after the end of the run, and never less than the timeout
-        // plus the grace: a run that ended early never leaves a slow thread behind.
-        let ended = Instant::now();
-        let last = self.timeout.and_then(|t| start.checked_add(t)).map_or(ended, |t| t.max(ended));
-        let (stats, per_vcpu, stuck_vcpus) = threads.stop(last.checked_add(self.stop_grace));
-        if !stuck_vcpus.is_empty() {
-            tracing::warn!(
-                vcpus = ?stuck_vcpus,
-                grace = ?self.stop_grace,
-                "vCPU threads did not stop after the run ended (a handler that never returns?); left behind"
-            );
-        }
-        self.shared.devices.console().flush();
-        let result = self
-            .shared
-            .end
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or(Ok(RunStatus::AllHalted));
-        let last_calls = self.shared.last_calls.lock().unwrap_or_else(|p| p.into_inner()).take();
-        RunReport { result, stats, per_vcpu, elapsed: start.elapsed(), stuck_vcpus, last_calls }
+        Ok(RunningVm { vm: self, threads, start })
     }
 
     fn wait_for_end(&self, start: Instant) {
@@ -603,5 +595,66 @@ impl Vm {
                 None => end = self.shared.end_cv.wait(end).unwrap_or_else(|p| p.into_inner()),
             }
         }
+    }
+}
+
+/// A VM whose vCPUs are running ([`Vm::start`]).
+pub struct RunningVm {
+    vm: Vm,
+    threads: Threads,
+    start: Instant,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm").field("vm", &self.vm).finish()
+    }
+}
+
+impl RunningVm {
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        self.vm.ram()
+    }
+
+    /// A handle that stops this VM from any thread.
+    pub fn stopper(&self) -> VmStopper {
+        self.vm.stopper()
+    }
+
+    /// A handle that watches and steers this VM from any thread.
+    pub fn monitor(&self) -> VmMonitor {
+        self.vm.monitor()
+    }
+
+    /// Wait until the run ends (as [`Vm::run`] describes) and every vCPU thread has stopped,
+    /// or the stop grace has passed for those that did not. The timeout counts from
+    /// [`Vm::start`], however late this is called: a VM that is past it when `wait` begins is
+    /// stopped then.
+    pub fn wait(self) -> RunReport {
+        let Self { vm, threads, start } = self;
+        vm.wait_for_end(start);
+        // Threads get the grace after the end of the run, and never less than the timeout
+        // plus the grace: a run that ended early never leaves a slow thread behind.
+        let ended = Instant::now();
+        let last = vm.timeout.and_then(|t| start.checked_add(t)).map_or(ended, |t| t.max(ended));
+        let (stats, per_vcpu, stuck_vcpus) = threads.stop(last.checked_add(vm.stop_grace));
+        if !stuck_vcpus.is_empty() {
+            tracing::warn!(
+                vcpus = ?stuck_vcpus,
+                grace = ?vm.stop_grace,
+                "vCPU threads did not stop after the run ended (a handler that never returns?); left behind"
+            );
+        }
+        vm.shared.devices.console().flush();
+        let result = vm
+            .shared
+            .end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or(Ok(RunStatus::AllHalted));
+        let last_calls = vm.shared.last_calls.lock().unwrap_or_else(|p| p.into_inner()).take();
+        RunReport { result, stats, per_vcpu, elapsed: start.elapsed(), stuck_vcpus, last_calls }
     }
 }

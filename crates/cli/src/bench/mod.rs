@@ -14,6 +14,7 @@ use vmcall_vmm::vm::{prepare_guest, RunStatus, Vm, VmBuilder};
 
 use crate::BenchArgs;
 
+mod density;
 mod live;
 mod report;
 use report::{json, render};
@@ -150,6 +151,12 @@ struct Bench {
 }
 
 pub fn run(args: &BenchArgs) -> Result<(), String> {
+    if let Some(spec) = &args.density_step {
+        return density::step(spec);
+    }
+    if let Some(n) = args.density {
+        return density::run(n, args);
+    }
     let kvm = kvm_backends();
     let emu = crate::backends::emu();
     let mut bench = Bench { series: Vec::new(), cold: Vec::new(), memory: Vec::new() };
