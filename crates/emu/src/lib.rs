@@ -9,6 +9,7 @@
 
 pub mod baseline;
 mod cpu_state;
+mod doorbell;
 mod exceptions;
 mod hooks;
 mod uc;
@@ -52,14 +53,19 @@ impl Hypervisor for EmuHypervisor {
         ram: Arc<GuestRam>,
         guest: &GuestInfo,
     ) -> Result<Box<dyn VmBackend>, BackendError> {
-        let config = vcpu::VcpuConfig { pv: guest.pv, foreign: guest.foreign };
+        let config = vcpu::VcpuConfig {
+            pv: guest.pv,
+            foreign: guest.foreign,
+            sites: Default::default(),
+            single_vcpu: guest.vcpus <= 1,
+        };
         Ok(Box::new(EmuVm { ram, config }))
     }
 }
 
 impl VmBackend for EmuVm {
     fn create_vcpu(&self, _id: u32, init: &VcpuInit) -> Result<Box<dyn Vcpu>, BackendError> {
-        Ok(Box::new(vcpu::EmuVcpu::new(self.ram.clone(), *init, self.config)))
+        Ok(Box::new(vcpu::EmuVcpu::new(self.ram.clone(), *init, self.config.clone())))
     }
 
     fn describe(&self) -> String {

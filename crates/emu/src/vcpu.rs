@@ -23,8 +23,10 @@ use vmcall_vmm::x86::cpuid::PvCpuid;
 use vmcall_vmm::x86::{mode, CpuMode, Regs};
 
 use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
-use crate::hooks::{guest_tsc, on_exception, on_invalid, read_code};
+use crate::doorbell::{LocalSites, SiteTable};
+use crate::hooks::{guest_tsc, on_doorbell, on_exception, on_invalid, read_code};
 use crate::uc::{add_cpuid_hook, write_mmr, write_msr};
+use vmcall_abi::ports::PORT_DOORBELL;
 
 pub(crate) const MSR_EFER: u32 = 0xc000_0080;
 /// QEMU's cached TR flags for a present, available 64-bit TSS (what `ltr` leaves there).
@@ -52,13 +54,21 @@ pub(crate) struct HookState {
     /// What the other vendor's hypercall instruction does, and which is the native one.
     pub foreign: ForeignInsn,
     pub native: HypercallInsn,
+    /// The VM's rewritten hypercall sites, and this vCPU's copy of those it has used.
+    pub sites: Arc<SiteTable>,
+    pub local_sites: LocalSites,
+    /// Whether this is the VM's only vCPU (sites may then be rewritten byte by byte).
+    pub single_vcpu: bool,
 }
 
 /// What a VM's vCPUs are configured with beyond their registers.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct VcpuConfig {
     pub pv: PvCpuid,
     pub foreign: ForeignInsn,
+    /// The VM's rewritten hypercall sites, shared by its vCPUs.
+    pub sites: Arc<SiteTable>,
+    pub single_vcpu: bool,
 }
 
 /// The `&mut dyn InlineExits` of the current `run`, with its lifetime erased so that the
@@ -182,7 +192,7 @@ impl EmuVcpu {
 
     fn engine(&mut self) -> Result<&mut Engine<'static>, BackendError> {
         if self.engine.is_none() {
-            let engine = create_engine(&self.ram, &self.init, self.config)?;
+            let engine = create_engine(&self.ram, &self.init, &self.config)?;
             *self.stop.handle.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(StopHandle(engine.get_handle()));
             self.engine = Some(engine);
@@ -272,9 +282,12 @@ fn enter_protected_mode(
 fn create_engine(
     ram: &Arc<GuestRam>,
     init: &VcpuInit,
-    config: VcpuConfig,
+    config: &VcpuConfig,
 ) -> Result<Engine<'static>, BackendError> {
     let state = HookState {
+        sites: config.sites.clone(),
+        local_sites: LocalSites::default(),
+        single_vcpu: config.single_vcpu,
         foreign: config.foreign,
         native: HypercallInsn::native(),
         ram: ram.clone(),
@@ -294,6 +307,9 @@ fn create_engine(
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
         let (port, size) = (port as u16, size as u8);
+        if port == PORT_DOORBELL && size == 1 && on_doorbell(uc) {
+            return;
+        }
         let state = uc.get_data_mut();
         let needs_loop = match state.sink {
             // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there).
