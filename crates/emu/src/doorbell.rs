@@ -26,6 +26,8 @@ use vmcall_abi::ports::PORT_DOORBELL;
 use vmcall_vmm::hypercall::HypercallInsn;
 use vmcall_vmm::memory::{GuestRam, OutOfBounds};
 
+use crate::ram::RamView;
+
 /// The bytes written over a site: `out PORT_DOORBELL, al; nop`.
 pub(crate) const DOORBELL_SITE: [u8; 3] = [0xe6, PORT_DOORBELL as u8, 0x90];
 
@@ -104,6 +106,8 @@ fn still_doorbell(ram: &GuestRam, gpa: u64) -> bool {
 #[derive(Debug, Default)]
 pub(crate) struct LocalSites {
     sites: HashMap<u64, HypercallInsn>,
+    /// The site answered last: a loop calls the same one again.
+    last: Option<(u64, HypercallInsn)>,
     generation: u64,
 }
 
@@ -113,26 +117,35 @@ impl LocalSites {
     pub(crate) fn lookup(
         &mut self,
         table: &SiteTable,
-        ram: &GuestRam,
+        ram: &RamView,
         gpa: u64,
     ) -> Option<HypercallInsn> {
         let generation = table.generation.load(Ordering::Acquire);
         if generation != self.generation {
             self.sites.clear();
+            self.last = None;
             self.generation = generation;
         }
-        let insn = match self.sites.get(&gpa) {
-            Some(insn) => *insn,
-            None => {
-                let insn = table.get(gpa)?;
-                self.sites.insert(gpa, insn);
+        let insn = match self.last {
+            Some((at, insn)) if at == gpa => insn,
+            _ => {
+                let insn = match self.sites.get(&gpa) {
+                    Some(insn) => *insn,
+                    None => {
+                        let insn = table.get(gpa)?;
+                        self.sites.insert(gpa, insn);
+                        insn
+                    }
+                };
+                self.last = Some((gpa, insn));
                 insn
             }
         };
-        if still_doorbell(ram, gpa) {
+        if ram.read::<3>(gpa) == Some(DOORBELL_SITE) {
             return Some(insn);
         }
         self.sites.remove(&gpa);
+        self.last = None;
         table.forget(gpa);
         None
     }
@@ -141,10 +154,12 @@ impl LocalSites {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn rewrite_only_hypercalls_and_forget_overwritten_sites() {
-        let ram = GuestRam::new(2 << 20).unwrap();
+        let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
+        let view = RamView::new(ram.clone());
         let t = SiteTable::default();
         let mut local = LocalSites::default();
         ram.write(0x1000, &[0x0f, 0x01, 0xc1]).unwrap();
@@ -156,34 +171,35 @@ mod tests {
         let mut b = [0u8; 3];
         ram.read(0x1000, &mut b).unwrap();
         assert_eq!(b, DOORBELL_SITE);
-        assert_eq!(local.lookup(&t, &ram, 0x1000), Some(HypercallInsn::Vmcall));
-        assert_eq!(local.lookup(&t, &ram, 0x2000), None);
+        assert_eq!(local.lookup(&t, &view, 0x1000), Some(HypercallInsn::Vmcall));
+        assert_eq!(local.lookup(&t, &view, 0x2000), None);
         // The guest's own doorbell bytes elsewhere are no site.
         ram.write(0x3000, &DOORBELL_SITE).unwrap();
-        assert_eq!(local.lookup(&t, &ram, 0x3000), None);
+        assert_eq!(local.lookup(&t, &view, 0x3000), None);
         assert_eq!(t.is_live_site(&ram, 0x1000), Some(HypercallInsn::Vmcall));
         ram.write(0x1002, &[0xc3]).unwrap(); // the guest wrote new code over the site
-        assert_eq!(local.lookup(&t, &ram, 0x1000), None);
+        assert_eq!(local.lookup(&t, &view, 0x1000), None);
         assert_eq!(t.len(), 0);
         // ... and writing the doorbell bytes back itself does not make it a site again.
         ram.write(0x1000, &DOORBELL_SITE).unwrap();
-        assert_eq!(local.lookup(&t, &ram, 0x1000), None);
+        assert_eq!(local.lookup(&t, &view, 0x1000), None);
         assert_eq!(t.is_live_site(&ram, 0x1000), None);
     }
 
     #[test]
     fn a_site_forgotten_by_one_vcpu_is_forgotten_by_all() {
-        let ram = GuestRam::new(2 << 20).unwrap();
+        let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
+        let view = RamView::new(ram.clone());
         let t = SiteTable::default();
         let (mut a, mut b) = (LocalSites::default(), LocalSites::default());
         ram.write(0x1000, &[0x0f, 0x01, 0xd9]).unwrap();
         assert_eq!(t.rewrite(&ram, 0x1000, HypercallInsn::Vmmcall, false), Ok(true));
-        assert_eq!(a.lookup(&t, &ram, 0x1000), Some(HypercallInsn::Vmmcall));
-        assert_eq!(b.lookup(&t, &ram, 0x1000), Some(HypercallInsn::Vmmcall));
+        assert_eq!(a.lookup(&t, &view, 0x1000), Some(HypercallInsn::Vmmcall));
+        assert_eq!(b.lookup(&t, &view, 0x1000), Some(HypercallInsn::Vmmcall));
         ram.write(0x1000, &[0x90, 0x90, 0x90]).unwrap();
-        assert_eq!(a.lookup(&t, &ram, 0x1000), None);
+        assert_eq!(a.lookup(&t, &view, 0x1000), None);
         ram.write(0x1000, &DOORBELL_SITE).unwrap();
-        assert_eq!(b.lookup(&t, &ram, 0x1000), None, "b's copy went with the generation");
+        assert_eq!(b.lookup(&t, &view, 0x1000), None, "b's copy went with the generation");
     }
 
     #[test]

@@ -209,8 +209,8 @@ pub(crate) fn on_doorbell(uc: &mut Engine<'_>) -> bool {
     let (mode, cs_base) = current_mode_with(uc, r.cs, (r.gdtr_base, r.gdtr_limit), &paging);
     let linear = linear_rip(mode, cs_base, r.rip);
     let state = uc.get_data_mut();
-    let Ok(gpa) = VirtualMemory::new(&state.ram, paging).gpa(linear) else { return false };
-    let Some(insn) = state.local_sites.lookup(&state.sites, &state.ram, gpa) else {
+    let Some(gpa) = state.view.gpa(&paging, linear) else { return false };
+    let Some(insn) = state.local_sites.lookup(&state.sites, &state.view, gpa) else {
         return false;
     };
     let Some(SinkPtr(sink)) = state.sink else { return false };

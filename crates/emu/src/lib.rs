@@ -1,9 +1,11 @@
 //! vmcall's software-CPU backend: one unicorn engine (QEMU's TCG) per vCPU, all over the same
 //! guest RAM, behind the same backend trait as KVM.
 //!
-//! VMCALL and VMMCALL are trapped exactly where they execute, with no rewriting: unicorn raises
-//! an invalid-instruction event for both, at any CPL and in any mode; this backend reports it
-//! as a hypercall exit and the VMM's one dispatcher answers it. See `docs/emu-backend.md`.
+//! VMCALL and VMMCALL are trapped exactly where they execute: unicorn raises an
+//! invalid-instruction event for both, at any CPL and in any mode; this backend answers it through
+//! the VMM's one dispatcher. A site that has trapped as a hypercall at CPL 0 is then rewritten into
+//! a port doorbell that the emulator answers inside the translated block, about twice as fast (see
+//! `doorbell` and `docs/emu-backend.md`).
 //!
 //! This crate links the unicorn engine and is therefore GPL-2.0; the rest of vmcall is not.
 
@@ -12,6 +14,7 @@ mod cpu_state;
 mod doorbell;
 mod exceptions;
 mod hooks;
+mod ram;
 mod uc;
 mod vcpu;
 
@@ -70,7 +73,7 @@ impl VmBackend for EmuVm {
 
     fn describe(&self) -> String {
         format!(
-            "unicorn {} software CPU (VMCALL/VMMCALL trapped where they execute, no rewriting)",
+            "unicorn {} software CPU (VMCALL/VMMCALL trapped where they execute; CPL 0 sites then rewritten to a port doorbell)",
             unicorn_version()
         )
     }

@@ -25,6 +25,7 @@ use vmcall_vmm::x86::{mode, CpuMode, Regs};
 use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
 use crate::doorbell::{LocalSites, SiteTable};
 use crate::hooks::{guest_tsc, on_doorbell, on_exception, on_invalid, read_code};
+use crate::ram::RamView;
 use crate::uc::{add_cpuid_hook, write_mmr, write_msr};
 use vmcall_abi::ports::PORT_DOORBELL;
 
@@ -57,6 +58,8 @@ pub(crate) struct HookState {
     /// The VM's rewritten hypercall sites, and this vCPU's copy of those it has used.
     pub sites: Arc<SiteTable>,
     pub local_sites: LocalSites,
+    /// Guest RAM through its host mapping, for the doorbell's page walk and byte checks.
+    pub view: RamView,
     /// Whether this is the VM's only vCPU (sites may then be rewritten byte by byte).
     pub single_vcpu: bool,
 }
@@ -287,6 +290,7 @@ fn create_engine(
     let state = HookState {
         sites: config.sites.clone(),
         local_sites: LocalSites::default(),
+        view: RamView::new(ram.clone()),
         single_vcpu: config.single_vcpu,
         foreign: config.foreign,
         native: HypercallInsn::native(),
