@@ -133,11 +133,11 @@ struct RunArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Hypercalls per KVM run.
-    #[arg(long, default_value_t = 2000)]
+    /// Hypercalls per KVM run (at least 1).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     calls: u64,
-    /// Hypercalls per software-CPU run.
-    #[arg(long, default_value_t = 200_000)]
+    /// Hypercalls per software-CPU run (at least 1).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     emu_calls: u64,
     /// Rounds: every measurement runs once per round, in turn.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -145,6 +145,10 @@ pub(crate) struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Exit with status 1 when a target is missed (after printing the whole report); without
+    /// it the report is all, whatever the verdicts.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args, Debug)]
