@@ -169,3 +169,82 @@ fn a_32_bit_guest_is_answered_as_32_bit_code() {
         assert_eq!(u32::from_le_bytes(b), 0x1060 + i as u32);
     }
 }
+
+/// With two vCPUs (two engines, each with its own translation cache), a site that vCPU B has
+/// translated before vCPU A rewrote it: B's stale translation traps, B finds the doorbell in
+/// memory, drops the translation and answers through the doorbell.
+#[test]
+fn a_vcpu_with_a_stale_translation_of_a_rewritten_site() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use vmcall_emu::EmuHypervisor;
+    use vmcall_vmm::backend::{GuestInfo, Hypervisor};
+
+    let m = Machine::new();
+    m.code(SUB, &sub());
+    // B: to CPL 3, call SUB, stop (the sink ends a run on a port write), call SUB again, stop.
+    let b_code = CODE + 0x100;
+    let user = CODE + 0x400;
+    let mut b = Asm::default();
+    b.push_imm8(USER_DS as u8).mov_rax(USER_STACK).push_rax().push_imm8(2);
+    b.push_imm8(USER_CS as u8).mov_rax(user).push_rax().iretq();
+    m.code(b_code, &b.0);
+    let mut u = Asm::default();
+    u.mov_rax(0x51);
+    call(&mut u, user, SUB);
+    u.store_rax(RECORDS + 8);
+    // out 0x80, al; jmp +0 (ends the block, so the run resumes after the out)
+    u.b(&[0xe6, 0x80, 0xeb, 0x00]);
+    u.mov_rax(0x52);
+    call(&mut u, user, SUB);
+    u.store_rax(RECORDS + 16);
+    u.done();
+    m.code(user, &u.0);
+    // A: call SUB at CPL 0 twice (the trap rewrites it), stop.
+    let mut a = Asm::default();
+    a.mov_rax(0x41);
+    call(&mut a, CODE, SUB);
+    a.mov_rax(0x42);
+    call(&mut a, CODE, SUB);
+    a.done();
+    m.code(CODE, &a.0);
+
+    let info = GuestInfo { vcpus: 2, entry: CODE, ..Default::default() };
+    let vm = EmuHypervisor::new().create_vm(m.ram.clone(), &info).unwrap();
+    let mut init_b = m.init;
+    init_b.regs.rip = b_code;
+    init_b.regs.rsp = STACK - 0x1000;
+    let mut vb = vm.create_vcpu(1, &init_b).unwrap();
+    let mut va = vm.create_vcpu(0, &m.init).unwrap();
+    // Both vCPUs are interrupted if the test runs past 20 s.
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (done, stop) = (done.clone(), [va.interrupter(), vb.interrupter()]);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !done.load(Ordering::SeqCst) {
+                if start.elapsed() > Duration::from_secs(20) {
+                    stop.iter().for_each(|s| s.interrupt());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut sink = Sink::default();
+    let first_b = vb.run(&mut sink).unwrap();
+    assert!(matches!(first_b, VcpuExit::IoOut { port: 0x80, .. }), "{first_b:?}");
+    assert_eq!(bytes_at(&m, SUB), HypercallInsn::native().bytes(), "CPL 3 rewrites nothing");
+    let a_exit = va.run(&mut sink).unwrap();
+    assert!(matches!(a_exit, VcpuExit::IoOut { port: 0x80, .. }), "{a_exit:?}");
+    assert_eq!(bytes_at(&m, SUB), DOORBELL, "A rewrote it");
+    let second_b = vb.run(&mut sink).unwrap();
+    assert!(matches!(second_b, VcpuExit::IoOut { port: 0x80, .. }), "{second_b:?}");
+    let seen: Vec<(u64, u8)> = sink.calls.iter().map(|c| (c.nr, c.cpl)).collect();
+    assert_eq!(seen, [(0x51, 3), (0x41, 0), (0x42, 0), (0x52, 3)]);
+    assert!(sink.calls.iter().all(|c| c.rip == SUB));
+    let r = |i: u64| m.ram.read_u64(RECORDS + 8 * i).unwrap();
+    assert_eq!((r(1), r(2)), (0x1051, 0x1052), "both of B's calls answered");
+    done.store(true, Ordering::SeqCst);
+    watchdog.join().unwrap();
+}
