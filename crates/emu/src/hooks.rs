@@ -204,9 +204,23 @@ fn rewrite_site(uc: &mut Engine<'_>, paging: &PagingContext, linear: u64, insn: 
 /// the `out`'s own address). If it is a rewritten site, answer it as the hypercall it was and
 /// return true; otherwise it is the guest's own port write (false).
 pub(crate) fn on_doorbell(uc: &mut Engine<'_>) -> bool {
-    let Ok(r) = read_hypercall_regs(uc) else { return false };
+    let (r, mode, cs_base) = match &uc.get_data().live {
+        Some(live) => {
+            // The CPU state read in place: CS's cached descriptor and the mode flags give the
+            // mode directly, as a context save would.
+            let s = live.hypercall_state();
+            let mode = cpu_mode(s.regs.cr0, s.hflags, s.cs.flags);
+            let base = if mode == CpuMode::Long64 { 0 } else { s.cs.base };
+            (s.regs, mode, base)
+        }
+        None => {
+            let Ok(r) = read_hypercall_regs(uc) else { return false };
+            let paging = paging_of(&r);
+            let (mode, base) = current_mode_with(uc, r.cs, (r.gdtr_base, r.gdtr_limit), &paging);
+            (r, mode, base)
+        }
+    };
     let paging = paging_of(&r);
-    let (mode, cs_base) = current_mode_with(uc, r.cs, (r.gdtr_base, r.gdtr_limit), &paging);
     let linear = linear_rip(mode, cs_base, r.rip);
     let state = uc.get_data_mut();
     let Some(gpa) = state.view.gpa(&paging, linear) else { return false };
@@ -227,8 +241,13 @@ pub(crate) fn on_doorbell(uc: &mut Engine<'_>) -> bool {
     // reference to the sink exists while a hook runs.
     let rax = unsafe { &mut *sink }.hypercall(&call, &mut guest_tsc);
     // RAX written here is what the next instruction (the site's `nop`) sees: the OUT helper
-    // writes the engine's registers back before it returns to the block. RIP needs no write.
-    let _ = uc.reg_write(R::RAX, rax);
+    // reloads the engine's registers before it returns to the block. RIP needs no write.
+    match &uc.get_data().live {
+        Some(live) => live.set_rax(rax),
+        None => {
+            let _ = uc.reg_write(R::RAX, rax);
+        }
+    }
     true
 }
 

@@ -22,7 +22,9 @@ use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::cpuid::PvCpuid;
 use vmcall_vmm::x86::{mode, CpuMode, Regs};
 
-use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
+use crate::cpu_state::{
+    CpuState, LiveCpu, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS,
+};
 use crate::doorbell::{LocalSites, SiteTable};
 use crate::hooks::{guest_tsc, on_doorbell, on_exception, on_invalid, read_code};
 use crate::ram::RamView;
@@ -60,6 +62,8 @@ pub(crate) struct HookState {
     pub local_sites: LocalSites,
     /// Guest RAM through its host mapping, for the doorbell's page walk and byte checks.
     pub view: RamView,
+    /// The engine's CPU state read in place, for the doorbell (None: through the API).
+    pub live: Option<LiveCpu>,
     /// Whether this is the VM's only vCPU (sites may then be rewritten byte by byte).
     pub single_vcpu: bool,
 }
@@ -291,6 +295,7 @@ fn create_engine(
         sites: config.sites.clone(),
         local_sites: LocalSites::default(),
         view: RamView::new(ram.clone()),
+        live: None,
         single_vcpu: config.single_vcpu,
         foreign: config.foreign,
         native: HypercallInsn::native(),
@@ -308,6 +313,7 @@ fn create_engine(
         enter_protected_mode(&mut uc, &mut cpu, init)?;
     }
     uc.get_data_mut().cpu = Some(cpu);
+    uc.get_data_mut().live = LiveCpu::find(&mut uc);
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
         let (port, size) = (port as u16, size as u8);
