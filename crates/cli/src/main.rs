@@ -253,11 +253,11 @@ struct RunArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Hypercalls per KVM run.
-    #[arg(long, default_value_t = 2000)]
+    /// Hypercalls per KVM run (at least 1).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     calls: u64,
-    /// Hypercalls per software-CPU run.
-    #[arg(long, default_value_t = 200_000)]
+    /// Hypercalls per software-CPU run (at least 1).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     emu_calls: u64,
     /// Rounds: every measurement runs once per round, in turn.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -272,6 +272,10 @@ pub(crate) struct BenchArgs {
     /// One fleet of `--density`, run in a process of its own: BACKEND:N (internal).
     #[arg(long, value_name = "BACKEND:N", hide = true)]
     density_step: Option<String>,
+    /// Exit with status 1 when a target is missed (after printing the whole report); without
+    /// it the report is all, whatever the verdicts.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args, Debug)]

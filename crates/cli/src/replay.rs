@@ -8,7 +8,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 use vmcall_vmm::hypercall::{AnsweredBy, HypercallTable};
@@ -371,7 +371,7 @@ fn rerun(
 pub fn stats_of(rec: &Recording) -> Vec<VcpuStats> {
     let vcpus = rec.header.vcpus.max(rec.calls.iter().map(|c| c.vcpu + 1).max().unwrap_or(0));
     let mut per_vcpu = vec![VcpuStats::default(); vcpus as usize];
-    let base = Instant::now();
+    let base = vmcall_vmm::stats::Stamp::now();
     let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
     for c in &rec.calls {
         let s = &mut per_vcpu[c.vcpu as usize];

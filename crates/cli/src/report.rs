@@ -174,8 +174,8 @@ impl CallSink for JsonTrace {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::time::Instant;
     use vmcall_vmm::hypercall::AnsweredBy;
+    use vmcall_vmm::stats::Stamp;
     use vmcall_vmm::x86::CpuMode;
 
     #[test]
@@ -183,7 +183,7 @@ mod tests {
         let mut v0 = VcpuStats::default();
         let mut v1 = VcpuStats::default();
         let (c1, c2): (Arc<str>, Arc<str>) = ("const:1".into(), "const:2".into());
-        let t = Instant::now();
+        let t = Stamp::now();
         v0.hypercall(20, t, Duration::from_nanos(100));
         v0.answered_by(20, &c1);
         v1.hypercall(20, t, Duration::from_nanos(300));

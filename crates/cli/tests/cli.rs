@@ -260,7 +260,7 @@ fn bench_reports_every_line_as_json() {
         "\"memory\"",
         "\"targets\"",
         "\"median_ns\"",
-        "\"ratio_to_line2\"",
+        "\"ratio_to_baseline\"",
     ] {
         assert!(doc.contains(key), "no {key} in {doc}");
     }
@@ -280,5 +280,16 @@ fn no_seccomp_runs_without_filters() {
         let (out, err) = text(&o);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
         assert!(out.contains("KVM_HC_MY_VMCALL(41)       -> 42"), "{args:?}: {out}");
+    }
+}
+
+/// `vmcall bench` refuses runs of no calls as a usage error, before measuring anything.
+#[test]
+fn bench_with_no_calls_is_a_usage_error() {
+    for flag in ["--calls", "--emu-calls"] {
+        let o = vmcall(&["bench", flag, "0"]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{flag} 0: {err}");
+        assert!(err.contains(flag), "{err}");
     }
 }

@@ -337,3 +337,161 @@ mod tests {
         assert_eq!(uc.reg_read(R::RIP).unwrap(), 0x105, "stopped at the faulting mov");
     }
 }
+
+/// `uc_struct::cpu` (the engine's `CPUState *`) in unicorn-engine 2.1.5.
+const OFF_UC_CPU: usize = 440;
+/// `CPUState::env_ptr`, and where `X86CPU::env` is in the `X86CPU` that starts with the
+/// `CPUState`: the pointer must be exactly that (checked).
+const OFF_CPU_ENV_PTR: usize = 296;
+const OFF_X86CPU_ENV: usize = 35408;
+/// `CPUX86State::regs[16]`, `cr[5]`, `efer`, `gdt` (a `SegmentCache`).
+const OFF_REGS: usize = 0;
+const OFF_CR: usize = 424;
+const OFF_EFER: usize = 592;
+const OFF_GDT: usize = 376;
+
+/// The engine's live `CPUX86State`, read in place: what the doorbell needs from it costs a
+/// dozen loads here, against a dozen trips through unicorn's register `switch` (whose indirect
+/// jump is the dearest part of a doorbell call on these machines). Same pinned layout as
+/// [`CpuState`], found and checked by [`LiveCpu::find`].
+///
+/// Only read, and only from hooks on the engine's own thread, where the state is current: GPRs
+/// are written back before any helper that calls a hook, RIP is synced by unicorn before the OUT
+/// hook, and the rest is never cached in translated code.
+pub(crate) struct LiveCpu {
+    env: *const u8,
+}
+
+/// What [`LiveCpu::hypercall_state`] reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LiveState {
+    pub regs: crate::uc::HypercallRegs,
+    pub hflags: u32,
+    pub cs: SegCache,
+}
+
+impl LiveCpu {
+    /// Find the engine's CPU state: `uc->cpu->env_ptr`, which must point just where the
+    /// pinned layout puts `env` inside the CPU object, and hold values written through the
+    /// register API at the pinned offsets. Only called once `CpuState::new` has accepted the
+    /// engine (so it is unicorn 2.1.5's, whose `uc_struct` is longer than `OFF_UC_CPU`); `None`
+    /// if anything disagrees (the doorbell then reads registers through the API).
+    pub(crate) fn find<D>(uc: &mut Unicorn<'_, D>) -> Option<Self> {
+        let engine = uc.get_handle().cast::<u8>();
+        // SAFETY: `engine` is the live `uc_struct`, 14912 bytes in 2.1.5 (the version the
+        // caller's layout check established); the field is a pointer, read unaligned-safe.
+        let cpu = unsafe { engine.wrapping_add(OFF_UC_CPU).cast::<*mut u8>().read_unaligned() };
+        if cpu.is_null() {
+            return None;
+        }
+        // SAFETY: `cpu` is the engine's `CPUState *` (the layout is 2.1.5's), an object of
+        // well over OFF_CPU_ENV_PTR bytes.
+        let env = unsafe { cpu.wrapping_add(OFF_CPU_ENV_PTR).cast::<*const u8>().read_unaligned() };
+        if env != cpu.wrapping_add(OFF_X86CPU_ENV).cast_const() {
+            return None;
+        }
+        let live = Self { env };
+        let api = |e: uc_error| e;
+        let probe = |uc: &mut Unicorn<'_, D>| -> Result<bool, uc_error> {
+            let (rip, rbx, cr3) =
+                (uc.reg_read(R::RIP)?, uc.reg_read(R::RBX)?, uc.reg_read(R::CR3)?);
+            uc.reg_write(R::RIP, 0x1e1e_1234_5678_9abc)?;
+            uc.reg_write(R::RBX, 0xb0b0_1234_5678_9abc)?;
+            let seen = (live.u64(OFF_EIP), live.u64(OFF_REGS + 8 * 3), live.u64(OFF_CR + 8 * 3));
+            uc.reg_write(R::RIP, rip)?;
+            uc.reg_write(R::RBX, rbx)?;
+            Ok(seen == (0x1e1e_1234_5678_9abc, 0xb0b0_1234_5678_9abc, cr3))
+        };
+        match probe(uc).map_err(api) {
+            Ok(true) => Some(live),
+            _ => None,
+        }
+    }
+
+    fn u64(&self, off: usize) -> u64 {
+        // SAFETY: `env` is the engine's live CPUX86State (checked by `find`), longer than every
+        // offset read here; read volatile (never through a reference) because the engine
+        // writes it between our reads, on this same thread.
+        unsafe { self.env.wrapping_add(off).cast::<u64>().read_volatile() }
+    }
+
+    fn u32(&self, off: usize) -> u32 {
+        // SAFETY: as in `u64`.
+        unsafe { self.env.wrapping_add(off).cast::<u32>().read_volatile() }
+    }
+
+    /// Set RAX, as `uc_reg_write(RAX)` does in a 64-bit engine (a store to `regs[R_EAX]`). From
+    /// a hook, the value is what the next guest instruction sees: helpers that call hooks
+    /// reload the registers from this state when they return to translated code.
+    pub(crate) fn set_rax(&self, v: u64) {
+        // SAFETY: as in `u64`: `regs[0]` of the engine's live state, which nothing else holds
+        // a reference to; written volatile, on the engine's own thread.
+        unsafe { self.env.wrapping_add(OFF_REGS).cast::<u64>().cast_mut().write_volatile(v) }
+    }
+
+    /// The registers a hypercall needs, the mode flags and CS's cached descriptor.
+    pub(crate) fn hypercall_state(&self) -> LiveState {
+        let gpr = |i: usize| self.u64(OFF_REGS + 8 * i);
+        let cs = OFF_SEGS + SEG_SIZE * SEG_CS;
+        let cs = SegCache {
+            selector: self.u32(cs) as u16,
+            base: self.u64(cs + 8),
+            limit: self.u32(cs + 16),
+            flags: self.u32(cs + 20),
+        };
+        // QEMU's register order: RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI.
+        let regs = crate::uc::HypercallRegs {
+            rip: self.u64(OFF_EIP),
+            cs: cs.selector,
+            rax: gpr(0),
+            rbx: gpr(3),
+            rcx: gpr(1),
+            rdx: gpr(2),
+            rsi: gpr(6),
+            cr0: self.u64(OFF_CR),
+            cr3: self.u64(OFF_CR + 8 * 3),
+            cr4: self.u64(OFF_CR + 8 * 4),
+            efer: self.u64(OFF_EFER),
+            gdtr_base: self.u64(OFF_GDT + 8),
+            gdtr_limit: self.u32(OFF_GDT + 16),
+        };
+        LiveState { regs, hflags: self.u32(OFF_HFLAGS), cs }
+    }
+}
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+    use unicorn_engine::unicorn_const::{Arch, Mode};
+
+    /// The engine's CPU state is found where the pinned layout says, and reads what the
+    /// register API reads.
+    #[test]
+    fn live_state_matches_the_register_api() {
+        let mut uc = Unicorn::new_with_data(Arch::X86, Mode::MODE_64, ()).unwrap();
+        let _state = CpuState::new(&mut uc).expect("layout");
+        let live = LiveCpu::find(&mut uc).expect("the CPU state of unicorn 2.1.5");
+        for (reg, v) in [
+            (R::RAX, 0x1111),
+            (R::RBX, 0x2222),
+            (R::RCX, 0x3333),
+            (R::RDX, 0x4444),
+            (R::RSI, 0x5555),
+            (R::RIP, 0x6666),
+        ] {
+            uc.reg_write(reg, v).unwrap();
+        }
+        let s = live.hypercall_state();
+        let r = s.regs;
+        assert_eq!(
+            (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rip),
+            (0x1111, 0x2222, 0x3333, 0x4444, 0x5555, 0x6666)
+        );
+        let api = crate::uc::read_hypercall_regs(&uc).unwrap();
+        assert_eq!((r.cr0, r.cr3, r.cr4, r.efer), (api.cr0, api.cr3, api.cr4, api.efer));
+        assert_eq!((r.gdtr_base, r.gdtr_limit, r.cs), (api.gdtr_base, api.gdtr_limit, api.cs));
+        assert_ne!(s.hflags & HF_CS64, 0, "the engine starts in 64-bit code");
+        live.set_rax(0x7777);
+        assert_eq!(uc.reg_read(R::RAX).unwrap(), 0x7777);
+    }
+}

@@ -12,8 +12,11 @@ use vmcall_vmm::x86::mode::{CR0_PE, CR0_PG, CR4_PAE, EFER_LMA};
 use vmcall_vmm::x86::{CpuMode, PagingContext, VirtualMemory};
 
 use crate::cpu_state::{CpuState, SegCache, DESC_B, HF_CS64, HF_LMA, SEG_CS, SEG_SS};
+use crate::doorbell::DOORBELL_SITE;
 use crate::exceptions::{self, Cpu, Event, Outcome, Table, GP, PF};
-use crate::uc::{read_mmr, read_msr};
+use crate::uc::{
+    read_hypercall_regs, read_mmr, read_msr, write_regs_between_blocks, HypercallRegs,
+};
 use crate::vcpu::{Engine, SinkPtr, MSR_EFER};
 
 /// The mode of the running code from CR0, QEMU's hidden flags and CS's cached descriptor
@@ -51,6 +54,17 @@ pub(crate) fn paging_context(uc: &Engine<'_>) -> PagingContext {
 /// descriptor in place and reloads the same selector under the same GDTR.
 fn current_mode(uc: &mut Engine<'_>, cs: u16, paging: &PagingContext) -> (CpuMode, u64) {
     let gdtr = read_mmr(uc, R::GDTR).map(|m| (m.base, m.limit)).unwrap_or_default();
+    current_mode_with(uc, cs, gdtr, paging)
+}
+
+/// [`current_mode`] with GDTR's base and limit already read. Inside a translation block (the
+/// OUT hook) the context is only ever saved, which copies the CPU state and changes nothing.
+fn current_mode_with(
+    uc: &mut Engine<'_>,
+    cs: u16,
+    gdtr: (u64, u32),
+    paging: &PagingContext,
+) -> (CpuMode, u64) {
     let key = (cs, gdtr.0, gdtr.1, paging.cr0 & CR0_PE, paging.efer & EFER_LMA);
     if let Some((k, mode, base)) = uc.get_data().mode_cache {
         if k == key {
@@ -92,15 +106,22 @@ pub(crate) fn read_code(uc: &mut Engine<'_>, rip: u64, buf: &mut [u8]) -> bool {
 /// An invalid instruction (#UD). VMCALL and VMMCALL are invalid to the emulator at any CPL
 /// and in any mode, and are answered right here through the VMM's sink without stopping the
 /// engine; they are recognised by the bytes at RIP as the guest's own page tables map it.
-/// Anything else is a real #UD, delivered to the guest.
+/// A hypercall answered at CPL 0 has its site rewritten into the doorbell (see `doorbell`),
+/// which later calls take. Anything else is a real #UD, delivered to the guest.
 pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
-    let rip = uc.reg_read(R::RIP).unwrap_or(0);
-    let cs = uc.reg_read(R::CS).unwrap_or(0) as u16;
-    let paging = paging_context(uc);
-    let (mode, cs_base) = current_mode(uc, cs, &paging);
+    let Ok(r) = read_hypercall_regs(uc) else {
+        let exit = VcpuExit::Unknown("unicorn: cannot read the registers at a #UD".into());
+        uc.get_data_mut().stop_with(exit);
+        let _ = uc.emu_stop();
+        return true;
+    };
+    let (rip, cs) = (r.rip, r.cs);
+    let paging = paging_of(&r);
+    let (mode, cs_base) = current_mode_with(uc, cs, (r.gdtr_base, r.gdtr_limit), &paging);
     let linear = linear_rip(mode, cs_base, rip);
     let mut bytes = [0u8; 3];
-    let memory = VirtualMemory::new(&uc.get_data().ram, paging);
+    let state = uc.get_data();
+    let memory = VirtualMemory::new(&state.ram, paging);
     let found = match memory.read(linear, &mut bytes) {
         Ok(()) => HypercallInsn::decode(&bytes),
         Err(e) => {
@@ -111,10 +132,24 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
             return true;
         }
     };
-    let state = uc.get_data();
+    if found.is_none() && bytes == DOORBELL_SITE {
+        // This engine translated the site before another vCPU rewrote it: drop the stale
+        // translation and run the doorbell now in memory.
+        let live =
+            memory.gpa(linear).ok().and_then(|gpa| state.sites.is_live_site(&state.ram, gpa));
+        if live.is_some() {
+            let _ = uc.ctl_remove_cache(linear, linear + insn::HYPERCALL_LEN);
+            return true;
+        }
+    }
     let action = found.map(|insn| state.foreign.action(insn, state.native));
     let insn = match (found, action) {
-        (Some(insn), Some(InsnAction::Answer)) => insn,
+        (Some(insn), Some(InsnAction::Answer)) => {
+            if cs & 3 == 0 {
+                rewrite_site(uc, &paging, linear, insn);
+            }
+            insn
+        }
         (Some(insn), Some(InsnAction::PatchThenAnswer { native })) => {
             // KVM's FIX_HYPERCALL_INSN quirk: the native instruction from now on.
             let _ = VirtualMemory::new(&state.ram, paging).write(linear, &native.bytes());
@@ -126,10 +161,9 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
             return true;
         }
     };
-    let reg = |r: R| uc.reg_read(r).unwrap_or(0);
     let call = HypercallExit {
-        nr: reg(R::RAX),
-        args: [reg(R::RBX), reg(R::RCX), reg(R::RDX), reg(R::RSI)],
+        nr: r.rax,
+        args: [r.rbx, r.rcx, r.rdx, r.rsi],
         cpl: (cs & 3) as u8,
         mode,
         rip,
@@ -142,8 +176,8 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
             // other reference to the sink exists while a hook runs.
             let sink = unsafe { &mut *sink };
             let rax = sink.hypercall(&call, &mut guest_tsc);
-            let _ = uc.reg_write(R::RAX, rax);
-            let _ = uc.reg_write(R::RIP, rip.wrapping_add(insn::HYPERCALL_LEN));
+            let next = rip.wrapping_add(insn::HYPERCALL_LEN);
+            let _ = write_regs_between_blocks(uc, &[(R::RAX, rax), (R::RIP, next)]);
         }
         None => {
             uc.get_data_mut().stop_with(VcpuExit::Hypercall(call));
@@ -151,6 +185,74 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
         }
     }
     true
+}
+
+/// Rewrite the hypercall that just executed at `linear` into the doorbell, and drop this
+/// engine's translations of its bytes (the write goes straight to guest RAM, past the
+/// emulator's self-modifying-code tracking).
+fn rewrite_site(uc: &mut Engine<'_>, paging: &PagingContext, linear: u64, insn: HypercallInsn) {
+    let state = uc.get_data();
+    let Ok(gpa) = VirtualMemory::new(&state.ram, *paging).gpa(linear) else { return };
+    // Not rewritten (straddling a word with several vCPUs, or no longer a hypercall), the
+    // site keeps trapping, which answers it the same.
+    if let Ok(true) = state.sites.rewrite(&state.ram, gpa, insn, state.single_vcpu) {
+        let _ = uc.ctl_remove_cache(linear, linear + insn::HYPERCALL_LEN);
+    }
+}
+
+/// An `out` to the doorbell port (from the OUT hook, inside a translation block, where RIP is
+/// the `out`'s own address). If it is a rewritten site, answer it as the hypercall it was and
+/// return true; otherwise it is the guest's own port write (false).
+pub(crate) fn on_doorbell(uc: &mut Engine<'_>) -> bool {
+    let (r, mode, cs_base) = match &uc.get_data().live {
+        Some(live) => {
+            // The CPU state read in place: CS's cached descriptor and the mode flags give the
+            // mode directly, as a context save would.
+            let s = live.hypercall_state();
+            let mode = cpu_mode(s.regs.cr0, s.hflags, s.cs.flags);
+            let base = if mode == CpuMode::Long64 { 0 } else { s.cs.base };
+            (s.regs, mode, base)
+        }
+        None => {
+            let Ok(r) = read_hypercall_regs(uc) else { return false };
+            let paging = paging_of(&r);
+            let (mode, base) = current_mode_with(uc, r.cs, (r.gdtr_base, r.gdtr_limit), &paging);
+            (r, mode, base)
+        }
+    };
+    let paging = paging_of(&r);
+    let linear = linear_rip(mode, cs_base, r.rip);
+    let state = uc.get_data_mut();
+    let Some(gpa) = state.view.gpa(&paging, linear) else { return false };
+    let Some(insn) = state.local_sites.lookup(&state.sites, &state.view, gpa) else {
+        return false;
+    };
+    let Some(SinkPtr(sink)) = state.sink else { return false };
+    let call = HypercallExit {
+        nr: r.rax,
+        args: [r.rbx, r.rcx, r.rdx, r.rsi],
+        cpl: (r.cs & 3) as u8,
+        mode,
+        rip: r.rip,
+        insn,
+        paging,
+    };
+    // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there); no other
+    // reference to the sink exists while a hook runs.
+    let rax = unsafe { &mut *sink }.hypercall(&call, &mut guest_tsc);
+    // RAX written here is what the next instruction (the site's `nop`) sees: the OUT helper
+    // reloads the engine's registers before it returns to the block. RIP needs no write.
+    match &uc.get_data().live {
+        Some(live) => live.set_rax(rax),
+        None => {
+            let _ = uc.reg_write(R::RAX, rax);
+        }
+    }
+    true
+}
+
+fn paging_of(r: &HypercallRegs) -> PagingContext {
+    PagingContext { cr0: r.cr0, cr3: r.cr3, cr4: r.cr4, efer: r.efer }
 }
 
 /// The guest's TSC: unicorn's RDTSC returns the host's TSC plus `tsc_offset`, which only
@@ -217,9 +319,10 @@ fn raise(uc: &mut Engine<'_>, event: impl FnOnce(&Reported<'_>) -> Result<Event,
             if let Some(cr2) = d.cr2 {
                 let _ = uc.reg_write(R::CR2, cr2);
             }
-            let _ = uc.reg_write(R::RSP, d.rsp);
-            let _ = uc.reg_write(R::RFLAGS, d.rflags);
-            let _ = uc.reg_write(R::RIP, d.rip);
+            let _ = write_regs_between_blocks(
+                uc,
+                &[(R::RSP, d.rsp), (R::RFLAGS, d.rflags), (R::RIP, d.rip)],
+            );
             let pe = cpu.paging.cr0 & CR0_PE != 0;
             let state = cpu_state(uc);
             state.save();

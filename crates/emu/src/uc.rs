@@ -119,6 +119,126 @@ extern "C" fn on_cpuid(uc: *mut unicorn_engine::uc_engine, user_data: *mut c_voi
     1
 }
 
+/// What answering a hypercall reads: its number and arguments, where it is, and how the caller
+/// runs (CS for the CPL, the paging registers, GDTR for the mode cache's key).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HypercallRegs {
+    pub rip: u64,
+    pub cs: u16,
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub gdtr_base: u64,
+    pub gdtr_limit: u32,
+}
+
+/// Read [`HypercallRegs`] in one `uc_reg_read_batch`: one call into the engine instead of a
+/// dozen `uc_reg_read`s (each of which pays the FFI call, the engine's entry checks and the
+/// binding's error mapping).
+pub(crate) fn read_hypercall_regs<D>(uc: &Unicorn<'_, D>) -> Result<HypercallRegs, uc_error> {
+    let (mut rip, mut cs, mut rax, mut rbx, mut rcx, mut rdx, mut rsi) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut cr0, mut cr3, mut cr4) = (0u64, 0u64, 0u64);
+    let mut efer = uc_x86_msr { rid: crate::vcpu::MSR_EFER, value: 0 };
+    let mut gdtr = uc_x86_mmr { selector: 0, base: 0, limit: 0, flags: 0 };
+    let ids = [
+        RegisterX86::RIP,
+        RegisterX86::CS,
+        RegisterX86::RAX,
+        RegisterX86::RBX,
+        RegisterX86::RCX,
+        RegisterX86::RDX,
+        RegisterX86::RSI,
+        RegisterX86::CR0,
+        RegisterX86::CR3,
+        RegisterX86::CR4,
+        RegisterX86::MSR,
+        RegisterX86::GDTR,
+    ]
+    .map(|r| r as i32);
+    let mut vals: [*mut c_void; 12] = [
+        (&raw mut rip).cast(),
+        (&raw mut cs).cast(),
+        (&raw mut rax).cast(),
+        (&raw mut rbx).cast(),
+        (&raw mut rcx).cast(),
+        (&raw mut rdx).cast(),
+        (&raw mut rsi).cast(),
+        (&raw mut cr0).cast(),
+        (&raw mut cr3).cast(),
+        (&raw mut cr4).cast(),
+        (&raw mut efer).cast(),
+        (&raw mut gdtr).cast(),
+    ];
+    // SAFETY: each pointer in `vals` is a live local of the type the engine writes for the
+    // register at the same index of `ids` (u64 for GPRs, RIP and control registers, at most 2
+    // bytes for CS into a zeroed u64, one uc_x86_msr whose `rid` it reads for MSR, one
+    // uc_x86_mmr for GDTR); `count` is the length of both arrays.
+    unsafe {
+        unicorn_engine::uc_reg_read_batch(
+            uc.get_handle(),
+            ids.as_ptr(),
+            vals.as_mut_ptr(),
+            ids.len() as i32,
+        )
+    }
+    .and(Ok(HypercallRegs {
+        rip,
+        cs: cs as u16,
+        rax,
+        rbx,
+        rcx,
+        rdx,
+        rsi,
+        cr0,
+        cr3,
+        cr4,
+        efer: efer.value,
+        gdtr_base: gdtr.base,
+        gdtr_limit: gdtr.limit,
+    }))
+}
+
+/// Write registers from a hook that runs between translation blocks, RIP among them, through
+/// `uc_reg_write_batch`. Unlike `uc_reg_write`, which also sets the engine's "skip PC sync"
+/// flag on a PC write (and only clears it at the next `emu_start` or when a block is left by
+/// an exit request, which a write between blocks never causes), the batch write leaves it
+/// alone: with the flag stuck, hooks inside later blocks (the doorbell's OUT hook) would read
+/// the RIP of their block's start instead of their own instruction's. Every RIP write while
+/// the engine runs must go through here.
+pub(crate) fn write_regs_between_blocks<D>(
+    uc: &mut Unicorn<'_, D>,
+    regs: &[(RegisterX86, u64)],
+) -> Result<(), uc_error> {
+    const MAX: usize = 4;
+    assert!(regs.len() <= MAX, "at most {MAX} registers at once");
+    let mut values = [0u64; MAX];
+    let mut ids = [0i32; MAX];
+    for (i, (reg, value)) in regs.iter().enumerate() {
+        ids[i] = *reg as i32;
+        values[i] = *value;
+    }
+    let ptrs: [*mut c_void; MAX] = std::array::from_fn(|i| (&raw mut values[i]).cast());
+    // SAFETY: the first `regs.len()` entries of `ids` are 64-bit registers (GPRs, RIP,
+    // RFLAGS) whose values the engine reads as one u64 from the matching pointer, each into
+    // the live local `values`.
+    unsafe {
+        unicorn_engine::uc_reg_write_batch(
+            uc.get_handle(),
+            ids.as_ptr(),
+            ptrs.as_ptr(),
+            regs.len() as i32,
+        )
+    }
+    .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

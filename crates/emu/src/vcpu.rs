@@ -22,9 +22,14 @@ use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::cpuid::PvCpuid;
 use vmcall_vmm::x86::{mode, CpuMode, Regs};
 
-use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
-use crate::hooks::{guest_tsc, on_exception, on_invalid, read_code};
+use crate::cpu_state::{
+    CpuState, LiveCpu, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS,
+};
+use crate::doorbell::{LocalSites, SiteTable};
+use crate::hooks::{guest_tsc, on_doorbell, on_exception, on_invalid, read_code};
+use crate::ram::RamView;
 use crate::uc::{add_cpuid_hook, set_tcg_buffer_size, write_mmr, write_msr};
+use vmcall_abi::ports::PORT_DOORBELL;
 
 pub(crate) const MSR_EFER: u32 = 0xc000_0080;
 /// QEMU's cached TR flags for a present, available 64-bit TSS (what `ltr` leaves there).
@@ -52,15 +57,28 @@ pub(crate) struct HookState {
     /// What the other vendor's hypercall instruction does, and which is the native one.
     pub foreign: ForeignInsn,
     pub native: HypercallInsn,
+    /// The VM's rewritten hypercall sites, and this vCPU's copy of those it has used.
+    pub sites: Arc<SiteTable>,
+    pub local_sites: LocalSites,
+    /// Guest RAM through its host mapping, for the doorbell's page walk and byte checks.
+    pub view: RamView,
+    /// The engine's CPU state read in place, for the doorbell (None: through the API).
+    pub live: Option<LiveCpu>,
+    /// Whether this is the VM's only vCPU (sites may then be rewritten byte by byte).
+    pub single_vcpu: bool,
 }
 
 /// What a VM's vCPUs are configured with beyond their registers.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct VcpuConfig {
     pub pv: PvCpuid,
     pub foreign: ForeignInsn,
     /// Bytes of the engine's translation buffer (0: unicorn's own default, 1 GiB).
     pub tcg_buffer: u32,
+    /// The VM's rewritten hypercall sites, shared by its vCPUs.
+    pub sites: Arc<SiteTable>,
+    /// Whether the VM has one vCPU (no other vCPU can hold a stale translation of a site).
+    pub single_vcpu: bool,
 }
 
 /// The `&mut dyn InlineExits` of the current `run`, with its lifetime erased so that the
@@ -184,7 +202,7 @@ impl EmuVcpu {
 
     fn engine(&mut self) -> Result<&mut Engine<'static>, BackendError> {
         if self.engine.is_none() {
-            let engine = create_engine(&self.ram, &self.init, self.config)?;
+            let engine = create_engine(&self.ram, &self.init, &self.config)?;
             *self.stop.handle.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(StopHandle(engine.get_handle()));
             self.engine = Some(engine);
@@ -279,9 +297,14 @@ fn enter_protected_mode(
 fn create_engine(
     ram: &Arc<GuestRam>,
     init: &VcpuInit,
-    config: VcpuConfig,
+    config: &VcpuConfig,
 ) -> Result<Engine<'static>, BackendError> {
     let state = HookState {
+        sites: config.sites.clone(),
+        local_sites: LocalSites::default(),
+        view: RamView::new(ram.clone()),
+        live: None,
+        single_vcpu: config.single_vcpu,
         foreign: config.foreign,
         native: HypercallInsn::native(),
         ram: ram.clone(),
@@ -299,9 +322,13 @@ fn create_engine(
         enter_protected_mode(&mut uc, &mut cpu, init)?;
     }
     uc.get_data_mut().cpu = Some(cpu);
+    uc.get_data_mut().live = LiveCpu::find(&mut uc);
     uc.add_insn_invalid_hook(on_invalid).map_err(uc_err("hook"))?;
     uc.add_insn_out_hook(|uc: &mut Engine<'_>, port: u32, size: usize, value: u32| {
         let (port, size) = (port as u16, size as u8);
+        if port == PORT_DOORBELL && size == 1 && on_doorbell(uc) {
+            return;
+        }
         let state = uc.get_data_mut();
         let needs_loop = match state.sink {
             // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there).

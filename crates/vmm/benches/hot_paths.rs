@@ -58,7 +58,7 @@ fn hot_paths(c: &mut Criterion) {
         b.iter(|| {
             stats.hypercall(
                 black_box(20),
-                std::time::Instant::now(),
+                vmcall_vmm::stats::Stamp::now(),
                 std::time::Duration::from_nanos(150),
             )
         })
@@ -70,7 +70,7 @@ fn hot_paths(c: &mut Criterion) {
         b.iter(|| {
             stats.hypercall(
                 black_box(20),
-                std::time::Instant::now(),
+                vmcall_vmm::stats::Stamp::now(),
                 std::time::Duration::from_nanos(150),
             );
             stats.answered_by(black_box(20), &name);

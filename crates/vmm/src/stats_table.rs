@@ -175,12 +175,13 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Stamp;
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     fn stats(calls: &[(u64, u64)]) -> VcpuStats {
         let mut s = VcpuStats::default();
-        let t = Instant::now();
+        let t = Stamp::now();
         for (nr, ns) in calls {
             s.hypercall(*nr, t, Duration::from_nanos(*ns));
         }

@@ -34,7 +34,7 @@ pub(super) fn python_handler() -> Result<(std::path::PathBuf, String), String> {
         .output()
         .map_err(|e| format!("cannot run sh: {e}"))?;
     if String::from_utf8_lossy(&probe.stdout).trim() != "{\"ret\": 42}" {
-        return Err("unavailable: python3 does not run the example handler here".into());
+        return Err("python3 does not run the example handler here".into());
     }
     Ok((path, cmd))
 }

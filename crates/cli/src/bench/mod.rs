@@ -17,7 +17,7 @@ use crate::BenchArgs;
 mod density;
 mod live;
 mod report;
-use report::{json, render};
+use report::{json, missed, render};
 
 /// The custom hypercall every vmcall path makes; its handler answers 0.
 const BENCH_NR: u64 = 20;
@@ -336,6 +336,10 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             crate::note!("vmcall bench: wrote {}", path.display());
         }
     }
+    let missed = missed(&bench);
+    if args.check && !missed.is_empty() {
+        return Err(format!("{} target(s) missed: {}", missed.len(), missed.join("; ")));
+    }
     Ok(())
 }
 
@@ -374,7 +378,7 @@ fn kernel_mean(n: u64) -> Result<f64, String> {
     match vm.run_to_exit(KERNEL_LIMIT).map_err(|e| e.to_string())? {
         Some(t) => Ok(t.as_nanos() as f64 / n as f64),
         None => Err(format!(
-            "unavailable: KVM_RUN did not return within {KERNEL_LIMIT:?} — this kernel's own VMCALL path hangs (kvm_pvm)"
+            "KVM_RUN did not return within {KERNEL_LIMIT:?} — this kernel's own VMCALL path hangs (kvm_pvm)"
         )),
     }
 }

@@ -336,3 +336,34 @@ pub fn run_vcpu(ram: &Arc<GuestRam>, init: &VcpuInit) -> Run {
     watchdog.join().unwrap();
     Run { exit, calls: sink.calls }
 }
+
+pub const PD32: u64 = 0x8_0000;
+pub const IDT32: u64 = 0x9_0000;
+pub const IDTR32: u64 = 0x9_1000;
+pub const STACK32: u64 = 0x2_8000;
+pub const CODE32: u64 = CODE + 0x100;
+
+/// Set up a machine whose guest leaves long mode itself (compat CS, CR0.PG = 0, EFER.LME = 0,
+/// its own 32-bit page tables with 4 MiB user pages mapping PA 0..4 MiB at 0 and at 4 MiB,
+/// CR0.PG = 1, flat 32-bit DS/ES/SS, ESP = `STACK32`, IDTR = the 8-byte gates at `IDT32`).
+/// Returns the 32-bit code so far, to be continued and written at `CODE32`.
+pub fn protected_mode(m: &Machine) -> Asm {
+    m.ram.write(PD32, &0x87u32.to_le_bytes()).unwrap();
+    m.ram.write(PD32 + 4, &0x87u32.to_le_bytes()).unwrap();
+    m.ram.write(IDTR32, &0x7ffu16.to_le_bytes()).unwrap();
+    m.ram.write(IDTR32 + 2, &(IDT32 as u32).to_le_bytes()).unwrap();
+    let mut a = Asm::default();
+    a.mov_rbx(0x1_0000_0007); // upper half must not reach a 32-bit caller's arguments
+    a.push_imm8(CS32 as u8).mov_rax(CODE32).push_rax().b(&[0x48, 0xcb]); // retfq to CS32
+    m.code(CODE, &a.0);
+    let mut c = Asm::default();
+    c.b(&[0x0f, 0x20, 0xc0, 0x25, 0xff, 0xff, 0xff, 0x7f, 0x0f, 0x22, 0xc0]); // CR0.PG = 0
+    c.b(&[0xb9, 0x80, 0, 0, 0xc0, 0x0f, 0x32, 0x25, 0xff, 0xfe, 0xff, 0xff, 0x0f, 0x30]); // LME=0
+    c.b(&[0xb8, 0x10, 0, 0, 0, 0x0f, 0x22, 0xe0]); // CR4 = PSE
+    c.b(&[0xb8]).b(&(PD32 as u32).to_le_bytes()).b(&[0x0f, 0x22, 0xd8]); // CR3
+    c.b(&[0x0f, 0x20, 0xc0, 0x0d, 0, 0, 0, 0x80, 0x0f, 0x22, 0xc0]); // CR0.PG = 1
+    c.b(&[0x66, 0xb8, DS32 as u8, 0, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0]); // DS, ES, SS
+    c.b(&[0xbc]).b(&(STACK32 as u32).to_le_bytes()); // mov esp, STACK32
+    c.b(&[0x0f, 0x01, 0x1d]).b(&(IDTR32 as u32).to_le_bytes()); // lidt [IDTR32]
+    c
+}

@@ -39,6 +39,9 @@ pub(super) fn batch(
     // Entries are copied out a chunk at a time, each before any of it is answered.
     const CHUNK: usize = 64;
     let mut raw = [0u8; CHUNK * ENTRY as usize];
+    // The snapshot cannot change during the batch, so a run of entries to the same number
+    // (the common batch) looks it up once.
+    let mut last: Option<(u64, Option<&Entry>)> = None;
     for first in (0..count as usize).step_by(CHUNK) {
         let n = CHUNK.min(count as usize - first);
         let chunk = &mut raw[..n * ENTRY as usize];
@@ -56,7 +59,15 @@ pub(super) fn batch(
                 mem: call.mem,
                 paging: call.paging,
             };
-            let ret = single(snapshot.get(entry.nr), &entry);
+            let handler = match last {
+                Some((nr, handler)) if nr == entry.nr => handler,
+                _ => {
+                    let handler = snapshot.get(entry.nr);
+                    last = Some((entry.nr, handler));
+                    handler
+                }
+            };
+            let ret = single(handler, &entry);
             // Inside the view: this entry was just read from it.
             let _ = view.write_u64((first + k) * ENTRY as usize + 40, trunc(ret));
         }

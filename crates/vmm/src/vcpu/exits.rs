@@ -3,7 +3,6 @@
 //! runs in unit tests with a scripted vCPU.
 
 use std::cell::RefCell;
-use std::time::Instant;
 
 use vmcall_abi::ExitReason;
 
@@ -11,7 +10,7 @@ use super::{RunError, Shared};
 use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
 use crate::devices::PortWrite;
 use crate::hypercall::{emulate_with, HypercallExit, Platform};
-use crate::stats::VcpuStats;
+use crate::stats::{Stamp, VcpuStats};
 use crate::trace::{CallRecord, RecentCall, RecentCalls};
 
 /// What the vCPU loop does after an exit.
@@ -126,7 +125,7 @@ fn answer_hypercall(
     hc: &HypercallExit,
     guest_tsc: &mut dyn FnMut() -> u64,
 ) -> u64 {
-    let start = Instant::now();
+    let start = Stamp::now();
     let platform = VcpuPlatform { shared, guest_tsc: RefCell::new(guest_tsc) };
     emulate_with(&shared.table, hc, vcpu_id, &shared.ram, &platform, |done, entry| {
         let took = start.elapsed();
