@@ -145,7 +145,7 @@ pub(crate) struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Exit with status 1 when a target is missed (after printing the whole report); without
+    /// Exit with status 125 when a target is missed (after printing the whole report); without
     /// it the report is all, whatever the verdicts.
     #[arg(long)]
     check: bool,
