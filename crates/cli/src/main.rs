@@ -272,7 +272,7 @@ pub(crate) struct BenchArgs {
     /// One fleet of `--density`, run in a process of its own: BACKEND:N (internal).
     #[arg(long, value_name = "BACKEND:N", hide = true)]
     density_step: Option<String>,
-    /// Exit with status 1 when a target is missed (after printing the whole report); without
+    /// Exit with status 125 when a target is missed (after printing the whole report); without
     /// it the report is all, whatever the verdicts.
     #[arg(long)]
     check: bool,
