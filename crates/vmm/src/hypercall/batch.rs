@@ -8,11 +8,11 @@ use vmcall_abi::{BatchEntry, VMCALL_BATCH_MAX};
 use super::call::neg;
 use super::call::Call;
 use super::emulate::{answer_custom_run, counts_alone};
-use super::table::{Entry, TableSnapshot};
+use super::table::{Entry, SnapshotRef};
 
 /// `VMCALL_HC_BATCH`: answer each entry of the array at a0 (a1 entries) as a single call
 /// from the same caller would be answered, writing each result to its `ret`. Each entry is
-/// copied out of guest memory once (64 at a time) before it is answered, and all are looked up
+/// copied out of guest memory once (32 at a time) before it is answered, and all are looked up
 /// in one snapshot of the table: another vCPU rewriting the array mid-batch can change what a
 /// later entry says, never how one entry is handled. Returns the number of entries processed: the end of guest RAM cuts a batch short
 /// (-KVM_EFAULT if not even the first entry is inside it), more than `VMCALL_BATCH_MAX` entries
@@ -25,7 +25,7 @@ use super::table::{Entry, TableSnapshot};
 ///
 /// [`HypercallHandler::call_run`]: super::call::HypercallHandler::call_run
 pub(super) fn batch(
-    snapshot: &TableSnapshot,
+    snapshot: SnapshotRef<'_>,
     call: &Call<'_>,
     single: &dyn Fn(Option<&Entry>, &Call<'_>) -> u64,
 ) -> u64 {
@@ -51,7 +51,7 @@ pub(super) fn batch(
     };
     let mask = if call.mode.is_64bit() { u64::MAX } else { 0xffff_ffff };
     // Entries are copied out a chunk at a time, each before any of it is answered.
-    const CHUNK: usize = 64;
+    const CHUNK: usize = 32;
     let mut nrs = [0u64; CHUNK];
     let mut args = [[0u64; 4]; CHUNK];
     let mut rets = [0u64; CHUNK];

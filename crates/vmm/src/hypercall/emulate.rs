@@ -16,7 +16,7 @@ pub use super::insn::HypercallInsn;
 use super::list::list;
 use super::platform::Platform;
 use super::standard::{check_map_gpa_range, standard};
-use super::table::{Entry, HypercallTable, TableSnapshot};
+use super::table::{Entry, HypercallTable, SnapshotRef};
 use crate::memory::GuestRam;
 use crate::x86::{CpuMode, PagingContext};
 
@@ -112,9 +112,13 @@ pub fn emulate_with<R>(
     done: impl FnOnce(&Emulated, Option<&Entry>) -> R,
 ) -> R {
     let op_64_bit = exit.mode.is_64bit();
-    let trunc = |v: u64| if op_64_bit { v } else { v & 0xffff_ffff };
+    let mask = if op_64_bit { u64::MAX } else { 0xffff_ffff };
+    let trunc = |v: u64| v & mask;
     let nr = trunc(exit.nr);
-    let args = exit.args.map(trunc);
+    // Element by element: an array `map` here compiled to stores the copies into `Call` and
+    // `Emulated` then read back across (a store-forwarding stall on every call).
+    let a = &exit.args;
+    let args = [a[0] & mask, a[1] & mask, a[2] & mask, a[3] & mask];
     if exit.cpl != 0 {
         let r = Emulated {
             nr,
@@ -125,8 +129,9 @@ pub fn emulate_with<R>(
         return done(&r, None);
     }
     let call = Call { nr, args, vcpu_id, mode: exit.mode, mem, paging: exit.paging };
-    table.with(nr, |entry| {
-        let (ret, answered_by) = dispatch(entry, &call, platform, Nesting::Allowed(table));
+    table.with_snapshot(|snapshot| {
+        let entry = snapshot.get(nr);
+        let (ret, answered_by) = dispatch(entry, &call, platform, Nesting::Allowed(snapshot));
         let r = Emulated { nr, args, rax: trunc(ret), answered_by };
         let by = match answered_by {
             AnsweredBy::Custom | AnsweredBy::Panicked => entry,
@@ -173,12 +178,12 @@ pub(super) fn answer_custom_run(e: &Entry, call: &mut Call<'_>, args: &[[u64; 4]
     }
 }
 
-/// Whether a call may start a batch (a batch's own entries may not), and the table a batch
-/// takes its snapshot of (or, inside one, the snapshot it took).
+/// Whether a call may start a batch (a batch's own entries may not), and the snapshot of the
+/// table the call was looked up in, which a batch or a list uses too.
 #[derive(Clone, Copy)]
 pub(super) enum Nesting<'a> {
-    Allowed(&'a HypercallTable),
-    InBatch(&'a TableSnapshot),
+    Allowed(SnapshotRef<'a>),
+    InBatch(SnapshotRef<'a>),
 }
 
 /// Step 7 of docs/hypercalls.md for a call that passed the CPL check: `entry`, the table's
@@ -201,21 +206,17 @@ pub(super) fn dispatch(
             answer_custom(e, call)
         }
         None if nr == VMCALL_HC_BATCH => match nesting {
-            Nesting::Allowed(table) => {
-                let snapshot = table.snapshot();
+            Nesting::Allowed(snapshot) => {
                 let single = |entry: Option<&Entry>, call: &Call<'_>| {
-                    dispatch(entry, call, platform, Nesting::InBatch(&snapshot)).0
+                    dispatch(entry, call, platform, Nesting::InBatch(snapshot)).0
                 };
-                (batch(&snapshot, call, &single), AnsweredBy::Standard)
+                (batch(snapshot, call, &single), AnsweredBy::Standard)
             }
             Nesting::InBatch(_) => (neg(KVM_EINVAL), AnsweredBy::Standard),
         },
         None if nr == VMCALL_HC_LIST => {
-            let ret = match nesting {
-                Nesting::Allowed(table) => list(&table.snapshot(), call),
-                Nesting::InBatch(snapshot) => list(snapshot, call),
-            };
-            (ret, AnsweredBy::Standard)
+            let (Nesting::Allowed(snapshot) | Nesting::InBatch(snapshot)) = nesting;
+            (list(snapshot, call), AnsweredBy::Standard)
         }
         None => (standard(call, platform, call.mode.is_64bit()), AnsweredBy::Standard),
     }
