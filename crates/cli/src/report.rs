@@ -56,9 +56,10 @@ pub fn stats_json(total: &VcpuStats, per_vcpu: &[VcpuStats], elapsed: Duration) 
 
 /// count, min, mean, median, p99, max (ns; all 0 without calls).
 fn latency(l: &Latency) -> Map<String, Value> {
-    let some = l.count > 0;
+    let some = l.timed > 0;
     let mut o = Map::new();
     o.insert("count".into(), json!(l.count));
+    o.insert("timed".into(), json!(l.timed));
     o.insert("min_ns".into(), json!(if some { l.min_ns } else { 0 }));
     o.insert("mean_ns".into(), json!(l.mean_ns()));
     o.insert("median_ns".into(), json!(l.quantile_ns(0.5)));

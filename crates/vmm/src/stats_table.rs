@@ -55,7 +55,7 @@ impl Unit {
 
 /// The five latency figures of a row, in ns.
 fn figures(l: &Latency) -> [u64; 5] {
-    if l.count == 0 {
+    if l.timed == 0 {
         return [0; 5];
     }
     [l.min_ns, l.mean_ns(), l.quantile_ns(0.5), l.quantile_ns(0.99), l.max_ns]
@@ -129,7 +129,7 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
     }
     let units = max.map(Unit::for_max);
     let calls_total = all.count.max(1) as f64;
-    let time_total = all.sum_ns.max(1) as f64;
+    let time_total = total.hypercalls.values().map(Latency::time_ns).sum::<f64>().max(1.0);
     let mut out = String::new();
     let heads = ["min", "mean", "median", "p99", "max"];
     let _ =
@@ -152,7 +152,7 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
                     "{nr:>10}  {name:<24} {:>10} {:>7.2} {:>7.2}",
                     lat.count,
                     100.0 * lat.count as f64 / calls_total,
-                    100.0 * lat.sum_ns as f64 / time_total,
+                    100.0 * lat.time_ns() / time_total,
                 );
                 for (u, v) in units.iter().zip(figures(lat)) {
                     let _ = write!(out, " {:>11}", u.show(v));
