@@ -19,8 +19,9 @@ use super::table::{Entry, SnapshotRef};
 /// is -KVM_E2BIG, and a nested batch entry gets -KVM_EINVAL.
 ///
 /// Consecutive entries to the same number (a run, within one chunk) are looked up once; a run
-/// a custom handler answers goes to it in one [`HypercallHandler::call_run`], and its number's
-/// call counter is added to once, right after the run, when the run's `ret`s are written.
+/// a custom handler answers goes to it in one [`HypercallHandler::call_run`], and the run's
+/// `ret`s are written when it has been answered. Its number's call counter is added to once
+/// per run of consecutive entries to the number, across chunks, when the run ends.
 /// `single` answers every other entry, one at a time, each `ret` written as it is answered.
 ///
 /// [`HypercallHandler::call_run`]: super::call::HypercallHandler::call_run
@@ -66,6 +67,14 @@ pub(super) fn batch(
     // The snapshot cannot change during the batch, so a run of entries to the same number
     // (the common batch) looks it up once, across chunks too.
     let mut last: Option<(u64, Option<&Entry>)> = None;
+    // Entries of the current run a custom handler has answered, not yet added to its counter.
+    let mut pending = 0u64;
+    let flush = |last: Option<(u64, Option<&Entry>)>, pending: &mut u64| {
+        if let (Some((_, Some(e))), 1..) = (last, *pending) {
+            e.calls.fetch_add(*pending, Ordering::Relaxed);
+        }
+        *pending = 0;
+    };
     for first in (0..count as usize).step_by(CHUNK) {
         let n = CHUNK.min(count as usize - first);
         for k in 0..n {
@@ -83,6 +92,7 @@ pub(super) fn batch(
             let handler = match last {
                 Some((last_nr, handler)) if last_nr == nr => handler,
                 _ => {
+                    flush(last, &mut pending);
                     let handler = snapshot.get(nr);
                     last = Some((nr, handler));
                     handler
@@ -92,7 +102,7 @@ pub(super) fn batch(
             match handler {
                 Some(e) if !counts_alone(e, &entry) => {
                     answer_custom_run(e, &mut entry, &args[at..end], &mut rets[at..end]);
-                    e.calls.fetch_add((end - at) as u64, Ordering::Relaxed);
+                    pending += (end - at) as u64;
                     for (k, ret) in rets.iter().enumerate().take(end).skip(at) {
                         // Inside the batch: this entry was just read from it.
                         words.store((first + k) * WORDS + 5, ret & mask);
@@ -109,5 +119,6 @@ pub(super) fn batch(
             at = end;
         }
     }
+    flush(last, &mut pending);
     count
 }
