@@ -5,8 +5,8 @@
 //! outside the guest's RAM.
 
 use vm_memory::{
-    Bytes, VolatileMemory, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileMemory,
 };
 
 /// A guest-physical range outside guest RAM.
@@ -205,7 +205,7 @@ impl RamView<'_> {
     /// The `n` little-endian u64 words at `off` (any alignment), checked once: then each
     /// word is read or written with one volatile access (a batch's entries).
     pub fn words(&self, off: usize, n: usize) -> Result<RamWords<'_>, OutOfBounds> {
-        let len = n.checked_mul(8).unwrap_or(usize::MAX);
+        let len = n.saturating_mul(8);
         self.slice.get_array_ref::<u64>(off, n).map(RamWords).map_err(|_| self.oob(off, len))
     }
 }

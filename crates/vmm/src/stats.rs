@@ -49,7 +49,14 @@ pub struct Latency {
 
 impl Default for Latency {
     fn default() -> Self {
-        Self { count: 0, timed: 0, min_ns: u64::MAX, max_ns: 0, sum_ns: 0, buckets: vec![0; BUCKETS].into() }
+        Self {
+            count: 0,
+            timed: 0,
+            min_ns: u64::MAX,
+            max_ns: 0,
+            sum_ns: 0,
+            buckets: vec![0; BUCKETS].into(),
+        }
     }
 }
 

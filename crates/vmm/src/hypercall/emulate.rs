@@ -165,10 +165,16 @@ pub(super) fn answer_custom(e: &Entry, call: &Call<'_>) -> (u64, AnsweredBy) {
 /// Answer a run of calls to `e` (`call` with the arguments `args[i]` in turn, all counted
 /// already), each answer to `rets[i]`: a call whose handler panicked gets -KVM_EFAULT and the
 /// run goes on with the next, as separate calls would.
-pub(super) fn answer_custom_run(e: &Entry, call: &mut Call<'_>, args: &[[u64; 4]], rets: &mut [u64]) {
+pub(super) fn answer_custom_run(
+    e: &Entry,
+    call: &mut Call<'_>,
+    args: &[[u64; 4]],
+    rets: &mut [u64],
+) {
     let mut next = 0;
     while next < args.len() {
-        let run = catch_unwind(AssertUnwindSafe(|| e.handler.call_run(call, args, rets, &mut next)));
+        let run =
+            catch_unwind(AssertUnwindSafe(|| e.handler.call_run(call, args, rets, &mut next)));
         if run.is_ok() {
             break;
         }
