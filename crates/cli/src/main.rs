@@ -217,6 +217,16 @@ struct VmArgs {
     /// thread (docs/security.md): for debugging only, e.g. under a tracer.
     #[arg(long)]
     no_seccomp: bool,
+    /// Wait for gdb on 127.0.0.1:PORT before the guest's first instruction (0: any free port,
+    /// printed); --timeout then defaults to none (docs/gdb.md).
+    #[cfg(feature = "gdb")]
+    #[arg(long, value_name = "PORT")]
+    gdb: Option<u16>,
+    /// With --gdb: stop the guest just before hypercall NR is answered, as gdb's
+    /// `catch syscall NR` does. Repeatable.
+    #[cfg(feature = "gdb")]
+    #[arg(long, value_name = "NR", requires = "gdb", value_parser = vmcall_vmm::hypercall::handlers::parse_u64)]
+    gdb_break_on_hypercall: Vec<u64>,
 }
 
 fn main() -> ExitCode {
@@ -339,6 +349,8 @@ fn run(
     }
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let hv = backends::select(&a.backend, &a.trap)?;
+    #[cfg(feature = "gdb")]
+    let default_timeout = if a.gdb.is_some() { None } else { default_timeout };
     let mut builder = VmBuilder::new(image)
         .memory(a.memory)
         .vcpus(a.vcpus)
@@ -363,6 +375,10 @@ fn run(
         .seccomp(seccomp_mode(a));
     if let Some(t) = &json_trace {
         builder = builder.sink(t.clone());
+    }
+    #[cfg(feature = "gdb")]
+    if let Some(port) = a.gdb {
+        builder = builder.gdb(gdb_session(port, a.gdb_break_on_hypercall.clone())?);
     }
     let vm = builder.build(hv.as_ref()).map_err(|e| chain(&e))?;
     eprintln!("vmcall: {}", vm.describe());
@@ -416,6 +432,19 @@ fn run(
         }
         Err(e) => Err(chain(&e)),
     }
+}
+
+/// Listen for gdb on 127.0.0.1:`port` and say where.
+#[cfg(feature = "gdb")]
+fn gdb_session(port: u16, breaks: Vec<u64>) -> Result<vmcall_vmm::gdb::GdbSession, String> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .map_err(|e| format!("--gdb {port}: cannot listen on 127.0.0.1:{port}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| format!("--gdb: {e}"))?;
+    eprintln!(
+        "vmcall: waiting for gdb on {addr} before the first instruction \
+         (gdb GUEST -ex 'target remote {addr}')"
+    );
+    Ok(vmcall_vmm::gdb::GdbSession { listener, break_on_hypercalls: breaks })
 }
 
 /// Warnings and errors, and the per-call trace, whose switch (`--trace`, `vmcall ctl trace`)

@@ -13,17 +13,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use unicorn_engine::unicorn_const::{uc_error, Arch, HookType, MemType, Mode, Prot};
+use unicorn_engine::UcHookId;
 use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
 use vmcall_abi::insn;
-use vmcall_vmm::backend::{BackendError, InlineExits, Interrupter, Vcpu, VcpuExit};
+use vmcall_vmm::backend::{
+    BackendError, DebugCaps, DebugStop, GuestDebug, InlineExits, Interrupter, Vcpu, VcpuExit,
+    WatchKind,
+};
 use vmcall_vmm::boot::VcpuInit;
 use vmcall_vmm::hypercall::{ForeignInsn, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::cpuid::PvCpuid;
-use vmcall_vmm::x86::{mode, CpuMode, Regs};
+use vmcall_vmm::x86::{mode, CpuMode, DescriptorTable, Regs, SpecialRegs};
 
 use crate::cpu_state::{CpuState, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS};
 use crate::hooks::{guest_tsc, on_exception, on_invalid, read_code};
+use crate::uc::read_mmr;
 use crate::uc::{add_cpuid_hook, write_mmr, write_msr};
 
 pub(crate) const MSR_EFER: u32 = 0xc000_0080;
@@ -52,6 +57,8 @@ pub(crate) struct HookState {
     /// What the other vendor's hypercall instruction does, and which is the native one.
     pub foreign: ForeignInsn,
     pub native: HypercallInsn,
+    /// A breakpoint at this address lets its instruction run once: the run resumes there.
+    pub skip_breakpoint: Option<u64>,
 }
 
 /// What a VM's vCPUs are configured with beyond their registers.
@@ -114,6 +121,9 @@ pub(crate) struct EmuVcpu {
     /// RIP of the hypercall being answered.
     pending_hypercall: Option<u64>,
     config: VcpuConfig,
+    /// What a debugger asked for, and the hooks that serve it.
+    debug: GuestDebug,
+    debug_hooks: Vec<UcHookId>,
 }
 
 // SAFETY: an `EmuVcpu` is moved to its vCPU thread before any method is called (the VMM's
@@ -135,12 +145,23 @@ impl EmuVcpu {
     pub(crate) fn new(ram: Arc<GuestRam>, init: VcpuInit, config: VcpuConfig) -> Self {
         let stop =
             Arc::new(StopState { handle: Mutex::new(None), requested: AtomicBool::new(false) });
-        Self { engine: None, ram, init, stop, pending_hypercall: None, config }
+        Self {
+            engine: None,
+            ram,
+            init,
+            stop,
+            pending_hypercall: None,
+            config,
+            debug: GuestDebug::default(),
+            debug_hooks: Vec::new(),
+        }
     }
 
     /// The next queued exit, running the engine when none is queued.
     fn next_exit(&mut self, sink: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
         let stop = self.stop.clone();
+        let step = self.debug.single_step;
+        let breakpoints = self.debug.breakpoints.clone();
         let uc = self.engine()?;
         if let Some(exit) = uc.get_data_mut().queue.pop_front() {
             return Ok(exit);
@@ -150,6 +171,8 @@ impl EmuVcpu {
         }
         let start = uc.reg_read(R::RIP).map_err(uc_err("RIP"))?;
         uc.get_data_mut().stopped_by_hook = false;
+        // Resuming at a breakpoint: its instruction runs (the stop there already happened).
+        uc.get_data_mut().skip_breakpoint = breakpoints.contains(&start).then_some(start);
         // SAFETY (of the later dereference in `hooks::on_invalid`): the pointer is installed only
         // for the duration of this `emu_start`, during which `sink` stays mutably borrowed by
         // this call and is used by nothing else; hooks run only inside `emu_start`.
@@ -158,7 +181,7 @@ impl EmuVcpu {
         // outlives the borrow.
         let sink: *mut (dyn InlineExits + 'static) = unsafe { std::mem::transmute(sink) };
         uc.get_data_mut().sink = Some(SinkPtr(sink));
-        let result = uc.emu_start(start, 0, 0, 0);
+        let result = uc.emu_start(start, 0, 0, usize::from(step));
         uc.get_data_mut().sink = None;
         if !uc.get_data().stopped_by_hook {
             // Nothing of ours stopped it: a HLT, an interrupt from another thread, or an error.
@@ -170,6 +193,18 @@ impl EmuVcpu {
                 // An interrupt first: a stop can land right after any instruction, including
                 // one whose last byte happens to be 0xf4.
                 Ok(()) if stop.requested.swap(false, Ordering::SeqCst) => VcpuExit::Interrupted,
+                // A single step: the one instruction was a HLT only if it started at `start`.
+                Ok(()) if step => {
+                    let mut first = [0u8; 1];
+                    let hlt = rip == start.wrapping_add(1)
+                        && read_code(uc, start, &mut first)
+                        && first[0] == 0xf4;
+                    if hlt {
+                        VcpuExit::Hlt
+                    } else {
+                        VcpuExit::Debugger(DebugStop::Step)
+                    }
+                }
                 Ok(()) if after_hlt => VcpuExit::Hlt,
                 Ok(()) => VcpuExit::Unknown(format!(
                     "emulator stopped for no known reason at RIP {rip:#x}"
@@ -284,6 +319,7 @@ fn create_engine(
         mode_cache: None,
         cpu: None,
         cr2_seen: init.sregs.cr2,
+        skip_breakpoint: None,
     };
     let mut uc = new_engine(ram, init, state, config.pv.features)?;
     let mut cpu = CpuState::new(&mut uc).map_err(|e| BackendError::with("unicorn", e))?;
@@ -424,4 +460,108 @@ impl Vcpu for EmuVcpu {
     fn interrupter(&self) -> Arc<dyn Interrupter> {
         Arc::new(EmuInterrupter(self.stop.clone()))
     }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        write_regs(self.engine()?, regs).map_err(uc_err("registers"))
+    }
+
+    fn sregs(&mut self) -> Result<SpecialRegs, BackendError> {
+        read_sregs(self.engine()?)
+    }
+
+    fn debug_caps(&self) -> DebugCaps {
+        // Breakpoints are code hooks and watchpoints memory hooks: no limit.
+        DebugCaps { supported: true, max_slots: None, watchpoints: true }
+    }
+
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {
+        let same_hooks = debug.breakpoints == self.debug.breakpoints
+            && debug.watchpoints == self.debug.watchpoints;
+        self.debug = debug.clone();
+        if same_hooks {
+            return Ok(());
+        }
+        let old = std::mem::take(&mut self.debug_hooks);
+        let uc = self.engine()?;
+        for id in old {
+            uc.remove_hook(id).map_err(uc_err("remove a debug hook"))?;
+        }
+        let mut hooks = Vec::new();
+        for &addr in &debug.breakpoints {
+            // A hook on exactly this address: code elsewhere runs at full speed.
+            hooks.push(
+                uc.add_code_hook(addr, addr, |uc: &mut Engine<'_>, addr: u64, _size: u32| {
+                    let state = uc.get_data_mut();
+                    if state.skip_breakpoint.take() == Some(addr) {
+                        return;
+                    }
+                    state.stop_with(VcpuExit::Debugger(DebugStop::Breakpoint(addr)));
+                    let _ = uc.emu_stop();
+                })
+                .map_err(uc_err("breakpoint hook"))?,
+            );
+        }
+        for w in &debug.watchpoints {
+            let types = match w.kind {
+                WatchKind::Write => HookType::MEM_WRITE,
+                WatchKind::Read => HookType::MEM_READ,
+                WatchKind::Access => HookType::MEM_READ | HookType::MEM_WRITE,
+            };
+            let (addr, kind) = (w.addr, w.kind);
+            let last = w.addr.wrapping_add(w.len.max(1) - 1);
+            hooks.push(
+                uc.add_mem_hook(types, addr, last, move |uc: &mut Engine<'_>, _, _, _, _| {
+                    uc.get_data_mut()
+                        .stop_with(VcpuExit::Debugger(DebugStop::Watch { addr, kind }));
+                    let _ = uc.emu_stop();
+                    true
+                })
+                .map_err(uc_err("watchpoint hook"))?,
+            );
+        }
+        // Code translated before the hooks changed would not call them.
+        uc.ctl_flush_tb().map_err(uc_err("flush translations"))?;
+        self.debug_hooks = hooks;
+        Ok(())
+    }
+}
+
+/// The segment, control and descriptor-table registers, from the engine's own caches.
+fn read_sregs(uc: &mut Engine<'_>) -> Result<SpecialRegs, BackendError> {
+    let reg = |uc: &Engine<'_>, r: R| uc.reg_read(r).map_err(uc_err("control register"));
+    let table = |uc: &Engine<'_>, r: R| {
+        read_mmr(uc, r)
+            .map(|m| DescriptorTable { base: m.base, limit: m.limit as u16 })
+            .map_err(uc_err("descriptor table"))
+    };
+    let tr = read_mmr(uc, R::TR).map_err(uc_err("TR"))?;
+    let ldt = read_mmr(uc, R::LDTR).map_err(uc_err("LDTR"))?;
+    let mut s = SpecialRegs {
+        gdt: table(uc, R::GDTR)?,
+        idt: table(uc, R::IDTR)?,
+        cr0: reg(uc, R::CR0)?,
+        cr2: reg(uc, R::CR2)?,
+        cr3: reg(uc, R::CR3)?,
+        cr4: reg(uc, R::CR4)?,
+        efer: crate::uc::read_msr(uc, MSR_EFER).map_err(uc_err("EFER"))?,
+        tr: SegCache { selector: tr.selector, base: tr.base, limit: tr.limit, flags: tr.flags }
+            .to_segment(),
+        ldt: SegCache {
+            selector: ldt.selector,
+            base: ldt.base,
+            limit: ldt.limit,
+            flags: ldt.flags,
+        }
+        .to_segment(),
+        ..SpecialRegs::default()
+    };
+    let cpu = uc.get_data_mut().cpu.as_mut().ok_or_else(|| BackendError::new("no CPU state"))?;
+    cpu.save();
+    s.cs = cpu.seg(SEG_CS).to_segment();
+    s.ss = cpu.seg(SEG_SS).to_segment();
+    s.ds = cpu.seg(SEG_DS).to_segment();
+    s.es = cpu.seg(SEG_ES).to_segment();
+    s.fs = cpu.seg(SEG_FS).to_segment();
+    s.gs = cpu.seg(SEG_GS).to_segment();
+    Ok(s)
 }

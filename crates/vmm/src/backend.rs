@@ -12,7 +12,7 @@ use crate::hypercall::{ForeignInsn, HypercallExit};
 use crate::memory::GuestRam;
 use crate::seccomp::{Allowed, ThreadKind};
 use crate::x86::cpuid::PvCpuid;
-use crate::x86::Regs;
+use crate::x86::{Regs, SpecialRegs};
 
 /// An error inside a backend (an ioctl or emulator call failed).
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,10 @@ pub enum VcpuExit {
     /// An access to a guest-physical address with no RAM behind it (`data`: what a write
     /// writes); answer a read with [`Vcpu::complete_mmio_read`].
     Mmio { gpa: u64, write: bool, len: u8, data: u64 },
+    /// A stop a debugger asked for through [`Vcpu::set_guest_debug`]: a breakpoint, the end
+    /// of a single step, a watchpoint. RIP is where the vCPU stopped (before the instruction
+    /// at a breakpoint, after the instruction for a step or a watchpoint).
+    Debugger(DebugStop),
     /// Stopped from another thread through [`Interrupter::interrupt`].
     Interrupted,
     /// Anything else; the text says what.
@@ -82,11 +86,70 @@ impl VcpuExit {
             VcpuExit::Hypercall(_) => ExitReason::Hypercall,
             VcpuExit::Fault(_) => ExitReason::Fault,
             VcpuExit::Shutdown { .. } => ExitReason::Shutdown,
-            VcpuExit::Debug { .. } => ExitReason::Debug,
+            VcpuExit::Debug { .. } | VcpuExit::Debugger(_) => ExitReason::Debug,
             VcpuExit::Mmio { .. } => ExitReason::Mmio,
             VcpuExit::Interrupted | VcpuExit::Unknown(_) => ExitReason::Unknown,
         }
     }
+}
+
+/// Why a vCPU stopped for a debugger ([`VcpuExit::Debugger`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugStop {
+    /// Before the instruction at this linear address, one of [`GuestDebug::breakpoints`].
+    Breakpoint(u64),
+    /// One instruction ran under [`GuestDebug::single_step`].
+    Step,
+    /// The instruction just executed accessed the watched range starting at `addr`.
+    Watch { addr: u64, kind: WatchKind },
+}
+
+/// What a watchpoint watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WatchKind {
+    Write,
+    Read,
+    /// Reads and writes.
+    Access,
+}
+
+/// A watched range of linear addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Watchpoint {
+    pub addr: u64,
+    pub len: u64,
+    pub kind: WatchKind,
+}
+
+/// What a debugger wants a vCPU to stop at from its next [`Vcpu::run`] on (empty: nothing,
+/// the vCPU runs as without a debugger).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Stop before executing the instruction at any of these linear addresses.
+    pub breakpoints: Vec<u64>,
+    /// Stop after an instruction that accesses one of these ranges.
+    pub watchpoints: Vec<Watchpoint>,
+    /// Run one instruction, then stop with [`DebugStop::Step`] (a hypercall counts as one
+    /// instruction: it is answered, and the step ends after it).
+    pub single_step: bool,
+}
+
+impl GuestDebug {
+    /// Whether this asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.breakpoints.is_empty() && self.watchpoints.is_empty() && !self.single_step
+    }
+}
+
+/// What a backend's debugging support can do, for a debugger to decide how to serve requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugCaps {
+    /// Whether [`Vcpu::set_guest_debug`] works at all.
+    pub supported: bool,
+    /// How many breakpoints plus watchpoints can be armed at once (`None`: no limit).
+    pub max_slots: Option<usize>,
+    /// Whether watchpoints work.
+    pub watchpoints: bool,
 }
 
 /// Stops a running vCPU from another thread; its `run` then returns [`VcpuExit::Interrupted`]
@@ -113,6 +176,12 @@ pub trait InlineExits {
     fn mmio_read(&mut self, gpa: u64, len: u8) -> Option<u64>;
     /// Perform an MMIO write; false when no device is there (as for `mmio_read`).
     fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> bool;
+    /// Whether `call` must not be answered inline but reported as a [`VcpuExit::Hypercall`]
+    /// (a debugger stops before it is answered). The backend then stops with that exit.
+    fn hypercall_needs_loop(&mut self, call: &HypercallExit) -> bool {
+        let _ = call;
+        false
+    }
 }
 
 /// One virtual CPU. The VMM moves it to its own thread before calling any method.
@@ -132,6 +201,29 @@ pub trait Vcpu: Send {
     fn guest_tsc(&mut self) -> u64;
     /// An interrupter for this vCPU; call it on the thread that will call `run`.
     fn interrupter(&self) -> Arc<dyn Interrupter>;
+    /// Set the general-purpose registers (a debugger's register writes).
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        let _ = regs;
+        Err(BackendError::new("this backend cannot write registers"))
+    }
+    /// Segment, control and descriptor-table registers (a debugger reads them, and the
+    /// paging registers to read memory at the guest's virtual addresses).
+    fn sregs(&mut self) -> Result<SpecialRegs, BackendError> {
+        Err(BackendError::new("this backend cannot read special registers"))
+    }
+    /// What [`Vcpu::set_guest_debug`] can do here.
+    fn debug_caps(&self) -> DebugCaps {
+        DebugCaps::default()
+    }
+    /// Stop at `debug`'s breakpoints and watchpoints (and after one instruction if it single
+    /// steps) from the next `run` on, with [`VcpuExit::Debugger`]; an empty `debug` turns it
+    /// all off. Replaces what the previous call asked for.
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {
+        if debug.is_empty() {
+            return Ok(());
+        }
+        Err(BackendError::new("this backend has no debugging support"))
+    }
 }
 
 /// What a backend learns about the guest when the VM is created.

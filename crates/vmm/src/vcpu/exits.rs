@@ -9,6 +9,7 @@ use vmcall_abi::ExitReason;
 
 use super::{RunError, Shared};
 use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
+use crate::debug::{stop_reason, Action, StopReason};
 use crate::devices::PortWrite;
 use crate::hypercall::{emulate_with, HypercallExit, Platform};
 use crate::stats::VcpuStats;
@@ -48,7 +49,7 @@ const EXIT_HANDLERS: [ExitHandler; ExitReason::COUNT] = {
     t[ExitReason::Hlt as usize] = handle_hlt;
     t[ExitReason::Hypercall as usize] = handle_hypercall;
     t[ExitReason::Shutdown as usize] = handle_shutdown;
-    t[ExitReason::Debug as usize] = handle_unknown;
+    t[ExitReason::Debug as usize] = handle_debug;
     t[ExitReason::Mmio as usize] = handle_mmio;
     t[ExitReason::Fault as usize] = handle_fault;
     t
@@ -171,10 +172,39 @@ fn answer_hypercall(
 
 fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     let VcpuExit::Hypercall(hc) = exit else { unreachable!("dispatched by reason") };
+    let mut step_after = false;
+    if let Some(debug) = ctx.shared.debug.as_ref().filter(|d| d.catches(hc.nr)) {
+        // Stop before answering: the debugger sees RIP at the instruction and the number in
+        // RAX. The call is answered as it was made when the VM resumes.
+        debug.report(ctx.vcpu_id, StopReason::Hypercall(hc.nr));
+        let shared = ctx.shared;
+        let action = debug
+            .gate(ctx.vcpu_id, &mut *ctx.vcpu, || shared.stopping())
+            .map_err(backend(ctx.vcpu_id))?;
+        if shared.stopping() {
+            return Ok(Flow::Stop);
+        }
+        // A step from there is the hypercall itself.
+        step_after = action == Action::Step;
+    }
     let vcpu = &mut *ctx.vcpu;
     let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, hc, &mut || vcpu.guest_tsc());
     ctx.vcpu.complete_hypercall(rax).map_err(backend(ctx.vcpu_id))?;
+    if let (true, Some(debug)) = (step_after, &ctx.shared.debug) {
+        debug.report(ctx.vcpu_id, StopReason::Step);
+    }
     Ok(Flow::Continue)
+}
+
+fn handle_debug(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
+    match (exit, &ctx.shared.debug) {
+        (VcpuExit::Debugger(stop), Some(debug)) => {
+            // The vCPU parks at its next gate, and the others are interrupted.
+            debug.report(ctx.vcpu_id, stop_reason(*stop));
+            Ok(Flow::Continue)
+        }
+        _ => handle_unknown(ctx, exit),
+    }
 }
 
 /// The [`InlineExits`] the vCPU loop hands to each `run`.
@@ -211,6 +241,10 @@ impl InlineExits for Inline<'_> {
         let v = self.shared.devices.mmio_read(self.vcpu_id, gpa, len)?;
         self.stats.exit(ExitReason::Mmio);
         Some(v)
+    }
+
+    fn hypercall_needs_loop(&mut self, call: &HypercallExit) -> bool {
+        self.shared.debug.as_ref().is_some_and(|d| d.catches(call.nr))
     }
 
     fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> bool {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::{RunError, RunStatus};
+use crate::debug::DebugHub;
 use crate::devices::Devices;
 use crate::hypercall::HypercallTable;
 use crate::memory::GuestRam;
@@ -48,6 +49,8 @@ pub struct Shared {
     pub(crate) live: Vec<Mutex<VcpuStats>>,
     /// When the run started.
     pub(crate) started: OnceLock<Instant>,
+    /// The debugger's hold on the vCPUs, when one is attached (`docs/gdb.md`).
+    pub(crate) debug: Option<Arc<DebugHub>>,
 }
 
 impl Shared {
@@ -66,6 +69,7 @@ impl Shared {
             sink,
             live: (0..n).map(|_| Mutex::default()).collect(),
             started: OnceLock::new(),
+            debug: None,
             ram,
             table,
             vcpu_count: n,
@@ -106,6 +110,12 @@ impl Shared {
     pub(crate) fn finish(&self, result: Result<RunStatus, RunError>) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
         if end.is_none() {
+            if let Some(debug) = &self.debug {
+                debug.ended(match &result {
+                    Ok(RunStatus::Exited(s)) => Some(*s),
+                    _ => None,
+                });
+            }
             *end = Some(result);
         }
         self.stop.store(true, Ordering::Release);
