@@ -21,6 +21,10 @@ fn gdb_installed() -> bool {
     Command::new("gdb").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
+fn kvm_available() -> Result<(), String> {
+    vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto).map(|_| ()).map_err(|e| e.to_string())
+}
+
 /// A `vmcall run --gdb 0` in the background, and the address it listens on.
 struct Vm {
     child: Child,
@@ -196,8 +200,11 @@ fn catch_and_detach(backend: &str) {
     assert!(out.contains("Catchpoint 1 (call to syscall"), "{out}");
     assert!(out.contains("[20]"), "{out}");
     assert_eq!(symbol(&out, 1), symbol(&out, 2), "caught at the VMCALL:\n{out}");
-    let (_, stdout, _) = vm.finish();
-    assert!(!stdout.contains("gdb guest: answer"), "kill stopped the guest first: {stdout}");
+    let (_, stdout, stderr) = vm.finish();
+    assert!(
+        !stdout.contains("gdb guest: answer"),
+        "kill stopped the guest first: {stdout}\n{stderr}\ngdb:\n{out}"
+    );
 }
 
 #[test]
@@ -209,9 +216,31 @@ fn gdb_session_on_the_emulator() {
 }
 
 #[test]
+fn gdb_session_on_kvm() {
+    if !gdb_installed() {
+        return skip("gdb_session_on_kvm: gdb is not installed (apt-get install gdb)");
+    }
+    if let Err(e) = kvm_available() {
+        return skip(&format!("gdb_session_on_kvm: {e}"));
+    }
+    session("kvm");
+}
+
+#[test]
 fn gdb_catches_hypercalls_and_detaches_on_the_emulator() {
     if !gdb_installed() {
         return skip("gdb_catches_hypercalls_and_detaches_on_the_emulator: gdb is not installed");
     }
     catch_and_detach("emu");
+}
+
+#[test]
+fn gdb_catches_hypercalls_and_detaches_on_kvm() {
+    if !gdb_installed() {
+        return skip("gdb_catches_hypercalls_and_detaches_on_kvm: gdb is not installed");
+    }
+    if let Err(e) = kvm_available() {
+        return skip(&format!("gdb_catches_hypercalls_and_detaches_on_kvm: {e}"));
+    }
+    catch_and_detach("kvm");
 }

@@ -59,6 +59,9 @@ pub(crate) struct HookState {
     pub native: HypercallInsn,
     /// A breakpoint at this address lets its instruction run once: the run resumes there.
     pub skip_breakpoint: Option<u64>,
+    /// A watchpoint fired during the current instruction: the stop comes at the next
+    /// instruction boundary, once the access is complete (as on the CPU).
+    pub watch_hit: Option<(u64, WatchKind)>,
 }
 
 /// What a VM's vCPUs are configured with beyond their registers.
@@ -183,13 +186,20 @@ impl EmuVcpu {
         uc.get_data_mut().sink = Some(SinkPtr(sink));
         let result = uc.emu_start(start, 0, 0, usize::from(step));
         uc.get_data_mut().sink = None;
+        let watch_hit = uc.get_data_mut().watch_hit.take();
         if !uc.get_data().stopped_by_hook {
-            // Nothing of ours stopped it: a HLT, an interrupt from another thread, or an error.
+            // Nothing of ours stopped it: a HLT, an interrupt from another thread, a single
+            // step's end, or an error.
             let rip = uc.reg_read(R::RIP).unwrap_or(0);
             let mut last = [0u8; 1];
             let after_hlt = read_code(uc, rip.wrapping_sub(1), &mut last) && last[0] == 0xf4;
             let end = match result {
                 Err(e) => VcpuExit::Unknown(format!("emulator error {e:?} at RIP {rip:#x}")),
+                // The engine ended right after an instruction that hit a watchpoint.
+                Ok(()) if watch_hit.is_some() => {
+                    let (addr, kind) = watch_hit.expect("checked");
+                    VcpuExit::Debugger(DebugStop::Watch { addr, kind })
+                }
                 // An interrupt first: a stop can land right after any instruction, including
                 // one whose last byte happens to be 0xf4.
                 Ok(()) if stop.requested.swap(false, Ordering::SeqCst) => VcpuExit::Interrupted,
@@ -320,6 +330,7 @@ fn create_engine(
         cpu: None,
         cr2_seen: init.sregs.cr2,
         skip_breakpoint: None,
+        watch_hit: None,
     };
     let mut uc = new_engine(ram, init, state, config.pv.features)?;
     let mut cpu = CpuState::new(&mut uc).map_err(|e| BackendError::with("unicorn", e))?;
@@ -511,10 +522,23 @@ impl Vcpu for EmuVcpu {
             let last = w.addr.wrapping_add(w.len.max(1) - 1);
             hooks.push(
                 uc.add_mem_hook(types, addr, last, move |uc: &mut Engine<'_>, _, _, _, _| {
-                    uc.get_data_mut()
-                        .stop_with(VcpuExit::Debugger(DebugStop::Watch { addr, kind }));
-                    let _ = uc.emu_stop();
+                    // Stopping here would leave the instruction half done: note it, and stop
+                    // at the next instruction boundary (the hook below, or the end of the run).
+                    uc.get_data_mut().watch_hit.get_or_insert((addr, kind));
                     true
+                })
+                .map_err(uc_err("watchpoint hook"))?,
+            );
+        }
+        if !debug.watchpoints.is_empty() {
+            // Every instruction while watchpoints are armed: the emulator runs slower then.
+            hooks.push(
+                uc.add_code_hook(1, 0, |uc: &mut Engine<'_>, _addr: u64, _size: u32| {
+                    let state = uc.get_data_mut();
+                    if let Some((addr, kind)) = state.watch_hit.take() {
+                        state.stop_with(VcpuExit::Debugger(DebugStop::Watch { addr, kind }));
+                        let _ = uc.emu_stop();
+                    }
                 })
                 .map_err(uc_err("watchpoint hook"))?,
             );

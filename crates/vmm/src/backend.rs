@@ -201,6 +201,12 @@ pub trait Vcpu: Send {
     fn guest_tsc(&mut self) -> u64;
     /// An interrupter for this vCPU; call it on the thread that will call `run`.
     fn interrupter(&self) -> Arc<dyn Interrupter>;
+    /// Put the vCPU back at the hypercall instruction of the last exit, as if it had not run
+    /// yet (a debugger stops there before the call is answered); [`Vcpu::complete_hypercall`]
+    /// still finishes it. A backend whose hypercall exits already stand there keeps the default.
+    fn rewind_hypercall(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
     /// Set the general-purpose registers (a debugger's register writes).
     fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
         let _ = regs;

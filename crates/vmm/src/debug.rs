@@ -274,6 +274,15 @@ impl DebugHub {
         st.attached && st.config.catches(nr)
     }
 
+    /// What vCPU `id` was last resumed with (`Continue` without a debugger).
+    pub(crate) fn action(&self, id: u32) -> Action {
+        let st = self.lock();
+        match st.slots.get(id as usize) {
+            Some(slot) if st.attached => slot.action,
+            _ => Action::Continue,
+        }
+    }
+
     /// vCPU `id` halts: keep its registers for the debugger, which cannot ask it while it
     /// waits for a kick.
     pub(crate) fn halting(&self, id: u32, vcpu: &mut dyn Vcpu) {

@@ -55,7 +55,9 @@ pub enum SessionEnd {
 /// Serve one gdb connection until it ends. Every vCPU is paused (before its first
 /// instruction, for a new VM) until gdb resumes it.
 pub fn serve(stream: TcpStream, hub: Arc<DebugHub>, ram: Arc<GuestRam>) -> SessionEnd {
-    serve_inner(stream, hub, ram, BTreeSet::new())
+    let end = serve_inner(stream, hub.clone(), ram, BTreeSet::new());
+    hub.detach();
+    end
 }
 
 /// The target gdb sees: the whole VM, one thread per vCPU (thread id = vCPU id + 1).
@@ -133,8 +135,12 @@ impl GdbTarget {
         }
     }
 
-    /// Whether one more breakpoint or watchpoint fits the backend's slots.
+    /// Whether one more breakpoint or watchpoint fits the backend's slots (and the backend
+    /// has any).
     fn room(&self) -> bool {
+        if (0..self.hub.vcpus()).filter_map(|v| self.hub.caps(v)).any(|c| !c.supported) {
+            return false;
+        }
         let used = self.hub.config().breakpoints.len() + self.hub.config().watchpoints.len();
         let max = (0..self.hub.vcpus()).filter_map(|v| self.hub.caps(v)?.max_slots).min();
         max.is_none_or(|m| used < m)
@@ -647,10 +653,12 @@ pub(crate) fn start(
 ) -> std::io::Result<std::thread::JoinHandle<SessionEnd>> {
     hub.configure(|c| c.catch_hypercalls.extend(&session.break_on_hypercalls));
     std::thread::Builder::new().name("gdb".into()).spawn(move || {
-        let end = serve_with(session, hub, ram);
+        let end = serve_with(session, hub.clone(), ram);
         if end == SessionEnd::Killed {
+            // Before the detach, which would let the paused vCPUs run on.
             on_kill();
         }
+        hub.detach();
         end
     })
 }
@@ -703,6 +711,5 @@ fn serve_inner(
             SessionEnd::Detached
         }
     };
-    hub.detach();
     end
 }

@@ -172,21 +172,23 @@ fn answer_hypercall(
 
 fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     let VcpuExit::Hypercall(hc) = exit else { unreachable!("dispatched by reason") };
-    let mut step_after = false;
     if let Some(debug) = ctx.shared.debug.as_ref().filter(|d| d.catches(hc.nr)) {
         // Stop before answering: the debugger sees RIP at the instruction and the number in
         // RAX. The call is answered as it was made when the VM resumes.
+        ctx.vcpu.rewind_hypercall().map_err(backend(ctx.vcpu_id))?;
         debug.report(ctx.vcpu_id, StopReason::Hypercall(hc.nr));
         let shared = ctx.shared;
-        let action = debug
+        debug
             .gate(ctx.vcpu_id, &mut *ctx.vcpu, || shared.stopping())
             .map_err(backend(ctx.vcpu_id))?;
         if shared.stopping() {
             return Ok(Flow::Stop);
         }
-        // A step from there is the hypercall itself.
-        step_after = action == Action::Step;
     }
+    // Under a single step the hypercall is the one instruction: the step ends after it,
+    // on every backend and whichever way the call reached the loop.
+    let step_after =
+        ctx.shared.debug.as_ref().is_some_and(|d| d.action(ctx.vcpu_id) == Action::Step);
     let vcpu = &mut *ctx.vcpu;
     let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, hc, &mut || vcpu.guest_tsc());
     ctx.vcpu.complete_hypercall(rax).map_err(backend(ctx.vcpu_id))?;

@@ -109,16 +109,18 @@ impl Shared {
     /// Record how the run ends (the first report wins) and tell every vCPU to stop.
     pub(crate) fn finish(&self, result: Result<RunStatus, RunError>) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        let exited = match &result {
+            Ok(RunStatus::Exited(s)) => Some(*s),
+            _ => None,
+        };
         if end.is_none() {
-            if let Some(debug) = &self.debug {
-                debug.ended(match &result {
-                    Ok(RunStatus::Exited(s)) => Some(*s),
-                    _ => None,
-                });
-            }
             *end = Some(result);
         }
         self.stop.store(true, Ordering::Release);
+        // After the stop flag: a vCPU the debugger releases must see that the run is over.
+        if let Some(debug) = &self.debug {
+            debug.ended(exited);
+        }
         self.end_cv.notify_all();
         drop(end);
         let _h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
