@@ -35,11 +35,17 @@ struct Vm {
 impl Vm {
     fn start(backend: &str, extra: &[&str]) -> Vm {
         let guest = vmcall_test_guests::C_GDB;
+        let mut args = vec!["run", guest, "--hypercall", "20=const:1234"];
+        args.extend(extra);
+        Vm::spawn(backend, &args)
+    }
+
+    /// `vmcall ARGS --backend B --gdb 0 --timeout ...`.
+    fn spawn(backend: &str, args: &[&str]) -> Vm {
         let timeout = format!("{}s", TIMEOUT.as_secs());
         let mut child = Command::new(env!("CARGO_BIN_EXE_vmcall"))
-            .args(["run", guest, "--backend", backend, "--gdb", "0", "--timeout", &timeout])
-            .args(["--hypercall", "20=const:1234"])
-            .args(extra)
+            .args(args)
+            .args(["--backend", backend, "--gdb", "0", "--timeout", &timeout])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -194,6 +200,16 @@ fn catch_and_detach(backend: &str) {
     assert_eq!(status, Some(7), "the guest ran on after the detach:\n{stderr}");
     assert!(stdout.contains("gdb guest: answer 1234"), "{stdout}");
 
+    // The monitor command does what the flag does.
+    let vm = Vm::start(backend, &[]);
+    let out = gdb(
+        &vm,
+        &["monitor break-hypercall 20", "continue", "p/x $rip", "p/x &gdb_vmcall", "detach"],
+    );
+    assert!(out.contains("hypercall 20 stops the guest"), "{out}");
+    assert_eq!(symbol(&out, 1), symbol(&out, 2), "stopped before the hypercall:\n{out}");
+    assert_eq!(vm.finish().0, Some(7));
+
     let vm = Vm::start(backend, &[]);
     let out = gdb(&vm, &["catch syscall 20", "continue", "p/x $rip", "p/x &gdb_vmcall", "kill"]);
     // gdb names the number after Linux's system call of that number (writev, for 20).
@@ -205,6 +221,106 @@ fn catch_and_detach(backend: &str) {
         !stdout.contains("gdb guest: answer"),
         "kill stopped the guest first: {stdout}\n{stderr}\ngdb:\n{out}"
     );
+}
+
+/// A raw gdb remote-protocol exchange: send `data` as a packet, return the reply's payload.
+fn packet(conn: &mut std::net::TcpStream, data: &str) -> String {
+    let sum = data.bytes().fold(0u8, |s, b| s.wrapping_add(b));
+    conn.write_all(format!("${data}#{sum:02x}").as_bytes()).expect("send");
+    reply(conn)
+}
+
+/// The next packet from the stub (acknowledged), skipping its acks.
+fn reply(conn: &mut std::net::TcpStream) -> String {
+    let mut byte = [0u8; 1];
+    loop {
+        conn.read_exact(&mut byte).expect("read");
+        if byte[0] == b'$' {
+            break;
+        }
+    }
+    let mut payload = Vec::new();
+    loop {
+        conn.read_exact(&mut byte).expect("read");
+        if byte[0] == b'#' {
+            break;
+        }
+        payload.push(byte[0]);
+    }
+    let mut sum = [0u8; 2];
+    conn.read_exact(&mut sum).expect("read");
+    conn.write_all(b"+").expect("ack");
+    String::from_utf8_lossy(&payload).into_owned()
+}
+
+/// Undo the remote protocol's run-length encoding ("X*N": N - 29 more copies of X).
+fn unrle(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '*' {
+            let n = chars.next().map_or(0, |n| n as usize - 29);
+            let last = out.chars().last().unwrap_or('0');
+            out.extend(std::iter::repeat_n(last, n));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Ctrl-C (the 0x03 byte gdb sends) stops a guest that never stops by itself, its registers
+/// can be read, and a detach lets it run on.
+fn interrupt(backend: &str) {
+    let vm = Vm::spawn(backend, &["demo", "--loop"]);
+    let mut conn = std::net::TcpStream::connect(&vm.addr).expect("connect");
+    conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    assert!(packet(&mut conn, "?").starts_with("T05"), "stopped before the first instruction");
+    conn.write_all(b"$c#63").expect("continue");
+    std::thread::sleep(Duration::from_millis(300));
+    conn.write_all(&[0x03]).expect("Ctrl-C");
+    let stop = reply(&mut conn);
+    assert!(stop.starts_with("T02"), "SIGINT stop, got {stop}");
+    let regs = unrle(&packet(&mut conn, "g"));
+    // 16 GPRs and RIP, 16 hex digits each; RIP (little-endian) is somewhere in the guest.
+    assert!(regs.len() >= 17 * 16, "registers: {regs}");
+    let rip = u64::from_str_radix(&regs[16 * 16..17 * 16], 16).expect("hex").swap_bytes();
+    assert!(rip >= 0x20_0000, "RIP {rip:#x} is in the guest's code");
+    assert_eq!(packet(&mut conn, "D"), "OK");
+    drop(conn);
+    let mut vm = vm;
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(vm.child.try_wait().expect("wait").is_none(), "the guest runs on after the detach");
+    let _ = vm.child.kill();
+    let _ = vm.child.wait();
+}
+
+/// A write watchpoint stops after the write, with the new value in memory.
+#[test]
+fn gdb_watchpoint_on_the_emulator() {
+    if !gdb_installed() {
+        return skip("gdb_watchpoint_on_the_emulator: gdb is not installed");
+    }
+    let vm = Vm::start("emu", &[]);
+    let out = gdb(&vm, &["watch gdb_answer", "continue", "p gdb_answer", "p/x $rip", "continue"]);
+    assert!(out.contains("Hardware watchpoint 1: gdb_answer"), "{out}");
+    assert!(out.contains("New value = 1234"), "{out}");
+    assert_eq!(value(&out, 1), "1234", "{out}");
+    assert!(out.contains("exited with code 07"), "{out}");
+    assert_eq!(vm.finish().0, Some(7));
+}
+
+#[test]
+fn gdb_interrupt_on_the_emulator() {
+    interrupt("emu");
+}
+
+#[test]
+fn gdb_interrupt_on_kvm() {
+    if let Err(e) = kvm_available() {
+        return skip(&format!("gdb_interrupt_on_kvm: {e}"));
+    }
+    interrupt("kvm");
 }
 
 #[test]
