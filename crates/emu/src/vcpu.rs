@@ -99,6 +99,11 @@ struct StopState {
     /// Set by `interrupt`; a stop that lands before `emu_start` begins is lost inside unicorn,
     /// so `run` checks this flag too.
     requested: AtomicBool,
+    /// A hook on the vCPU's own thread stops the engine at the next block when `requested`
+    /// is set (under a debugger, whose stops are resumed): `interrupt` then leaves the engine
+    /// alone. A `uc_emu_stop` from another thread is fine to end a run, but a run resumed
+    /// after one sometimes went on with corrupted registers (seen with Ctrl-C in gdb).
+    stop_in_thread: AtomicBool,
 }
 
 struct EmuInterrupter(Arc<StopState>);
@@ -106,6 +111,9 @@ struct EmuInterrupter(Arc<StopState>);
 impl Interrupter for EmuInterrupter {
     fn interrupt(&self) {
         self.0.requested.store(true, Ordering::SeqCst);
+        if self.0.stop_in_thread.load(Ordering::SeqCst) {
+            return;
+        }
         let handle = self.0.handle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = handle.as_ref() {
             // SAFETY: see `StopHandle`: the engine is alive while the handle is installed.
@@ -146,8 +154,11 @@ pub(crate) fn uc_err(what: &'static str) -> impl FnOnce(uc_error) -> BackendErro
 
 impl EmuVcpu {
     pub(crate) fn new(ram: Arc<GuestRam>, init: VcpuInit, config: VcpuConfig) -> Self {
-        let stop =
-            Arc::new(StopState { handle: Mutex::new(None), requested: AtomicBool::new(false) });
+        let stop = Arc::new(StopState {
+            handle: Mutex::new(None),
+            requested: AtomicBool::new(false),
+            stop_in_thread: AtomicBool::new(false),
+        });
         Self {
             engine: None,
             ram,
@@ -486,6 +497,19 @@ impl Vcpu for EmuVcpu {
     }
 
     fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {
+        if !self.stop.stop_in_thread.load(Ordering::SeqCst) {
+            // A debugger is attached (the VMM calls this before the first run then): from now
+            // on interrupts stop the engine from its own thread, at a block boundary.
+            let stop = self.stop.clone();
+            self.engine()?
+                .add_block_hook(1, 0, move |uc: &mut Engine<'_>, _addr: u64, _size: u32| {
+                    if stop.requested.load(Ordering::SeqCst) {
+                        let _ = uc.emu_stop();
+                    }
+                })
+                .map_err(uc_err("interrupt hook"))?;
+            self.stop.stop_in_thread.store(true, Ordering::SeqCst);
+        }
         let same_hooks = debug.breakpoints == self.debug.breakpoints
             && debug.watchpoints == self.debug.watchpoints;
         self.debug = debug.clone();
