@@ -491,3 +491,127 @@ pub(crate) fn stop_reason(stop: DebugStop) -> StopReason {
         DebugStop::Watch { addr, kind } => StopReason::Watch { addr, kind },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{InlineExits, VcpuExit};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A vCPU that only holds registers and remembers what it was asked to debug.
+    #[derive(Default)]
+    struct Fake {
+        regs: Regs,
+        debug: Option<GuestDebug>,
+    }
+
+    impl Vcpu for Fake {
+        fn run(&mut self, _: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
+            Ok(VcpuExit::Hlt)
+        }
+        fn complete_hypercall(&mut self, _: u64) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn complete_io_in(&mut self, _: u32) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn complete_mmio_read(&mut self, _: u64) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn regs(&mut self) -> Result<Regs, BackendError> {
+            Ok(self.regs)
+        }
+        fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+            self.regs = *regs;
+            Ok(())
+        }
+        fn sregs(&mut self) -> Result<SpecialRegs, BackendError> {
+            Ok(SpecialRegs::default())
+        }
+        fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {
+            self.debug = Some(debug.clone());
+            Ok(())
+        }
+        fn guest_tsc(&mut self) -> u64 {
+            0
+        }
+        fn interrupter(&self) -> Arc<dyn Interrupter> {
+            Arc::new(Count::default())
+        }
+    }
+
+    #[derive(Default)]
+    struct Count(AtomicU32);
+
+    impl Interrupter for Count {
+        fn interrupt(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Run `gate` for vCPU `id` on its own thread, as the vCPU loop does.
+    fn gate_thread(hub: &Arc<DebugHub>, id: u32) -> std::thread::JoinHandle<(Action, Fake)> {
+        let hub = hub.clone();
+        std::thread::spawn(move || {
+            let mut vcpu = Fake::default();
+            let action = hub.gate(id, &mut vcpu, || false).expect("gate");
+            (action, vcpu)
+        })
+    }
+
+    #[test]
+    fn a_paused_vcpu_serves_requests_then_runs_with_the_new_configuration() {
+        let hub = DebugHub::new(1);
+        let vcpu = gate_thread(&hub, 0);
+        let regs = Regs { rax: 5, rip: 0x1000, ..Regs::default() };
+        assert!(matches!(hub.request(0, Request::SetRegs(regs)), Ok(Reply::Done)));
+        match hub.request(0, Request::Regs) {
+            Ok(Reply::Regs(r)) => assert_eq!(r, regs),
+            other => panic!("{other:?}"),
+        }
+        hub.configure(|c| c.breakpoints.insert(0x2000));
+        hub.resume(&[Action::Step]);
+        let (action, fake) = vcpu.join().expect("vCPU thread");
+        assert_eq!(action, Action::Step);
+        let want =
+            GuestDebug { breakpoints: vec![0x2000], single_step: true, ..Default::default() };
+        assert_eq!(fake.debug, Some(want));
+        assert_eq!(fake.regs, regs, "the write reached the vCPU");
+    }
+
+    #[test]
+    fn a_stop_pauses_every_vcpu_and_a_detach_lets_them_run_without_debugging() {
+        let hub = DebugHub::new(2);
+        let (i0, i1) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        hub.register(0, i0.clone(), DebugCaps::default());
+        hub.register(1, i1.clone(), DebugCaps::default());
+        hub.resume(&[]);
+        // vCPU 1 runs (passes its gate); vCPU 0 stops at a breakpoint.
+        let mut v1 = Fake::default();
+        assert_eq!(hub.gate(1, &mut v1, || false).expect("gate"), Action::Continue);
+        hub.report(0, StopReason::Breakpoint(0x10));
+        assert!(i1.0.load(Ordering::SeqCst) >= 1, "the running vCPU was interrupted");
+        assert_eq!(i0.0.load(Ordering::SeqCst), 0, "the stopping one was not");
+        // Not reported until every vCPU has parked.
+        assert_eq!(hub.wait(Duration::from_millis(30)), Waited::Running);
+        let (t0, t1) = (gate_thread(&hub, 0), gate_thread(&hub, 1));
+        let stop = Waited::Stopped { vcpu: 0, reason: StopReason::Breakpoint(0x10) };
+        assert_eq!(hub.wait(Duration::from_secs(30)), stop);
+        hub.configure(|c| c.breakpoints.insert(0x10));
+        hub.detach();
+        for t in [t0, t1] {
+            let (action, fake) = t.join().expect("vCPU thread");
+            assert_eq!(action, Action::Continue);
+            assert_eq!(fake.debug, Some(GuestDebug::default()), "nothing armed after detach");
+        }
+        assert!(!hub.catches(20) && hub.config().breakpoints.is_empty());
+    }
+
+    #[test]
+    fn requests_fail_once_the_run_has_ended() {
+        let hub = DebugHub::new(1);
+        hub.ended(Some(3));
+        assert!(hub.request(0, Request::Regs).is_err());
+        assert_eq!(hub.wait(Duration::ZERO), Waited::Ended(Some(3)));
+    }
+}
