@@ -377,11 +377,23 @@ fn run(
         builder = builder.sink(t.clone());
     }
     #[cfg(feature = "gdb")]
-    if let Some(port) = a.gdb {
-        builder = builder.gdb(gdb_session(port, a.gdb_break_on_hypercall.clone())?);
-    }
+    let gdb_addr = match a.gdb {
+        Some(port) => {
+            let (session, addr) = gdb_session(port, a.gdb_break_on_hypercall.clone())?;
+            builder = builder.gdb(session);
+            Some(addr)
+        }
+        None => None,
+    };
     let vm = builder.build(hv.as_ref()).map_err(|e| chain(&e))?;
     eprintln!("vmcall: {}", vm.describe());
+    #[cfg(feature = "gdb")]
+    if let Some(addr) = gdb_addr {
+        eprintln!(
+            "vmcall: waiting for gdb on {addr} before the first instruction \
+             (gdb GUEST -ex 'target remote {addr}')"
+        );
+    }
     let monitor = vm.monitor();
     let control = match &a.control {
         None => None,
@@ -434,17 +446,16 @@ fn run(
     }
 }
 
-/// Listen for gdb on 127.0.0.1:`port` and say where.
+/// Listen for gdb on 127.0.0.1:`port`; the session and the address it listens on.
 #[cfg(feature = "gdb")]
-fn gdb_session(port: u16, breaks: Vec<u64>) -> Result<vmcall_vmm::gdb::GdbSession, String> {
+fn gdb_session(
+    port: u16,
+    breaks: Vec<u64>,
+) -> Result<(vmcall_vmm::gdb::GdbSession, std::net::SocketAddr), String> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", port))
         .map_err(|e| format!("--gdb {port}: cannot listen on 127.0.0.1:{port}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| format!("--gdb: {e}"))?;
-    eprintln!(
-        "vmcall: waiting for gdb on {addr} before the first instruction \
-         (gdb GUEST -ex 'target remote {addr}')"
-    );
-    Ok(vmcall_vmm::gdb::GdbSession { listener, break_on_hypercalls: breaks })
+    Ok((vmcall_vmm::gdb::GdbSession { listener, break_on_hypercalls: breaks }, addr))
 }
 
 /// Warnings and errors, and the per-call trace, whose switch (`--trace`, `vmcall ctl trace`)

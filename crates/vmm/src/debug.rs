@@ -127,7 +127,8 @@ struct HubState {
     /// Stops not yet reported to the debugger, oldest first: the first is the one the VM is
     /// paused for; the others are reported at the next resumes without running.
     stops: VecDeque<(u32, StopReason)>,
-    /// The run has ended: `Some(status)` if the guest exited with a status.
+    /// The run has ended: `Some(status)` with its exit status, `None` in an error (a guest
+    /// fault, the timeout).
     ended: Option<Option<u32>>,
     config: DebugConfig,
     generation: u64,
@@ -138,7 +139,8 @@ struct HubState {
 pub enum Waited {
     /// vCPU `vcpu` stopped for `reason`; every vCPU is parked.
     Stopped { vcpu: u32, reason: StopReason },
-    /// The run ended (with the guest's exit status, if it exited).
+    /// The run ended: with its exit status, or in an error (`None`: a guest fault, the
+    /// timeout).
     Ended(Option<u32>),
     /// Nothing yet.
     Running,
@@ -308,7 +310,7 @@ impl DebugHub {
         self.dbg_cv.notify_all();
     }
 
-    /// The run ended (`status`: the guest's exit status, if it exited).
+    /// The run ended (`status`: its exit status; `None` for an error).
     pub(crate) fn ended(&self, status: Option<u32>) {
         let mut st = self.lock();
         if st.ended.is_none() {

@@ -614,9 +614,14 @@ impl BlockingEventLoop for VmEventLoop {
                 Waited::Stopped { vcpu, reason } => {
                     return Ok(Event::TargetStopped(target.stop_reason(vcpu, reason)))
                 }
-                Waited::Ended(status) => {
-                    let code = status.unwrap_or(0).min(255) as u8;
+                Waited::Ended(Some(status)) => {
+                    let code = status.min(255) as u8;
                     return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
+                }
+                // A guest fault or the timeout: vmcall says which on its stderr.
+                Waited::Ended(None) => {
+                    let killed = MultiThreadStopReason::Terminated(Signal::SIGKILL);
+                    return Ok(Event::TargetStopped(killed));
                 }
                 Waited::Running => {}
             }

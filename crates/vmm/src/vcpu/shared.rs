@@ -110,8 +110,8 @@ impl Shared {
     pub(crate) fn finish(&self, result: Result<RunStatus, RunError>) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
         let exited = match &result {
-            Ok(RunStatus::Exited(s)) => Some(*s),
-            _ => None,
+            Ok(status) => Some(status.code()),
+            Err(_) => None,
         };
         if end.is_none() {
             *end = Some(result);
