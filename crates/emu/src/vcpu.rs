@@ -493,7 +493,7 @@ impl Vcpu for EmuVcpu {
 
     fn debug_caps(&self) -> DebugCaps {
         // Breakpoints are code hooks and watchpoints memory hooks: no limit.
-        DebugCaps { supported: true, max_slots: None, watchpoints: true }
+        DebugCaps { supported: true, max_slots: None, watchpoints: true, int3: false }
     }
 
     fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {

@@ -72,6 +72,8 @@ pub(crate) struct DebugRegs {
     /// The debugger's breakpoints and watchpoints, and whether it single-steps.
     user: Vec<Slot>,
     single_step: bool,
+    /// The debugger's INT3s trap (KVM_GUESTDBG_USE_SW_BP).
+    int3: bool,
     armed: Vec<Slot>,
     /// Whether KVM's state is exactly `armed` (it is at the start: nothing armed).
     applied: bool,
@@ -85,6 +87,7 @@ impl DebugRegs {
             sites,
             user: Vec::new(),
             single_step: false,
+            int3: false,
             armed: Vec::new(),
             applied: true,
             stepping: false,
@@ -92,12 +95,18 @@ impl DebugRegs {
     }
 
     /// What a debugger wants armed (applied at the next [`DebugRegs::arm`]).
-    pub(crate) fn set_user(&mut self, slots: Vec<Slot>, single_step: bool) {
-        if slots != self.user || single_step != self.single_step {
+    pub(crate) fn set_user(&mut self, slots: Vec<Slot>, single_step: bool, int3: bool) {
+        if slots != self.user || single_step != self.single_step || int3 != self.int3 {
             self.user = slots;
             self.single_step = single_step;
+            self.int3 = int3;
             self.applied = false;
         }
+    }
+
+    /// Whether INT3s trap to the host.
+    pub(crate) fn int3(&self) -> bool {
+        self.int3
     }
 
     /// Whether the debugger single-steps.
@@ -131,7 +140,7 @@ impl DebugRegs {
             .copied()
             .filter(|s| s.addr() != addr || matches!(s, Slot::Watch { .. }))
             .collect();
-        let mut dbg = guest_debug(&rest, false);
+        let mut dbg = guest_debug(&rest, false, self.int3);
         dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
         fd.set_guest_debug(&dbg).map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
         self.armed = rest;
@@ -177,7 +186,7 @@ impl DebugRegs {
         if self.applied && want == self.armed {
             return Ok(());
         }
-        fd.set_guest_debug(&guest_debug(&want, self.single_step))
+        fd.set_guest_debug(&guest_debug(&want, self.single_step, self.int3))
             .map_err(|e| BackendError::with("KVM_SET_GUEST_DEBUG", e))?;
         self.armed = want;
         self.applied = true;
@@ -186,11 +195,15 @@ impl DebugRegs {
 }
 
 /// The KVM_SET_GUEST_DEBUG argument for `slots` (locally enabled: execute breakpoints, or
-/// data breakpoints for watchpoints), single-stepping if `single_step`.
-fn guest_debug(slots: &[Slot], single_step: bool) -> kvm_guest_debug {
+/// data breakpoints for watchpoints), single-stepping if `single_step`, trapping INT3 if
+/// `int3` (stock KVM only: kvm_pvm fails KVM_RUN with an internal error at an INT3 then).
+fn guest_debug(slots: &[Slot], single_step: bool, int3: bool) -> kvm_guest_debug {
     let mut dbg = kvm_guest_debug::default();
     if single_step {
         dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+    }
+    if int3 {
+        dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_SW_BP;
     }
     if slots.is_empty() {
         return dbg;
@@ -234,12 +247,17 @@ mod tests {
 
     #[test]
     fn breakpoints_are_execute_only_and_locally_enabled() {
-        let d =
-            guest_debug(&[Slot::Site(0x1000), Slot::Handler { addr: 0x2000, vector: 6 }], false);
+        let d = guest_debug(
+            &[Slot::Site(0x1000), Slot::Handler { addr: 0x2000, vector: 6 }],
+            false,
+            false,
+        );
         assert_eq!(d.arch.debugreg[..4], [0x1000, 0x2000, 0, 0]);
         assert_eq!(d.arch.debugreg[7], 0b101);
         assert_ne!(d.control & kvm_bindings::KVM_GUESTDBG_USE_HW_BP, 0);
-        assert_eq!(guest_debug(&[], false).control, 0, "no slots: debugging off");
+        assert_eq!(guest_debug(&[], false, false).control, 0, "no slots: debugging off");
+        let int3 = guest_debug(&[], false, true).control;
+        assert_eq!(int3, kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_SW_BP);
     }
 
     #[test]
@@ -248,13 +266,14 @@ mod tests {
         let d = guest_debug(
             &[Slot::Break(0x1000), w(0x2000, 8, WatchKind::Write), w(0x3000, 4, WatchKind::Read)],
             true,
+            false,
         );
         assert_eq!(d.arch.debugreg[..4], [0x1000, 0x2000, 0x3000, 0]);
         // DR1: write (01), 8 bytes (10); DR2: read/write (11), 4 bytes (11).
         let dr7 = 0b10101 | (0b1001 << 20) | (0b1111 << 24);
         assert_eq!(d.arch.debugreg[7], dr7);
         assert_ne!(d.control & kvm_bindings::KVM_GUESTDBG_SINGLESTEP, 0);
-        let step = guest_debug(&[], true);
+        let step = guest_debug(&[], true, false);
         assert_eq!(
             step.control,
             kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP

@@ -51,6 +51,9 @@ pub(crate) struct Traps {
     pub guest_debug: bool,
     /// Data breakpoints fire (not on kvm_pvm): a debugger's watchpoints.
     pub data_breakpoints: bool,
+    /// INT3 traps under KVM_GUESTDBG_USE_SW_BP (not on kvm_pvm): a debugger's software
+    /// breakpoints. Not tested on these machines (no hardware KVM here).
+    pub sw_breakpoints: bool,
     /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
     pub mmap_size: usize,
     /// The host vendor's hypercall instruction (the only one a Xen exit can come from).
@@ -446,6 +449,18 @@ impl KvmVcpu {
         }
     }
 
+    /// An INT3 trapped under KVM_GUESTDBG_USE_SW_BP (stock KVM; untested here): the exit
+    /// comes with RIP at the instruction; leave it past, as the CPU's #BP would.
+    fn translate_int3(&mut self) -> VcpuExit {
+        let rip = self.fd.sync_regs().regs.rip;
+        let mut byte = [0u8; 1];
+        let _ = self.view().read(self.linear(rip), &mut byte);
+        let len = if byte[0] == 0xcc { 1 } else { 2 }; // INT3, or INT 3 (CD 03)
+        self.fd.sync_regs_mut().regs.rip = rip.wrapping_add(len);
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        VcpuExit::Debugger(DebugStop::Int3)
+    }
+
     /// Stopped at the first instruction of the guest's own handler for `vector`.
     fn translate_guest_handler(&mut self, vector: u8) -> Option<VcpuExit> {
         let frame = self.frame(vector);
@@ -555,6 +570,9 @@ impl KvmVcpu {
             }
             KvmExit::Debug(arch) => {
                 self.exited = true;
+                if arch.exception == kvm_bindings::BP_VECTOR && self.debug.int3() {
+                    return Ok(Some(self.translate_int3()));
+                }
                 return self.translate_debug(arch.pc, arch.dr6);
             }
             KvmExit::MmioRead(gpa, data) => {
@@ -737,6 +755,7 @@ impl Vcpu for KvmVcpu {
             supported: self.traps.guest_debug,
             max_slots: Some(HW_BREAKPOINTS),
             watchpoints: self.traps.data_breakpoints,
+            int3: self.traps.sw_breakpoints,
         }
     }
 
@@ -756,7 +775,7 @@ impl Vcpu for KvmVcpu {
                 })?;
             slots.push(Slot::Watch { addr: w.addr & !(len - 1), len: len as u8, kind: w.kind });
         }
-        self.debug.set_user(slots, debug.single_step);
+        self.debug.set_user(slots, debug.single_step, debug.int3 && self.traps.sw_breakpoints);
         if !self.exited {
             // Before the first run (a breakpoint at the entry point): the VMM's IDT is in use.
             self.debug.arm(&self.fd, &[])?;

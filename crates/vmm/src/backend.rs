@@ -102,6 +102,9 @@ pub enum DebugStop {
     Step,
     /// The instruction just executed accessed the watched range starting at `addr`.
     Watch { addr: u64, kind: WatchKind },
+    /// An INT3 in guest code ran, under [`GuestDebug::int3`]; RIP is past it, as the CPU
+    /// leaves it (a debugger that wrote it there moves RIP back itself).
+    Int3,
 }
 
 /// What a watchpoint watches.
@@ -132,12 +135,19 @@ pub struct GuestDebug {
     /// Run one instruction, then stop with [`DebugStop::Step`] (a hypercall counts as one
     /// instruction: it is answered, and the step ends after it).
     pub single_step: bool,
+    /// Stop at every INT3 the guest executes ([`DebugStop::Int3`]) instead of delivering its
+    /// #BP: a debugger's software breakpoints written into guest memory
+    /// ([`DebugCaps::int3`]).
+    pub int3: bool,
 }
 
 impl GuestDebug {
     /// Whether this asks for nothing.
     pub fn is_empty(&self) -> bool {
-        self.breakpoints.is_empty() && self.watchpoints.is_empty() && !self.single_step
+        self.breakpoints.is_empty()
+            && self.watchpoints.is_empty()
+            && !self.single_step
+            && !self.int3
     }
 }
 
@@ -150,6 +160,9 @@ pub struct DebugCaps {
     pub max_slots: Option<usize>,
     /// Whether watchpoints work.
     pub watchpoints: bool,
+    /// Whether [`GuestDebug::int3`] works: a debugger then writes INT3 for its software
+    /// breakpoints, with no limit, instead of arming [`GuestDebug::breakpoints`].
+    pub int3: bool,
 }
 
 /// Stops a running vCPU from another thread; its `run` then returns [`VcpuExit::Interrupted`]

@@ -44,6 +44,8 @@ pub enum StopReason {
     Hypercall(u64),
     /// The debugger asked the VM to stop (gdb's Ctrl-C).
     Interrupt,
+    /// An INT3 in guest code ran (RIP past it).
+    Int3,
 }
 
 /// What the debugger asks a paused vCPU.
@@ -104,6 +106,8 @@ pub struct DebugConfig {
     pub catch_hypercalls: BTreeSet<u64>,
     /// Stop before answering every hypercall.
     pub catch_all_hypercalls: bool,
+    /// Stop at INT3s the debugger wrote into guest memory (see [`GuestDebug::int3`]).
+    pub int3: bool,
 }
 
 impl DebugConfig {
@@ -116,6 +120,7 @@ impl DebugConfig {
             breakpoints: self.breakpoints.iter().copied().collect(),
             watchpoints: self.watchpoints.iter().copied().collect(),
             single_step: action == Action::Step,
+            int3: self.int3,
         }
     }
 }
@@ -332,6 +337,20 @@ impl DebugHub {
         self.lock().slots.get(id as usize).and_then(|s| s.caps)
     }
 
+    /// Wait up to `timeout` until every vCPU thread has said what its backend can do;
+    /// whether they all have.
+    pub fn wait_registered(&self, timeout: Duration) -> bool {
+        let st = self.lock();
+        let (st, _) = self
+            .dbg_cv
+            .wait_timeout_while(st, timeout, |st| {
+                st.ended.is_none()
+                    && st.slots.iter().any(|s| s.caps.is_none() && s.park() != Park::Gone)
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        st.slots.iter().all(|s| s.caps.is_some())
+    }
+
     /// Whether vCPU `id`'s thread is still there.
     pub fn alive(&self, id: u32) -> bool {
         self.lock().slots.get(id as usize).is_some_and(|s| s.park() != Park::Gone)
@@ -491,6 +510,7 @@ pub(crate) fn stop_reason(stop: DebugStop) -> StopReason {
         DebugStop::Breakpoint(addr) => StopReason::Breakpoint(addr),
         DebugStop::Step => StopReason::Step,
         DebugStop::Watch { addr, kind } => StopReason::Watch { addr, kind },
+        DebugStop::Int3 => StopReason::Int3,
     }
 }
 

@@ -71,6 +71,8 @@ struct GdbTarget {
     actions: Vec<Option<Action>>,
     /// gdb's scheduler locking for the next resume: vCPUs without an action stay parked.
     locked: bool,
+    /// Every vCPU's backend traps INT3: gdb's software breakpoints are memory breakpoints.
+    int3: bool,
     /// gdb's `catch syscall` filter (`Some(None)`: every number).
     gdb_catch: Option<Option<BTreeSet<u64>>>,
     /// Hypercalls caught by the monitor command (or `--gdb-break-on-hypercall`).
@@ -177,6 +179,11 @@ impl GdbTarget {
             }
             StopReason::Interrupt => {
                 MultiThreadStopReason::SignalWithThread { tid, signal: Signal::SIGINT }
+            }
+            // gdb wrote the INT3 (a memory breakpoint): it recognises its own address one byte
+            // back and moves RIP there, as with a Linux process.
+            StopReason::Int3 => {
+                MultiThreadStopReason::SignalWithThread { tid, signal: Signal::SIGTRAP }
             }
         }
     }
@@ -407,7 +414,14 @@ impl ThreadExtraInfo for GdbTarget {
 
 impl Breakpoints for GdbTarget {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
-        Some(self)
+        // Where the backend traps INT3 (hardware KVM), gdb writes INT3 into guest memory
+        // itself, as for a process: any number of breakpoints, and the debug registers stay
+        // free for `hbreak` and watchpoints.
+        if self.int3 {
+            None
+        } else {
+            Some(self)
+        }
     }
     fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
         Some(self)
@@ -701,10 +715,19 @@ fn serve_inner(
         hw: BTreeSet::new(),
         actions: vec![None; vcpus],
         locked: false,
+        int3: false,
         gdb_catch: None,
         user_catch,
         user_catch_all: false,
     };
+    // What the backends can do decides how breakpoints are served: know it before gdb asks.
+    if hub.wait_registered(Duration::from_secs(10)) {
+        let all = || (0..hub.vcpus()).filter_map(|v| hub.caps(v));
+        target.int3 = all().all(|c| c.int3);
+        if target.int3 {
+            hub.configure(|c| c.int3 = true);
+        }
+    }
     let end = match GdbStub::new(stream).run_blocking::<VmEventLoop>(&mut target) {
         Ok(DisconnectReason::Kill) => SessionEnd::Killed,
         Ok(DisconnectReason::TargetExited(_) | DisconnectReason::TargetTerminated(_)) => {
