@@ -356,6 +356,16 @@ struct VmArgs {
     /// thread (docs/security.md): for debugging only, e.g. under a tracer.
     #[arg(long)]
     no_seccomp: bool,
+    /// Wait for gdb on 127.0.0.1:PORT before the guest's first instruction (0: any free port,
+    /// printed); --timeout then defaults to none (docs/gdb.md).
+    #[cfg(feature = "gdb")]
+    #[arg(long, value_name = "PORT")]
+    gdb: Option<u16>,
+    /// With --gdb: stop the guest just before hypercall NR is answered, as gdb's
+    /// `catch syscall NR` does. Repeatable.
+    #[cfg(feature = "gdb")]
+    #[arg(long, value_name = "NR", requires = "gdb", value_parser = vmcall_vmm::hypercall::handlers::parse_u64)]
+    gdb_break_on_hypercall: Vec<u64>,
 }
 
 fn main() -> ExitCode {
@@ -585,6 +595,8 @@ fn run(
     let recorder = a.record.as_deref().map(replay::recorder).transpose().map_err(Error::Record)?;
     let header_cmdline = cmdline.clone();
     let hv = backends::select(&a.backend, &a.trap)?;
+    #[cfg(feature = "gdb")]
+    let default_timeout = if a.gdb.is_some() { None } else { default_timeout };
     let seccomp = seccomp_mode(a);
     let mut builder =
         vm_builder(image, image_name, a, cmdline, table.clone(), default_timeout, seccomp)?;
@@ -603,8 +615,25 @@ fn run(
     } else if let Some(sink) = sinks.pop() {
         builder = builder.sink(sink);
     }
+    #[cfg(feature = "gdb")]
+    let gdb_addr = match a.gdb {
+        Some(port) => {
+            let (session, addr) = gdb_session(port, a.gdb_break_on_hypercall.clone())?;
+            builder = builder.gdb(session);
+            Some(addr)
+        }
+        None => None,
+    };
     let vm = builder.build(hv.as_ref())?;
     note!("vmcall: {}", vm.describe());
+    #[cfg(feature = "gdb")]
+    if let Some(addr) = gdb_addr {
+        // Not a note: whoever asked for --gdb needs the address, even with -q.
+        eprintln!(
+            "vmcall: waiting for gdb on {addr} before the first instruction \
+             (gdb GUEST -ex 'target remote {addr}')"
+        );
+    }
     if let Some(r) = &recorder {
         let h = replay::header(a, hv.name(), vm.describe(), image_name, &header_cmdline, &table);
         r.begin(&h).map_err(|e| Error::io("cannot write the recording", e))?;
@@ -714,6 +743,18 @@ fn vm_builder(
         // confined. This thread is not: after the run it writes --stats-json/--trace-json files
         // and ends the signal thread, which a thread confined by Seccomp::AllThreads cannot.
         .seccomp(seccomp))
+}
+
+/// Listen for gdb on 127.0.0.1:`port`; the session and the address it listens on.
+#[cfg(feature = "gdb")]
+fn gdb_session(
+    port: u16,
+    breaks: Vec<u64>,
+) -> Result<(vmcall_vmm::gdb::GdbSession, std::net::SocketAddr), Error> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .map_err(|e| Error::io(format!("--gdb {port}: cannot listen on 127.0.0.1:{port}"), e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("--gdb", e))?;
+    Ok((vmcall_vmm::gdb::GdbSession { listener, break_on_hypercalls: breaks }, addr))
 }
 
 /// Warnings and errors (more with -v, fewer with -q, or what RUST_LOG says), and the per-call
