@@ -135,6 +135,25 @@ impl std::fmt::Debug for VmBuilder {
 impl VmBuilder {
     /// A VM for the ELF image `image`, with 32 MiB, one vCPU, no timeout, an empty table and
     /// console output to stdout.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use vmcall_vmm::backend::Hypervisor;
+    /// use vmcall_vmm::vm::{RunStatus, VmBuilder};
+    ///
+    /// fn run(hv: &dyn Hypervisor) -> Result<(), Box<dyn std::error::Error>> {
+    ///     let vm = VmBuilder::new(std::fs::read("guest.elf")?)
+    ///         .memory(64 << 20)
+    ///         .vcpus(2)
+    ///         .timeout(Some(Duration::from_secs(10)))
+    ///         .build(hv)?;
+    ///     match vm.run().result? {
+    ///         RunStatus::Exited(status) => println!("guest exited with {status}"),
+    ///         other => println!("{other:?}"),
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn new(image: Vec<u8>) -> Self {
         Self {
             image,
