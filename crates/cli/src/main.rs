@@ -158,7 +158,7 @@ enum Command {
     /// Answer a recording's hypercalls (`vmcall run --record`) again — with the recorded
     /// handlers or others given here, without a guest — and print what changed; or re-run the
     /// guest (--guest) and compare its hypercalls with the recording (docs/record.md). Exit
-    /// status: 0 the same, 1 something differs, 125 an error.
+    /// status: 0 the same, 1 something differs, 2 a usage error, 125 an error.
     Replay(replay::ReplayArgs),
     /// Print the --stats report of a recording (docs/record.md).
     Stats(replay::StatsArgs),
@@ -433,6 +433,13 @@ fn check_usage(command: &Command) -> Result<(), clap::Error> {
             vm.trap
         ));
     }
+    let to_stdout = |p: &Option<PathBuf>| p.as_deref() == Some(std::path::Path::new("-"));
+    if to_stdout(&vm.record) && (to_stdout(&vm.trace_json) || to_stdout(&vm.stats_json)) {
+        return usage(
+            "--record - needs stdout to itself: write the JSON trace or statistics to a file"
+                .into(),
+        );
+    }
     // Numbers the demo's own table already answers, then each --hypercall in turn.
     let mut taken: Vec<u64> = match command {
         Command::Demo(_) => demo_table().numbers(),
@@ -549,12 +556,6 @@ fn run(
     }
     let json_trace = a.trace_json.as_deref().map(report::JsonTrace::create).transpose()?;
     let to_stdout = |p: &Option<PathBuf>| p.as_deref() == Some(std::path::Path::new("-"));
-    if to_stdout(&a.record) && (to_stdout(&a.trace_json) || to_stdout(&a.stats_json)) {
-        return Err(
-            "--record - needs stdout to itself: write the JSON trace or statistics to a file"
-                .into(),
-        );
-    }
     let recorder = a.record.as_deref().map(replay::recorder).transpose()?;
     let header_cmdline = cmdline.clone();
     let hv = backends::select(&a.backend, &a.trap)?;

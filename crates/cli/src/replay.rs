@@ -203,7 +203,6 @@ fn call_text(c: &CallEntry) -> String {
 
 /// `vmcall replay`.
 pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
-    crate::init_tracing(); // handlers' warnings (a wasm trap, an exec process that failed)
     let rec = read_recording(&args.file)?;
     let opts = BuildOptions { exec_deadline: args.exec_deadline };
     let table = Arc::new(replay_table(&rec.header, args, &opts)?);
@@ -329,7 +328,7 @@ fn rerun(
         .seccomp(if exec { Seccomp::Off } else { Seccomp::VcpuThreads })
         .build(hv.as_ref())
         .map_err(|e| crate::chain(&e))?;
-    eprintln!("vmcall: re-running {} on the {}", guest.display(), vm.describe());
+    crate::note!("vmcall: re-running {} on the {}", guest.display(), vm.describe());
     let report = vm.run();
     let calls = sink.take_calls();
     let outcome = outcome(&report.result);
