@@ -160,7 +160,7 @@ enum Command {
     /// Answer a recording's hypercalls (`vmcall run --record`) again — with the recorded
     /// handlers or others given here, without a guest — and print what changed; or re-run the
     /// guest (--guest) and compare its hypercalls with the recording (docs/record.md). Exit
-    /// status: 0 the same, 1 something differs, 125 an error.
+    /// status: 0 the same, 1 something differs, 2 a usage error, 125 an error.
     Replay(replay::ReplayArgs),
     /// Print the --stats report of a recording (docs/record.md).
     Stats(replay::StatsArgs),
