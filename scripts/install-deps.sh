@@ -13,6 +13,8 @@ dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 # wasm-ld, which Debian's lld package provides. The tests build a C handler with them.
 command -v clang >/dev/null || missing+=(clang)
 command -v wasm-ld >/dev/null || missing+=(lld)
+# The gdb remote stub's tests (crates/cli/tests/gdb.rs, docs/gdb.md) drive a real gdb.
+command -v gdb >/dev/null || missing+=(gdb)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

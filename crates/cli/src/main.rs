@@ -160,7 +160,7 @@ enum Command {
     /// Answer a recording's hypercalls (`vmcall run --record`) again — with the recorded
     /// handlers or others given here, without a guest — and print what changed; or re-run the
     /// guest (--guest) and compare its hypercalls with the recording (docs/record.md). Exit
-    /// status: 0 the same, 1 something differs, 125 an error.
+    /// status: 0 the same, 1 something differs, 2 a usage error, 125 an error.
     Replay(replay::ReplayArgs),
     /// Print the --stats report of a recording (docs/record.md).
     Stats(replay::StatsArgs),
@@ -357,6 +357,16 @@ struct VmArgs {
     /// thread (docs/security.md): for debugging only, e.g. under a tracer.
     #[arg(long)]
     no_seccomp: bool,
+    /// Wait for gdb on 127.0.0.1:PORT before the guest's first instruction (0: any free port,
+    /// printed); --timeout then defaults to none (docs/gdb.md).
+    #[cfg(feature = "gdb")]
+    #[arg(long, value_name = "PORT")]
+    gdb: Option<u16>,
+    /// With --gdb: stop the guest just before hypercall NR is answered, as gdb's
+    /// `catch syscall NR` does. Repeatable.
+    #[cfg(feature = "gdb")]
+    #[arg(long, value_name = "NR", requires = "gdb", value_parser = vmcall_vmm::hypercall::handlers::parse_u64)]
+    gdb_break_on_hypercall: Vec<u64>,
 }
 
 fn main() -> ExitCode {
@@ -586,6 +596,8 @@ fn run(
     let recorder = a.record.as_deref().map(replay::recorder).transpose().map_err(Error::Record)?;
     let header_cmdline = cmdline.clone();
     let hv = backends::select(&a.backend, &a.trap)?;
+    #[cfg(feature = "gdb")]
+    let default_timeout = if a.gdb.is_some() { None } else { default_timeout };
     let seccomp = seccomp_mode(a);
     let mut builder =
         vm_builder(image, image_name, a, cmdline, table.clone(), default_timeout, seccomp)?;
@@ -604,8 +616,25 @@ fn run(
     } else if let Some(sink) = sinks.pop() {
         builder = builder.sink(sink);
     }
+    #[cfg(feature = "gdb")]
+    let gdb_addr = match a.gdb {
+        Some(port) => {
+            let (session, addr) = gdb_session(port, a.gdb_break_on_hypercall.clone())?;
+            builder = builder.gdb(session);
+            Some(addr)
+        }
+        None => None,
+    };
     let vm = builder.build(hv.as_ref())?;
     note!("vmcall: {}", vm.describe());
+    #[cfg(feature = "gdb")]
+    if let Some(addr) = gdb_addr {
+        // Not a note: whoever asked for --gdb needs the address, even with -q.
+        eprintln!(
+            "vmcall: waiting for gdb on {addr} before the first instruction \
+             (gdb GUEST -ex 'target remote {addr}')"
+        );
+    }
     if let Some(r) = &recorder {
         let h = replay::header(a, hv.name(), vm.describe(), image_name, &header_cmdline, &table);
         r.begin(&h).map_err(|e| Error::io("cannot write the recording", e))?;
@@ -717,18 +746,30 @@ fn vm_builder(
         .seccomp(seccomp))
 }
 
+/// Listen for gdb on 127.0.0.1:`port`; the session and the address it listens on.
+#[cfg(feature = "gdb")]
+fn gdb_session(
+    port: u16,
+    breaks: Vec<u64>,
+) -> Result<(vmcall_vmm::gdb::GdbSession, std::net::SocketAddr), Error> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .map_err(|e| Error::io(format!("--gdb {port}: cannot listen on 127.0.0.1:{port}"), e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io("--gdb", e))?;
+    Ok((vmcall_vmm::gdb::GdbSession { listener, break_on_hypercalls: breaks }, addr))
+}
+
 /// Warnings and errors (more with -v, fewer with -q, or what RUST_LOG says), and the per-call
 /// trace, whose switch (`--trace`, `vmcall ctl trace`) decides whether the vCPUs emit it at all.
 /// Colours only on a terminal, and never with NO_COLOR set (https://no-color.org).
 fn init_tracing(verbose: u8, call_trace: bool) {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
-    let level = match (error::quiet(), verbose) {
-        (true, _) => LevelFilter::ERROR,
-        (false, 0) => LevelFilter::WARN,
-        (false, 1) => LevelFilter::INFO,
-        (false, 2) => LevelFilter::DEBUG,
-        (false, _) => LevelFilter::TRACE,
+    // -q silences notes only (see `note!`): warnings and errors always print.
+    let level = match verbose {
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
     };
     let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()).and_then(|v| {
         v.parse::<Targets>()

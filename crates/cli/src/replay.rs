@@ -329,7 +329,7 @@ fn rerun(
         .seccomp(if exec { Seccomp::Off } else { Seccomp::VcpuThreads })
         .build(hv.as_ref())
         .map_err(|e| crate::chain(&e))?;
-    eprintln!("vmcall: re-running {} on the {}", guest.display(), vm.describe());
+    crate::note!("vmcall: re-running {} on the {}", guest.display(), vm.describe());
     let report = vm.run();
     let calls = sink.take_calls();
     let outcome = outcome(&report.result);

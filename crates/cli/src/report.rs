@@ -44,27 +44,44 @@ pub fn stats_json(total: &VcpuStats, per_vcpu: &[VcpuStats], elapsed: Duration) 
         .filter(|r| total.exits[**r as usize] > 0)
         .map(|r| (r.name().to_string(), json!(total.exits[*r as usize])))
         .collect();
+    let mut all = Latency::default();
+    for l in total.hypercalls.values() {
+        all.merge(l);
+    }
     json!({
         "elapsed_s": elapsed.as_secs_f64(),
         "vcpus": per_vcpu.len(),
         "hypercalls_total": total.total_hypercalls(),
         "hypercalls": numbers,
+        "total": total_latency(&all, total),
         "exits": exits,
         "round_trip": latency(&total.round_trip),
     })
 }
 
-/// count, min, mean, median, p99, max (ns; all 0 without calls).
+/// count, timed, sum, min, mean, median, p99, max (ns; all 0 without calls). Handling time is
+/// sampled (docs/hypercalls.md): the latencies are those of the `timed` calls, and the sum is
+/// theirs scaled up to `count`.
 fn latency(l: &Latency) -> Map<String, Value> {
     let some = l.timed > 0;
     let mut o = Map::new();
     o.insert("count".into(), json!(l.count));
     o.insert("timed".into(), json!(l.timed));
+    o.insert("sum_ns".into(), json!(l.time_ns().round() as u64));
     o.insert("min_ns".into(), json!(if some { l.min_ns } else { 0 }));
     o.insert("mean_ns".into(), json!(l.mean_ns()));
     o.insert("median_ns".into(), json!(l.quantile_ns(0.5)));
     o.insert("p99_ns".into(), json!(l.quantile_ns(0.99)));
     o.insert("max_ns".into(), json!(l.max_ns));
+    o
+}
+
+/// [`latency`] of all numbers together (`all`, merged from `s`), with the sum of each number's
+/// own scaled-up sum (numbers may have been sampled at different rates).
+fn total_latency(all: &Latency, s: &VcpuStats) -> Map<String, Value> {
+    let mut o = latency(all);
+    let sum: f64 = s.hypercalls.values().map(Latency::time_ns).sum();
+    o.insert("sum_ns".into(), json!(sum.round() as u64));
     o
 }
 
@@ -200,6 +217,15 @@ mod tests {
         assert_eq!(n20["count"], 2);
         assert_eq!((n20["min_ns"].as_u64(), n20["max_ns"].as_u64()), (Some(100), Some(300)));
         assert_eq!(n20["mean_ns"], 200);
+        assert_eq!(n20["sum_ns"], 400);
+        assert_eq!(
+            (j["total"]["count"].as_u64(), j["total"]["sum_ns"].as_u64()),
+            (Some(3), Some(450))
+        );
+        assert_eq!(
+            (j["total"]["min_ns"].as_u64(), j["total"]["max_ns"].as_u64()),
+            (Some(50), Some(300))
+        );
         assert_eq!(
             n20["handlers"],
             json!([{"name":"const:1","count":1},{"name":"const:2","count":1}])

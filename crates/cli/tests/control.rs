@@ -215,7 +215,14 @@ fn headline(backend: &str) {
     let names: Vec<&str> =
         n20["handlers"].as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap()).collect();
     assert_eq!(&names[..2], ["my_vmcall", "const:2"], "{s}");
-    assert!(text(&ctl(&sock, &["stats"])).0.contains("by my_vmcall"));
+    let table = text(&ctl(&sock, &["stats"])).0;
+    assert!(table.contains("by my_vmcall"), "{table}");
+    // The same table as --stats: shares, one unit per column, a totals line.
+    assert!(
+        table.contains("calls%") && table.contains("time%") && table.contains("mean("),
+        "{table}"
+    );
+    assert!(table.lines().any(|l| l.trim_start().starts_with("total ")), "{table}");
 
     assert_eq!(text(&ctl(&sock, &["trace", "on"])).0, "trace on\n");
     vm.wait_stdout("a trace", |_| vm_stderr_has(&dir, "vmcall: trace: hypercall vcpu=0 nr=0x14"));

@@ -279,3 +279,54 @@ fn exec_handlers_replay_with_and_without_the_guest() {
     assert!(out.contains("-> 0x2 by exec:python3"), "{out}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn record_to_stdout_and_handlers_that_cannot_be_rebuilt() {
+    // `--record -`: stdout is the recording alone; the guest's console goes to stderr.
+    let o = vmcall(&[
+        "run",
+        guest("calls"),
+        "--backend",
+        "emu",
+        "--hypercall",
+        "20=echo",
+        "--record",
+        "-",
+        "--",
+        "3",
+        "20",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("calls n=3"), "the console is on stderr: {err}");
+    let types: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON")["type"].to_string())
+        .collect();
+    assert_eq!(types, ["\"header\"", "\"call\"", "\"call\"", "\"call\"", "\"end\""], "{out}");
+    let o = vmcall(&["run", guest("calls"), "--record", "-", "--trace-json", "-"]);
+    assert_eq!(o.status.code(), Some(2), "a usage error: {:?}", text(&o));
+    assert!(text(&o).1.contains("--record - needs stdout to itself"), "{:?}", text(&o));
+
+    // A handler registered by library code has no spec to rebuild it from.
+    let d = dir("native");
+    let native = out.replacen(
+        "{\"nr\":\"0x14\",\"name\":\"echo\",\"kind\":\"echo\"",
+        "{\"nr\":\"0x14\",\"name\":\"mine\",\"kind\":\"native\"",
+        1,
+    );
+    assert_ne!(native, out);
+    let file = d.join("native.jsonl");
+    std::fs::write(&file, native).unwrap();
+    let o = vmcall(&["replay", file.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("hypercall 0x14's recorded handler 'mine' (native) cannot be rebuilt")
+            && err.contains("--hypercall 20=HANDLER"),
+        "{err}"
+    );
+    let o = vmcall(&["replay", file.to_str().unwrap(), "--hypercall", "20=echo"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -73,6 +73,26 @@ impl SegCache {
             | bit(s.g, 23);
         Self { selector: s.selector, base: s.base, limit: s.limit, flags }
     }
+
+    /// The neutral segment this cache holds (the inverse of [`SegCache::from_segment`]).
+    pub(crate) fn to_segment(self) -> vmcall_vmm::x86::Segment {
+        let f = self.flags;
+        let bit = |at: u32| f & (1 << at) != 0;
+        vmcall_vmm::x86::Segment {
+            base: self.base,
+            limit: self.limit,
+            selector: self.selector,
+            type_: ((f >> 8) & 0xf) as u8,
+            present: bit(15),
+            dpl: ((f >> DESC_DPL_SHIFT) & 3) as u8,
+            db: bit(22),
+            s: bit(12),
+            l: bit(21),
+            g: bit(23),
+            avl: bit(20),
+            unusable: !bit(15),
+        }
+    }
 }
 
 pub(crate) const DESC_DPL_SHIFT: u32 = 13;

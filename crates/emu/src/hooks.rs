@@ -171,15 +171,18 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
         paging,
     };
     match uc.get_data().sink {
-        Some(SinkPtr(sink)) => {
+        Some(SinkPtr(sink))
             // SAFETY: installed by `next_exit` for exactly this `emu_start` (see there); no
             // other reference to the sink exists while a hook runs.
+            if !unsafe { &mut *sink }.hypercall_needs_loop(&call) =>
+        {
+            // SAFETY: as above.
             let sink = unsafe { &mut *sink };
             let rax = sink.hypercall(&call, &mut guest_tsc);
             let next = rip.wrapping_add(insn::HYPERCALL_LEN);
             let _ = write_regs_between_blocks(uc, &[(R::RAX, rax), (R::RIP, next)]);
         }
-        None => {
+        _ => {
             uc.get_data_mut().stop_with(VcpuExit::Hypercall(call));
             let _ = uc.emu_stop();
         }

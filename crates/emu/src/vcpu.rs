@@ -13,14 +13,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use unicorn_engine::unicorn_const::{uc_error, Arch, HookType, MemType, Mode, Prot};
+use unicorn_engine::UcHookId;
 use unicorn_engine::{uc_engine, uc_x86_mmr, RegisterX86 as R, Unicorn};
 use vmcall_abi::insn;
-use vmcall_vmm::backend::{BackendError, InlineExits, Interrupter, Vcpu, VcpuExit};
+use vmcall_vmm::backend::{
+    BackendError, DebugCaps, DebugStop, GuestDebug, InlineExits, Interrupter, Vcpu, VcpuExit,
+    WatchKind,
+};
 use vmcall_vmm::boot::VcpuInit;
 use vmcall_vmm::hypercall::{ForeignInsn, HypercallInsn};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::cpuid::PvCpuid;
-use vmcall_vmm::x86::{mode, CpuMode, Regs};
+use vmcall_vmm::x86::{mode, CpuMode, DescriptorTable, Regs, SpecialRegs};
 
 use crate::cpu_state::{
     CpuState, LiveCpu, SegCache, SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS,
@@ -28,7 +32,7 @@ use crate::cpu_state::{
 use crate::doorbell::{LocalSites, SiteTable};
 use crate::hooks::{guest_tsc, on_doorbell, on_exception, on_invalid, read_code};
 use crate::ram::RamView;
-use crate::uc::{add_cpuid_hook, set_tcg_buffer_size, write_mmr, write_msr};
+use crate::uc::{add_cpuid_hook, read_mmr, set_tcg_buffer_size, write_mmr, write_msr};
 use vmcall_abi::ports::PORT_DOORBELL;
 
 pub(crate) const MSR_EFER: u32 = 0xc000_0080;
@@ -66,6 +70,11 @@ pub(crate) struct HookState {
     pub live: Option<LiveCpu>,
     /// Whether this is the VM's only vCPU (sites may then be rewritten byte by byte).
     pub single_vcpu: bool,
+    /// A breakpoint at this address lets its instruction run once: the run resumes there.
+    pub skip_breakpoint: Option<u64>,
+    /// A watchpoint fired during the current instruction: the stop comes at the next
+    /// instruction boundary, once the access is complete (as on the CPU).
+    pub watch_hit: Option<(u64, WatchKind)>,
 }
 
 /// What a VM's vCPUs are configured with beyond their registers.
@@ -109,6 +118,11 @@ struct StopState {
     /// Set by `interrupt`; a stop that lands before `emu_start` begins is lost inside unicorn,
     /// so `run` checks this flag too.
     requested: AtomicBool,
+    /// A hook on the vCPU's own thread stops the engine at the next block when `requested`
+    /// is set (under a debugger, whose stops are resumed): `interrupt` then leaves the engine
+    /// alone. A `uc_emu_stop` from another thread is fine to end a run, but a run resumed
+    /// after one sometimes went on with corrupted registers (seen with Ctrl-C in gdb).
+    stop_in_thread: AtomicBool,
 }
 
 struct EmuInterrupter(Arc<StopState>);
@@ -116,6 +130,9 @@ struct EmuInterrupter(Arc<StopState>);
 impl Interrupter for EmuInterrupter {
     fn interrupt(&self) {
         self.0.requested.store(true, Ordering::SeqCst);
+        if self.0.stop_in_thread.load(Ordering::SeqCst) {
+            return;
+        }
         let handle = self.0.handle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = handle.as_ref() {
             // SAFETY: see `StopHandle`: the engine is alive while the handle is installed.
@@ -134,6 +151,9 @@ pub(crate) struct EmuVcpu {
     /// RIP of the hypercall being answered.
     pending_hypercall: Option<u64>,
     config: VcpuConfig,
+    /// What a debugger asked for, and the hooks that serve it.
+    debug: GuestDebug,
+    debug_hooks: Vec<UcHookId>,
 }
 
 // SAFETY: an `EmuVcpu` is moved to its vCPU thread before any method is called (the VMM's
@@ -153,14 +173,28 @@ pub(crate) fn uc_err(what: &'static str) -> impl FnOnce(uc_error) -> BackendErro
 
 impl EmuVcpu {
     pub(crate) fn new(ram: Arc<GuestRam>, init: VcpuInit, config: VcpuConfig) -> Self {
-        let stop =
-            Arc::new(StopState { handle: Mutex::new(None), requested: AtomicBool::new(false) });
-        Self { engine: None, ram, init, stop, pending_hypercall: None, config }
+        let stop = Arc::new(StopState {
+            handle: Mutex::new(None),
+            requested: AtomicBool::new(false),
+            stop_in_thread: AtomicBool::new(false),
+        });
+        Self {
+            engine: None,
+            ram,
+            init,
+            stop,
+            pending_hypercall: None,
+            config,
+            debug: GuestDebug::default(),
+            debug_hooks: Vec::new(),
+        }
     }
 
     /// The next queued exit, running the engine when none is queued.
     fn next_exit(&mut self, sink: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
         let stop = self.stop.clone();
+        let step = self.debug.single_step;
+        let breakpoints = self.debug.breakpoints.clone();
         let uc = self.engine()?;
         if let Some(exit) = uc.get_data_mut().queue.pop_front() {
             return Ok(exit);
@@ -170,6 +204,8 @@ impl EmuVcpu {
         }
         let start = uc.reg_read(R::RIP).map_err(uc_err("RIP"))?;
         uc.get_data_mut().stopped_by_hook = false;
+        // Resuming at a breakpoint: its instruction runs (the stop there already happened).
+        uc.get_data_mut().skip_breakpoint = breakpoints.contains(&start).then_some(start);
         // SAFETY (of the later dereference in `hooks::on_invalid`): the pointer is installed only
         // for the duration of this `emu_start`, during which `sink` stays mutably borrowed by
         // this call and is used by nothing else; hooks run only inside `emu_start`.
@@ -178,18 +214,37 @@ impl EmuVcpu {
         // outlives the borrow.
         let sink: *mut (dyn InlineExits + 'static) = unsafe { std::mem::transmute(sink) };
         uc.get_data_mut().sink = Some(SinkPtr(sink));
-        let result = uc.emu_start(start, 0, 0, 0);
+        let result = uc.emu_start(start, 0, 0, usize::from(step));
         uc.get_data_mut().sink = None;
+        let watch_hit = uc.get_data_mut().watch_hit.take();
         if !uc.get_data().stopped_by_hook {
-            // Nothing of ours stopped it: a HLT, an interrupt from another thread, or an error.
+            // Nothing of ours stopped it: a HLT, an interrupt from another thread, a single
+            // step's end, or an error.
             let rip = uc.reg_read(R::RIP).unwrap_or(0);
             let mut last = [0u8; 1];
             let after_hlt = read_code(uc, rip.wrapping_sub(1), &mut last) && last[0] == 0xf4;
             let end = match result {
                 Err(e) => VcpuExit::Unknown(format!("emulator error {e:?} at RIP {rip:#x}")),
+                // The engine ended right after an instruction that hit a watchpoint.
+                Ok(()) if watch_hit.is_some() => {
+                    let (addr, kind) = watch_hit.expect("checked");
+                    VcpuExit::Debugger(DebugStop::Watch { addr, kind })
+                }
                 // An interrupt first: a stop can land right after any instruction, including
                 // one whose last byte happens to be 0xf4.
                 Ok(()) if stop.requested.swap(false, Ordering::SeqCst) => VcpuExit::Interrupted,
+                // A single step: the one instruction was a HLT only if it started at `start`.
+                Ok(()) if step => {
+                    let mut first = [0u8; 1];
+                    let hlt = rip == start.wrapping_add(1)
+                        && read_code(uc, start, &mut first)
+                        && first[0] == 0xf4;
+                    if hlt {
+                        VcpuExit::Hlt
+                    } else {
+                        VcpuExit::Debugger(DebugStop::Step)
+                    }
+                }
                 Ok(()) if after_hlt => VcpuExit::Hlt,
                 Ok(()) => VcpuExit::Unknown(format!(
                     "emulator stopped for no known reason at RIP {rip:#x}"
@@ -314,6 +369,8 @@ fn create_engine(
         mode_cache: None,
         cpu: None,
         cr2_seen: init.sregs.cr2,
+        skip_breakpoint: None,
+        watch_hit: None,
     };
     let mut uc = new_engine(ram, init, state, config.pv.features, config.tcg_buffer)?;
     let mut cpu = CpuState::new(&mut uc)
@@ -459,4 +516,137 @@ impl Vcpu for EmuVcpu {
     fn interrupter(&self) -> Arc<dyn Interrupter> {
         Arc::new(EmuInterrupter(self.stop.clone()))
     }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        write_regs(self.engine()?, regs).map_err(uc_err("registers"))
+    }
+
+    fn sregs(&mut self) -> Result<SpecialRegs, BackendError> {
+        read_sregs(self.engine()?)
+    }
+
+    fn debug_caps(&self) -> DebugCaps {
+        // Breakpoints are code hooks and watchpoints memory hooks: no limit.
+        DebugCaps { supported: true, max_slots: None, watchpoints: true, int3: false }
+    }
+
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {
+        if !self.stop.stop_in_thread.load(Ordering::SeqCst) {
+            // A debugger is attached (the VMM calls this before the first run then): from now
+            // on interrupts stop the engine from its own thread, at a block boundary.
+            let stop = self.stop.clone();
+            self.engine()?
+                .add_block_hook(1, 0, move |uc: &mut Engine<'_>, _addr: u64, _size: u32| {
+                    if stop.requested.load(Ordering::SeqCst) {
+                        let _ = uc.emu_stop();
+                    }
+                })
+                .map_err(uc_err("interrupt hook"))?;
+            self.stop.stop_in_thread.store(true, Ordering::SeqCst);
+        }
+        let same_hooks = debug.breakpoints == self.debug.breakpoints
+            && debug.watchpoints == self.debug.watchpoints;
+        self.debug = debug.clone();
+        if same_hooks {
+            return Ok(());
+        }
+        let old = std::mem::take(&mut self.debug_hooks);
+        let uc = self.engine()?;
+        for id in old {
+            uc.remove_hook(id).map_err(uc_err("remove a debug hook"))?;
+        }
+        let mut hooks = Vec::new();
+        for &addr in &debug.breakpoints {
+            // A hook on exactly this address: code elsewhere runs at full speed.
+            hooks.push(
+                uc.add_code_hook(addr, addr, |uc: &mut Engine<'_>, addr: u64, _size: u32| {
+                    let state = uc.get_data_mut();
+                    if state.skip_breakpoint.take() == Some(addr) {
+                        return;
+                    }
+                    state.stop_with(VcpuExit::Debugger(DebugStop::Breakpoint(addr)));
+                    let _ = uc.emu_stop();
+                })
+                .map_err(uc_err("breakpoint hook"))?,
+            );
+        }
+        for w in &debug.watchpoints {
+            let types = match w.kind {
+                WatchKind::Write => HookType::MEM_WRITE,
+                WatchKind::Read => HookType::MEM_READ,
+                WatchKind::Access => HookType::MEM_READ | HookType::MEM_WRITE,
+            };
+            let (addr, kind) = (w.addr, w.kind);
+            let last = w.addr.wrapping_add(w.len.max(1) - 1);
+            hooks.push(
+                uc.add_mem_hook(types, addr, last, move |uc: &mut Engine<'_>, _, _, _, _| {
+                    // Stopping here would leave the instruction half done: note it, and stop
+                    // at the next instruction boundary (the hook below, or the end of the run).
+                    uc.get_data_mut().watch_hit.get_or_insert((addr, kind));
+                    true
+                })
+                .map_err(uc_err("watchpoint hook"))?,
+            );
+        }
+        if !debug.watchpoints.is_empty() {
+            // Every instruction while watchpoints are armed: the emulator runs slower then.
+            hooks.push(
+                uc.add_code_hook(1, 0, |uc: &mut Engine<'_>, _addr: u64, _size: u32| {
+                    let state = uc.get_data_mut();
+                    if let Some((addr, kind)) = state.watch_hit.take() {
+                        state.stop_with(VcpuExit::Debugger(DebugStop::Watch { addr, kind }));
+                        let _ = uc.emu_stop();
+                    }
+                })
+                .map_err(uc_err("watchpoint hook"))?,
+            );
+        }
+        // Code translated before the hooks changed would not call them.
+        uc.ctl_flush_tb().map_err(uc_err("flush translations"))?;
+        self.debug_hooks = hooks;
+        Ok(())
+    }
+}
+
+/// The segment, control and descriptor-table registers, from the engine's own caches.
+fn read_sregs(uc: &mut Engine<'_>) -> Result<SpecialRegs, BackendError> {
+    let reg = |uc: &Engine<'_>, r: R| uc.reg_read(r).map_err(uc_err("control register"));
+    let table = |uc: &Engine<'_>, r: R| {
+        read_mmr(uc, r)
+            .map(|m| DescriptorTable { base: m.base, limit: m.limit as u16 })
+            .map_err(uc_err("descriptor table"))
+    };
+    let tr = read_mmr(uc, R::TR).map_err(uc_err("TR"))?;
+    let ldt = read_mmr(uc, R::LDTR).map_err(uc_err("LDTR"))?;
+    let mut s = SpecialRegs {
+        gdt: table(uc, R::GDTR)?,
+        idt: table(uc, R::IDTR)?,
+        cr0: reg(uc, R::CR0)?,
+        cr2: reg(uc, R::CR2)?,
+        cr3: reg(uc, R::CR3)?,
+        cr4: reg(uc, R::CR4)?,
+        efer: crate::uc::read_msr(uc, MSR_EFER).map_err(uc_err("EFER"))?,
+        tr: SegCache { selector: tr.selector, base: tr.base, limit: tr.limit, flags: tr.flags }
+            .to_segment(),
+        ldt: SegCache {
+            selector: ldt.selector,
+            base: ldt.base,
+            limit: ldt.limit,
+            flags: ldt.flags,
+        }
+        .to_segment(),
+        ..SpecialRegs::default()
+    };
+    let cpu =
+        uc.get_data_mut().cpu.as_mut().ok_or_else(|| {
+            BackendError::Unsupported("the engine has no CPU state to read".into())
+        })?;
+    cpu.save();
+    s.cs = cpu.seg(SEG_CS).to_segment();
+    s.ss = cpu.seg(SEG_SS).to_segment();
+    s.ds = cpu.seg(SEG_DS).to_segment();
+    s.es = cpu.seg(SEG_ES).to_segment();
+    s.fs = cpu.seg(SEG_FS).to_segment();
+    s.gs = cpu.seg(SEG_GS).to_segment();
+    Ok(s)
 }

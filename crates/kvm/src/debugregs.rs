@@ -6,12 +6,16 @@
 //!   before the handler's first instruction, so the host can answer a hypercall there and
 //!   return to the caller as `iret` would, and let every real #UD/#GP reach the guest.
 //!
-//! The watch has priority (it is what keeps hypercalls exact); sites take the slots left.
+//! - a debugger's breakpoints and watchpoints (`vmcall run --gdb`, docs/gdb.md).
+//!
+//! The watch has priority (it is what keeps hypercalls exact), the debugger comes next (what
+//! a user asked for explicitly), and sites take the slots left: a site without a slot is
+//! still answered, through the #UD path every strategy falls back to.
 //! Breakpoints take *linear* addresses: what the guest executes at.
 
 use kvm_bindings::kvm_guest_debug;
 use kvm_ioctls::VcpuFd;
-use vmcall_vmm::backend::BackendError;
+use vmcall_vmm::backend::{BackendError, WatchKind};
 use vmcall_vmm::x86::descriptors::{idt_gate, GP_VECTOR, UD_VECTOR};
 use vmcall_vmm::x86::{DescriptorTable, VirtualMemory};
 
@@ -28,12 +32,35 @@ pub(crate) enum Slot {
     Site(u64),
     /// The entry of the guest's handler for this vector.
     Handler { addr: u64, vector: u8 },
+    /// A debugger's breakpoint.
+    Break(u64),
+    /// A debugger's watchpoint: `len` is 1, 2, 4 or 8 and `addr` a multiple of it (what the
+    /// debug registers can watch). Reads alone cannot be watched: `Read` arms read/write.
+    Watch { addr: u64, len: u8, kind: WatchKind },
 }
 
 impl Slot {
     fn addr(self) -> u64 {
         match self {
-            Slot::Site(a) | Slot::Handler { addr: a, .. } => a,
+            Slot::Site(a) | Slot::Handler { addr: a, .. } | Slot::Break(a) => a,
+            Slot::Watch { addr, .. } => addr,
+        }
+    }
+
+    /// DR7's R/W and LEN bits for this slot (before shifting into place).
+    fn rw_len(self) -> u64 {
+        match self {
+            Slot::Watch { len, kind, .. } => {
+                let rw = if kind == WatchKind::Write { 0b01 } else { 0b11 };
+                let len = match len {
+                    1 => 0b00,
+                    2 => 0b01,
+                    8 => 0b10,
+                    _ => 0b11,
+                };
+                rw | (len << 2)
+            }
+            _ => 0, // execute, LEN 00
         }
     }
 }
@@ -42,6 +69,11 @@ impl Slot {
 #[derive(Debug, Default)]
 pub(crate) struct DebugRegs {
     sites: Vec<u64>,
+    /// The debugger's breakpoints and watchpoints, and whether it single-steps.
+    user: Vec<Slot>,
+    single_step: bool,
+    /// The debugger's INT3s trap (KVM_GUESTDBG_USE_SW_BP).
+    int3: bool,
     armed: Vec<Slot>,
     /// Whether KVM's state is exactly `armed` (it is at the start: nothing armed).
     applied: bool,
@@ -51,7 +83,46 @@ pub(crate) struct DebugRegs {
 
 impl DebugRegs {
     pub(crate) fn new(sites: Vec<u64>) -> Self {
-        Self { sites, armed: Vec::new(), applied: true, stepping: false }
+        Self {
+            sites,
+            user: Vec::new(),
+            single_step: false,
+            int3: false,
+            armed: Vec::new(),
+            applied: true,
+            stepping: false,
+        }
+    }
+
+    /// What a debugger wants armed (applied at the next [`DebugRegs::arm`]).
+    pub(crate) fn set_user(&mut self, slots: Vec<Slot>, single_step: bool, int3: bool) {
+        if slots != self.user || single_step != self.single_step || int3 != self.int3 {
+            self.user = slots;
+            self.single_step = single_step;
+            self.int3 = int3;
+            self.applied = false;
+        }
+    }
+
+    /// Whether INT3s trap to the host.
+    pub(crate) fn int3(&self) -> bool {
+        self.int3
+    }
+
+    /// Whether the debugger single-steps.
+    pub(crate) fn single_step(&self) -> bool {
+        self.single_step
+    }
+
+    /// Whether the debugger has a breakpoint at linear `addr` (armed or not).
+    pub(crate) fn user_breakpoint(&self, addr: u64) -> bool {
+        self.user.contains(&Slot::Break(addr))
+    }
+
+    /// The armed slot whose debug register DR6 names, if any.
+    pub(crate) fn hit_by_dr6(&self, dr6: u64) -> Option<Slot> {
+        let i = (0..HW_BREAKPOINTS).find(|i| dr6 & (1 << i) != 0)?;
+        self.armed.get(i).copied()
     }
 
     /// Whether a single step over a breakpoint is in progress.
@@ -63,8 +134,13 @@ impl DebugRegs {
     /// a host breakpoint (kvm_pvm does not), so the slot comes off for one single step, and
     /// [`DebugRegs::finish_step`] puts it back at the step's debug exit.
     pub(crate) fn step_over(&mut self, fd: &VcpuFd, addr: u64) -> Result<(), BackendError> {
-        let rest: Vec<Slot> = self.armed.iter().copied().filter(|s| s.addr() != addr).collect();
-        let mut dbg = guest_debug(&rest);
+        let rest: Vec<Slot> = self
+            .armed
+            .iter()
+            .copied()
+            .filter(|s| s.addr() != addr || matches!(s, Slot::Watch { .. }))
+            .collect();
+        let mut dbg = guest_debug(&rest, false, self.int3);
         dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
         fd.set_guest_debug(&dbg).map_err(crate::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.armed = rest;
@@ -94,28 +170,50 @@ impl DebugRegs {
         let mut want: Vec<Slot> = handlers.to_vec();
         want.dedup_by_key(|s| s.addr());
         let room = HW_BREAKPOINTS.saturating_sub(want.len());
-        want.extend(self.sites.iter().take(room).map(|a| Slot::Site(*a)));
+        if self.user.len() > room {
+            tracing::warn!(
+                asked = self.user.len(),
+                free = room,
+                "not every debugger breakpoint/watchpoint fits the debug registers left by the guest-IDT watch; the first ones are armed"
+            );
+        }
+        want.extend(self.user.iter().take(room));
+        let room = HW_BREAKPOINTS.saturating_sub(want.len());
+        let taken: Vec<u64> = want.iter().map(|s| s.addr()).collect();
+        want.extend(
+            self.sites.iter().filter(|a| !taken.contains(a)).take(room).map(|a| Slot::Site(*a)),
+        );
         if self.applied && want == self.armed {
             return Ok(());
         }
-        fd.set_guest_debug(&guest_debug(&want)).map_err(crate::ioctl("KVM_SET_GUEST_DEBUG"))?;
+        fd.set_guest_debug(&guest_debug(&want, self.single_step, self.int3))
+            .map_err(crate::ioctl("KVM_SET_GUEST_DEBUG"))?;
         self.armed = want;
         self.applied = true;
         Ok(())
     }
 }
 
-/// The KVM_SET_GUEST_DEBUG argument for `slots`: execute breakpoints, locally enabled.
-fn guest_debug(slots: &[Slot]) -> kvm_guest_debug {
+/// The KVM_SET_GUEST_DEBUG argument for `slots` (locally enabled: execute breakpoints, or
+/// data breakpoints for watchpoints), single-stepping if `single_step`, trapping INT3 if
+/// `int3` (stock KVM only: kvm_pvm fails KVM_RUN with an internal error at an INT3 then).
+fn guest_debug(slots: &[Slot], single_step: bool, int3: bool) -> kvm_guest_debug {
     let mut dbg = kvm_guest_debug::default();
+    if single_step {
+        dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+    }
+    if int3 {
+        dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_SW_BP;
+    }
     if slots.is_empty() {
         return dbg;
     }
-    dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+    dbg.control |= kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
     let mut dr7 = 0u64;
     for (i, slot) in slots.iter().take(HW_BREAKPOINTS).enumerate() {
         dbg.arch.debugreg[i] = slot.addr();
-        dr7 |= 1 << (2 * i); // local enable; R/W = 00 (execute), LEN = 00
+        dr7 |= 1 << (2 * i); // local enable
+        dr7 |= slot.rw_len() << (16 + 4 * i);
     }
     dbg.arch.debugreg[7] = dr7;
     dbg
@@ -149,11 +247,37 @@ mod tests {
 
     #[test]
     fn breakpoints_are_execute_only_and_locally_enabled() {
-        let d = guest_debug(&[Slot::Site(0x1000), Slot::Handler { addr: 0x2000, vector: 6 }]);
+        let d = guest_debug(
+            &[Slot::Site(0x1000), Slot::Handler { addr: 0x2000, vector: 6 }],
+            false,
+            false,
+        );
         assert_eq!(d.arch.debugreg[..4], [0x1000, 0x2000, 0, 0]);
         assert_eq!(d.arch.debugreg[7], 0b101);
         assert_ne!(d.control & kvm_bindings::KVM_GUESTDBG_USE_HW_BP, 0);
-        assert_eq!(guest_debug(&[]).control, 0, "no slots: debugging off");
+        assert_eq!(guest_debug(&[], false, false).control, 0, "no slots: debugging off");
+        let int3 = guest_debug(&[], false, true).control;
+        assert_eq!(int3, kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_SW_BP);
+    }
+
+    #[test]
+    fn watchpoints_set_rw_and_len_and_steps_set_singlestep() {
+        let w = |addr, len, kind| Slot::Watch { addr, len, kind };
+        let d = guest_debug(
+            &[Slot::Break(0x1000), w(0x2000, 8, WatchKind::Write), w(0x3000, 4, WatchKind::Read)],
+            true,
+            false,
+        );
+        assert_eq!(d.arch.debugreg[..4], [0x1000, 0x2000, 0x3000, 0]);
+        // DR1: write (01), 8 bytes (10); DR2: read/write (11), 4 bytes (11).
+        let dr7 = 0b10101 | (0b1001 << 20) | (0b1111 << 24);
+        assert_eq!(d.arch.debugreg[7], dr7);
+        assert_ne!(d.control & kvm_bindings::KVM_GUESTDBG_SINGLESTEP, 0);
+        let step = guest_debug(&[], true, false);
+        assert_eq!(
+            step.control,
+            kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP
+        );
     }
 
     #[test]

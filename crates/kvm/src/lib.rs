@@ -387,6 +387,11 @@ impl Hypervisor for KvmHypervisor {
             rewrite_on_trap: trap == Trap::Rewrite,
             single_vcpu,
             resume_shutdown: self.caps.pvm,
+            // kvm_pvm never fires a data breakpoint (tried: a watched write runs on).
+            data_breakpoints: !self.caps.pvm && self.caps.guest_debug,
+            guest_debug: self.caps.guest_debug,
+            // INT3 under KVM_GUESTDBG_USE_SW_BP is an internal error on kvm_pvm.
+            sw_breakpoints: !self.caps.pvm && self.caps.guest_debug,
             watch_guest_idt: quirk_off && self.caps.guest_debug,
             mmap_size: self
                 .kvm

@@ -106,3 +106,24 @@ pub(crate) fn apply_sregs(k: &mut kvm_sregs, s: &SpecialRegs) {
     k.cr4 = s.cr4;
     k.efer = s.efer;
 }
+
+/// vmcall's special registers from KVM's.
+pub(crate) fn sregs_from_kvm(k: &kvm_sregs) -> SpecialRegs {
+    SpecialRegs {
+        cs: segment_from_kvm(&k.cs),
+        ds: segment_from_kvm(&k.ds),
+        es: segment_from_kvm(&k.es),
+        fs: segment_from_kvm(&k.fs),
+        gs: segment_from_kvm(&k.gs),
+        ss: segment_from_kvm(&k.ss),
+        tr: segment_from_kvm(&k.tr),
+        ldt: segment_from_kvm(&k.ldt),
+        gdt: vmcall_vmm::x86::DescriptorTable { base: k.gdt.base, limit: k.gdt.limit },
+        idt: vmcall_vmm::x86::DescriptorTable { base: k.idt.base, limit: k.idt.limit },
+        cr0: k.cr0,
+        cr2: k.cr2,
+        cr3: k.cr3,
+        cr4: k.cr4,
+        efer: k.efer,
+    }
+}

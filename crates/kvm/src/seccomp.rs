@@ -3,12 +3,14 @@
 
 #![allow(non_upper_case_globals)]
 
-use kvm_bindings::{kvm_guest_debug, kvm_msrs, kvm_regs, KVMIO};
+use kvm_bindings::{kvm_guest_debug, kvm_msrs, kvm_regs, kvm_sregs, KVMIO};
 use vmcall_vmm::seccomp::{Allowed, ThreadKind};
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
 ioctl_iow_nr!(KVM_SET_GUEST_DEBUG, KVMIO, 0x9b, kvm_guest_debug);
 
@@ -26,10 +28,14 @@ pub(crate) fn syscalls(kind: ThreadKind) -> Vec<Allowed> {
                 KVM_GET_REGS(),
                 // The guest's TSC for KVM_HC_CLOCK_PAIRING.
                 KVM_GET_MSRS(),
-                // Hardware breakpoints: `--trap hwbp` sites and the guest-IDT watch.
+                // Hardware breakpoints: `--trap hwbp` sites, the guest-IDT watch, a debugger's.
                 KVM_SET_GUEST_DEBUG(),
+                // A debugger's register access before the vCPU's first exit (after it, the
+                // sync-regs area serves): `vmcall run --gdb`.
+                KVM_SET_REGS(),
+                KVM_GET_SREGS(),
             ],
-            "KVM vCPU: KVM_RUN, KVM_GET_REGS, KVM_GET_MSRS, KVM_SET_GUEST_DEBUG",
+            "KVM vCPU: KVM_RUN, KVM_GET_REGS, KVM_GET_MSRS, KVM_SET_GUEST_DEBUG, KVM_SET_REGS, KVM_GET_SREGS",
         )],
         ThreadKind::Main => Vec::new(),
     }
@@ -45,5 +51,7 @@ mod tests {
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_GET_MSRS(), 0xc008_ae88);
         assert_eq!(KVM_SET_GUEST_DEBUG(), 0x4048_ae9b);
+        assert_eq!(KVM_SET_REGS(), 0x4090_ae82);
+        assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
     }
 }

@@ -13,17 +13,22 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 use vmcall_abi::{insn, ports};
-use vmcall_vmm::backend::{BackendError, GuestFault, InlineExits, Interrupter, Vcpu, VcpuExit};
+use vmcall_vmm::backend::{
+    BackendError, DebugCaps, DebugStop, GuestDebug, GuestFault, InlineExits, Interrupter, Vcpu,
+    VcpuExit,
+};
 use vmcall_vmm::boot;
 use vmcall_vmm::hypercall::{ForeignInsn, HypercallExit, HypercallInsn, InsnAction};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::descriptors::{self, code_segment, read_trap_frame, TrapFrame};
 use vmcall_vmm::x86::mode::EFER_LMA;
-use vmcall_vmm::x86::{CpuMode, DescriptorTable, Regs, Segment, VirtualMemory};
+use vmcall_vmm::x86::{CpuMode, DescriptorTable, Regs, Segment, SpecialRegs, VirtualMemory};
 
-use crate::debugregs::{guest_handlers, DebugRegs, Slot};
-use crate::regs::{paging_context, regs_from_kvm, segment_from_kvm, segment_to_kvm};
-use crate::rewrite::DOORBELL_OUT_LEN;
+use crate::debugregs::{guest_handlers, DebugRegs, Slot, HW_BREAKPOINTS};
+use crate::regs::{
+    paging_context, regs_from_kvm, regs_to_kvm, segment_from_kvm, segment_to_kvm, sregs_from_kvm,
+};
+use crate::rewrite::{DOORBELL_OUT_LEN, DOORBELL_SITE};
 use crate::signal::SignalInterrupter;
 use crate::sites::SiteTable;
 use crate::xen;
@@ -42,6 +47,13 @@ pub(crate) struct Traps {
     /// Put breakpoints on the guest's own #UD/#GP handlers once it loads its IDT (needs
     /// KVM_CAP_SET_GUEST_DEBUG, and the quirk disabled so that hypercalls raise #UD at all).
     pub watch_guest_idt: bool,
+    /// KVM_SET_GUEST_DEBUG works (KVM_CAP_SET_GUEST_DEBUG): a debugger's breakpoints.
+    pub guest_debug: bool,
+    /// Data breakpoints fire (not on kvm_pvm): a debugger's watchpoints.
+    pub data_breakpoints: bool,
+    /// INT3 traps under KVM_GUESTDBG_USE_SW_BP (not on kvm_pvm): a debugger's software
+    /// breakpoints. Not tested on these machines (no hardware KVM here).
+    pub sw_breakpoints: bool,
     /// Bytes KVM maps for `kvm_run` (KVM_GET_VCPU_MMAP_SIZE).
     pub mmap_size: usize,
     /// The host vendor's hypercall instruction (the only one a Xen exit can come from).
@@ -108,6 +120,9 @@ pub(crate) struct KvmVcpu {
     alive: Arc<Mutex<bool>>,
     /// The sync-regs area holds real state only after the first exit.
     exited: bool,
+    /// Where the last debugger breakpoint stopped the vCPU: resuming there runs that
+    /// instruction first (stepped over with its slot off: kvm_pvm ignores RFLAGS.RF).
+    user_stop_at: Option<u64>,
 }
 
 impl KvmVcpu {
@@ -130,7 +145,40 @@ impl KvmVcpu {
             pending: Pending::None,
             alive: Arc::new(Mutex::new(true)),
             exited: false,
+            user_stop_at: None,
         })
+    }
+
+    /// Before a run a debugger resumes: a single step, or a resume from a breakpoint, at a
+    /// hypercall instruction (or a rewritten site) is the hypercall itself — answered without
+    /// entering the guest, as one instruction — since the trap strategies' paths (a #UD
+    /// through the IDT, a breakpoint on the site) must not run under a single step or with
+    /// the site's breakpoint lifted. Otherwise a resume from a breakpoint steps over it.
+    fn debugger_resume(&mut self) -> Result<Option<VcpuExit>, BackendError> {
+        let rip = self.fd.sync_regs().regs.rip;
+        let pc = self.linear(rip);
+        let at_breakpoint = self.user_stop_at.take() == Some(pc) && self.debug.user_breakpoint(pc);
+        if !at_breakpoint && !self.debug.single_step() {
+            return Ok(None);
+        }
+        let (cpl, mode) = self.current_cpl_mode();
+        let insn = match self.hypercall_at(pc) {
+            Some(insn) => self.accept(pc, insn, cpl).then_some(insn),
+            None => {
+                let mut bytes = [0u8; 3];
+                let rewritten = self.view().read(pc, &mut bytes).is_ok() && bytes == DOORBELL_SITE;
+                let gpa = self.view().gpa(pc).ok().filter(|_| rewritten);
+                gpa.and_then(|gpa| self.traps.sites.lookup(&self.ram, gpa))
+            }
+        };
+        if let Some(insn) = insn {
+            self.pending = Pending::SetRip { resume: rip.wrapping_add(insn::HYPERCALL_LEN) };
+            return Ok(Some(self.hypercall(pc, insn, cpl, mode)));
+        }
+        if at_breakpoint {
+            self.debug.step_over(&self.fd, pc)?;
+        }
+        Ok(None)
     }
 
     /// Guest memory as the vCPU sees it now.
@@ -358,11 +406,21 @@ impl KvmVcpu {
     /// A debug exit, `None` when it only let a real exception reach the guest's handler.
     fn translate_debug(&mut self, pc: u64, dr6: u64) -> Result<Option<VcpuExit>, BackendError> {
         const DR6_BS: u64 = 1 << 14;
-        if self.debug.stepping() && dr6 & DR6_BS != 0 {
-            // Stepped over a watched handler's first instruction: breakpoints go back on at
-            // the next run.
+        let stepped = dr6 & DR6_BS != 0;
+        if self.debug.stepping() && stepped {
+            // Stepped over a watched handler's first instruction or a debugger breakpoint:
+            // breakpoints go back on at the next run.
             self.debug.finish_step();
-            return Ok(None);
+            if !self.debug.single_step() {
+                return Ok(None);
+            }
+        }
+        // A debugger's data breakpoint fires after the access, possibly with the step.
+        if let Some(Slot::Watch { addr, kind, .. }) = self.debug.hit_by_dr6(dr6) {
+            return Ok(Some(VcpuExit::Debugger(DebugStop::Watch { addr, kind })));
+        }
+        if stepped && self.debug.single_step() {
+            return Ok(Some(VcpuExit::Debugger(DebugStop::Step)));
         }
         Ok(self.classify_debug(pc, dr6))
     }
@@ -370,6 +428,11 @@ impl KvmVcpu {
     fn classify_debug(&mut self, pc: u64, dr6: u64) -> Option<VcpuExit> {
         // dr7 is unreliable on some KVMs (kvm-host-facts.md): classify by pc and dr6 alone.
         match (dr6 & 0xf != 0).then(|| self.debug.hit(pc)).flatten() {
+            Some(Slot::Break(addr)) => {
+                self.user_stop_at = Some(addr);
+                Some(VcpuExit::Debugger(DebugStop::Breakpoint(addr)))
+            }
+            Some(Slot::Watch { .. }) => Some(VcpuExit::Debug { rip: pc }),
             Some(Slot::Handler { vector, .. }) => self.translate_guest_handler(vector),
             Some(Slot::Site(_)) => {
                 let (cpl, mode) = self.current_cpl_mode();
@@ -384,6 +447,18 @@ impl KvmVcpu {
             }
             None => Some(VcpuExit::Debug { rip: pc }),
         }
+    }
+
+    /// An INT3 trapped under KVM_GUESTDBG_USE_SW_BP (stock KVM; untested here): the exit
+    /// comes with RIP at the instruction; leave it past, as the CPU's #BP would.
+    fn translate_int3(&mut self) -> VcpuExit {
+        let rip = self.fd.sync_regs().regs.rip;
+        let mut byte = [0u8; 1];
+        let _ = self.view().read(self.linear(rip), &mut byte);
+        let len = if byte[0] == 0xcc { 1 } else { 2 }; // INT3, or INT 3 (CD 03)
+        self.fd.sync_regs_mut().regs.rip = rip.wrapping_add(len);
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        VcpuExit::Debugger(DebugStop::Int3)
     }
 
     /// Stopped at the first instruction of the guest's own handler for `vector`.
@@ -495,6 +570,9 @@ impl KvmVcpu {
             }
             KvmExit::Debug(arch) => {
                 self.exited = true;
+                if arch.exception == kvm_bindings::BP_VECTOR && self.debug.int3() {
+                    return Ok(Some(self.translate_int3()));
+                }
                 return self.translate_debug(arch.pc, arch.dr6);
             }
             KvmExit::MmioRead(gpa, data) => {
@@ -534,6 +612,11 @@ fn err(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Backend
 impl Vcpu for KvmVcpu {
     fn run(&mut self, _: &mut dyn InlineExits) -> Result<VcpuExit, BackendError> {
         self.pending = Pending::None;
+        if self.exited {
+            if let Some(exit) = self.debugger_resume()? {
+                return Ok(exit);
+            }
+        }
         loop {
             if let Some(exit) = self.run_once()? {
                 return Ok(exit);
@@ -611,7 +694,94 @@ impl Vcpu for KvmVcpu {
     }
 
     fn regs(&mut self) -> Result<Regs, BackendError> {
+        // After the first exit the sync-regs area is the truth: it may hold changes (an
+        // answered hypercall's RAX) that KVM loads only at the next KVM_RUN.
+        if self.exited {
+            return Ok(regs_from_kvm(&self.fd.sync_regs().regs));
+        }
         Ok(regs_from_kvm(&self.fd.get_regs().map_err(err("KVM_GET_REGS"))?))
+    }
+
+    fn rewind_hypercall(&mut self) -> Result<(), BackendError> {
+        let at_insn = match self.pending {
+            // RIP is past the doorbell's `out`: back to the site.
+            Pending::Doorbell => {
+                let rip = self.fd.sync_regs().regs.rip.wrapping_sub(DOORBELL_OUT_LEN);
+                self.fd.sync_regs_mut().regs.rip = rip;
+                rip
+            }
+            // In an exception handler: back in the caller, as its `iret` would return, but at
+            // the instruction rather than past it.
+            Pending::Iret(state) => {
+                let sync = self.fd.sync_regs_mut();
+                sync.regs.rip = state.rip.wrapping_sub(insn::HYPERCALL_LEN);
+                sync.regs.rflags = state.rflags;
+                sync.regs.rsp = state.rsp;
+                let rip = sync.regs.rip;
+                if let Some((cs, ss)) = state.segments {
+                    sync.sregs.cs = segment_to_kvm(&cs);
+                    sync.sregs.ss = segment_to_kvm(&ss);
+                    self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+                }
+                rip
+            }
+            // Already at the instruction (a breakpoint on it, a triple fault, a Xen exit).
+            _ => return Ok(()),
+        };
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.pending = Pending::SetRip { resume: at_insn.wrapping_add(insn::HYPERCALL_LEN) };
+        Ok(())
+    }
+
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        if self.exited {
+            self.fd.sync_regs_mut().regs = regs_to_kvm(regs);
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
+        self.fd.set_regs(&regs_to_kvm(regs)).map_err(err("KVM_SET_REGS"))
+    }
+
+    fn sregs(&mut self) -> Result<SpecialRegs, BackendError> {
+        if self.exited {
+            return Ok(sregs_from_kvm(&self.fd.sync_regs().sregs));
+        }
+        Ok(sregs_from_kvm(&self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?))
+    }
+
+    fn debug_caps(&self) -> DebugCaps {
+        // Every breakpoint, software or hardware, is a debug register here: INT3 under
+        // KVM_GUESTDBG_USE_SW_BP fails on kvm_pvm (docs/gdb.md).
+        DebugCaps {
+            supported: self.traps.guest_debug,
+            max_slots: Some(HW_BREAKPOINTS),
+            watchpoints: self.traps.data_breakpoints,
+            int3: self.traps.sw_breakpoints,
+        }
+    }
+
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {
+        let mut slots: Vec<Slot> = debug.breakpoints.iter().map(|a| Slot::Break(*a)).collect();
+        for w in &debug.watchpoints {
+            // The debug registers watch 1, 2, 4 or 8 aligned bytes: the smallest such range
+            // that holds the watched one.
+            let len = [1u64, 2, 4, 8]
+                .into_iter()
+                .find(|&n| w.addr & !(n - 1) == w.addr.wrapping_add(w.len.max(1) - 1) & !(n - 1))
+                .ok_or_else(|| {
+                    BackendError::Unsupported(format!(
+                        "a watchpoint of {} bytes at {:#x} does not fit one debug register",
+                        w.len, w.addr
+                    ))
+                })?;
+            slots.push(Slot::Watch { addr: w.addr & !(len - 1), len: len as u8, kind: w.kind });
+        }
+        self.debug.set_user(slots, debug.single_step, debug.int3 && self.traps.sw_breakpoints);
+        if !self.exited {
+            // Before the first run (a breakpoint at the entry point): the VMM's IDT is in use.
+            self.debug.arm(&self.fd, &[])?;
+        }
+        Ok(())
     }
 
     fn guest_tsc(&mut self) -> u64 {

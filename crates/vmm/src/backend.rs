@@ -12,7 +12,7 @@ use crate::hypercall::{ForeignInsn, HypercallExit};
 use crate::memory::GuestRam;
 use crate::seccomp::{Allowed, ThreadKind};
 use crate::x86::cpuid::PvCpuid;
-use crate::x86::Regs;
+use crate::x86::{Regs, SpecialRegs};
 
 /// An error inside a backend. Always a host fault: a backend reports what the guest did as a
 /// [`VcpuExit`], never as an error.
@@ -143,6 +143,10 @@ pub enum VcpuExit {
         /// The value a write writes.
         data: u64,
     },
+    /// A stop a debugger asked for through [`Vcpu::set_guest_debug`]: a breakpoint, the end
+    /// of a single step, a watchpoint. RIP is where the vCPU stopped (before the instruction
+    /// at a breakpoint, after the instruction for a step or a watchpoint).
+    Debugger(DebugStop),
     /// Stopped from another thread through [`Interrupter::interrupt`] (or a signal): the
     /// host's doing, not the guest's. The vCPU loop stops if the run is ending, else resumes.
     Interrupted,
@@ -159,7 +163,7 @@ impl VcpuExit {
             VcpuExit::Hypercall(_) => ExitReason::Hypercall,
             VcpuExit::Fault(_) => ExitReason::Fault,
             VcpuExit::Shutdown { .. } => ExitReason::Shutdown,
-            VcpuExit::Debug { .. } => ExitReason::Debug,
+            VcpuExit::Debug { .. } | VcpuExit::Debugger(_) => ExitReason::Debug,
             VcpuExit::Mmio { .. } => ExitReason::Mmio,
             VcpuExit::Interrupted => ExitReason::Interrupted,
             VcpuExit::Unknown(_) => ExitReason::Unknown,
@@ -187,10 +191,93 @@ impl std::fmt::Display for VcpuExit {
             VcpuExit::Mmio { gpa, write: false, len, .. } => {
                 write!(f, "{len}-byte read from guest-physical {gpa:#x}")
             }
+            VcpuExit::Debugger(stop) => write!(f, "debugger stop ({stop:?})"),
             VcpuExit::Interrupted => f.write_str("interrupted"),
             VcpuExit::Unknown(what) => f.write_str(what),
         }
     }
+}
+
+/// Why a vCPU stopped for a debugger ([`VcpuExit::Debugger`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugStop {
+    /// Before the instruction at this linear address, one of [`GuestDebug::breakpoints`].
+    Breakpoint(u64),
+    /// One instruction ran under [`GuestDebug::single_step`].
+    Step,
+    /// The instruction just executed accessed the watched range starting at `addr`.
+    Watch {
+        /// The start of the watched range.
+        addr: u64,
+        /// What the watchpoint watches.
+        kind: WatchKind,
+    },
+    /// An INT3 in guest code ran, under [`GuestDebug::int3`]; RIP is past it, as the CPU
+    /// leaves it (a debugger that wrote it there moves RIP back itself).
+    Int3,
+}
+
+/// What a watchpoint watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WatchKind {
+    /// Writes.
+    Write,
+    /// Reads.
+    Read,
+    /// Reads and writes.
+    Access,
+}
+
+/// A watched range of linear addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Watchpoint {
+    /// The first linear address watched.
+    pub addr: u64,
+    /// How many bytes are watched.
+    pub len: u64,
+    /// What the watchpoint watches.
+    pub kind: WatchKind,
+}
+
+/// What a debugger wants a vCPU to stop at from its next [`Vcpu::run`] on (empty: nothing,
+/// the vCPU runs as without a debugger).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    /// Stop before executing the instruction at any of these linear addresses.
+    pub breakpoints: Vec<u64>,
+    /// Stop after an instruction that accesses one of these ranges.
+    pub watchpoints: Vec<Watchpoint>,
+    /// Run one instruction, then stop with [`DebugStop::Step`] (a hypercall counts as one
+    /// instruction: it is answered, and the step ends after it).
+    pub single_step: bool,
+    /// Stop at every INT3 the guest executes ([`DebugStop::Int3`]) instead of delivering its
+    /// #BP: a debugger's software breakpoints written into guest memory
+    /// ([`DebugCaps::int3`]).
+    pub int3: bool,
+}
+
+impl GuestDebug {
+    /// Whether this asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.breakpoints.is_empty()
+            && self.watchpoints.is_empty()
+            && !self.single_step
+            && !self.int3
+    }
+}
+
+/// What a backend's debugging support can do, for a debugger to decide how to serve requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugCaps {
+    /// Whether [`Vcpu::set_guest_debug`] works at all.
+    pub supported: bool,
+    /// How many breakpoints plus watchpoints can be armed at once (`None`: no limit).
+    pub max_slots: Option<usize>,
+    /// Whether watchpoints work.
+    pub watchpoints: bool,
+    /// Whether [`GuestDebug::int3`] works: a debugger then writes INT3 for its software
+    /// breakpoints, with no limit, instead of arming [`GuestDebug::breakpoints`].
+    pub int3: bool,
 }
 
 /// Stops a running vCPU from another thread; its `run` then returns [`VcpuExit::Interrupted`]
@@ -218,6 +305,12 @@ pub trait InlineExits {
     fn mmio_read(&mut self, gpa: u64, len: u8) -> Option<u64>;
     /// Perform an MMIO write; false when no device is there (as for `mmio_read`).
     fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> bool;
+    /// Whether `call` must not be answered inline but reported as a [`VcpuExit::Hypercall`]
+    /// (a debugger stops before it is answered). The backend then stops with that exit.
+    fn hypercall_needs_loop(&mut self, call: &HypercallExit) -> bool {
+        let _ = call;
+        false
+    }
 }
 
 /// One virtual CPU. The VMM moves it to its own thread before calling any method.
@@ -237,6 +330,35 @@ pub trait Vcpu: Send {
     fn guest_tsc(&mut self) -> u64;
     /// An interrupter for this vCPU; call it on the thread that will call `run`.
     fn interrupter(&self) -> Arc<dyn Interrupter>;
+    /// Put the vCPU back at the hypercall instruction of the last exit, as if it had not run
+    /// yet (a debugger stops there before the call is answered); [`Vcpu::complete_hypercall`]
+    /// still finishes it. A backend whose hypercall exits already stand there keeps the default.
+    fn rewind_hypercall(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Set the general-purpose registers (a debugger's register writes).
+    fn set_regs(&mut self, regs: &Regs) -> Result<(), BackendError> {
+        let _ = regs;
+        Err(BackendError::Unsupported("this backend cannot write registers".into()))
+    }
+    /// Segment, control and descriptor-table registers (a debugger reads them, and the
+    /// paging registers to read memory at the guest's virtual addresses).
+    fn sregs(&mut self) -> Result<SpecialRegs, BackendError> {
+        Err(BackendError::Unsupported("this backend cannot read special registers".into()))
+    }
+    /// What [`Vcpu::set_guest_debug`] can do here.
+    fn debug_caps(&self) -> DebugCaps {
+        DebugCaps::default()
+    }
+    /// Stop at `debug`'s breakpoints and watchpoints (and after one instruction if it single
+    /// steps) from the next `run` on, with [`VcpuExit::Debugger`]; an empty `debug` turns it
+    /// all off. Replaces what the previous call asked for.
+    fn set_guest_debug(&mut self, debug: &GuestDebug) -> Result<(), BackendError> {
+        if debug.is_empty() {
+            return Ok(());
+        }
+        Err(BackendError::Unsupported("this backend has no debugging support".into()))
+    }
 }
 
 /// What a backend learns about the guest when the VM is created.

@@ -27,7 +27,10 @@
 
 pub mod backend;
 pub mod boot;
+pub mod debug;
 pub mod devices;
+#[cfg(feature = "gdb")]
+pub mod gdb;
 pub mod hypercall;
 pub mod memory;
 pub mod record;

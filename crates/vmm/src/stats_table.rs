@@ -53,21 +53,80 @@ impl Unit {
     }
 }
 
-/// The five latency figures of a row, in ns.
-fn figures(l: &Latency) -> [u64; 5] {
-    if l.timed == 0 {
-        return [0; 5];
-    }
-    [l.min_ns, l.mean_ns(), l.quantile_ns(0.5), l.quantile_ns(0.99), l.max_ns]
+/// The figures of one row: count, total host time and the latency distribution, in ns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Figures {
+    /// Calls.
+    pub count: u64,
+    /// Their total host handling time (the timed calls' sum scaled up to `count` where
+    /// handling time was sampled; the latencies are those of the timed calls).
+    pub sum_ns: u64,
+    /// Shortest.
+    pub min_ns: u64,
+    /// Mean.
+    pub mean_ns: u64,
+    /// Median.
+    pub median_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// Longest.
+    pub max_ns: u64,
 }
 
-enum Row {
-    /// A number's row: nr column, name, latency.
-    Calls { nr: String, name: String, lat: Latency },
-    /// Calls to a number by one of the handlers it had.
-    By { name: String, count: u64 },
-    /// A heading line (per-vCPU view).
+impl From<&Latency> for Figures {
+    fn from(l: &Latency) -> Self {
+        if l.count == 0 {
+            return Figures::default();
+        }
+        if l.timed == 0 {
+            return Figures { count: l.count, ..Figures::default() };
+        }
+        Figures {
+            count: l.count,
+            // Handling time may be sampled: the sum of the timed calls, scaled up to all.
+            sum_ns: l.time_ns().round() as u64,
+            min_ns: l.min_ns,
+            mean_ns: l.mean_ns(),
+            median_ns: l.quantile_ns(0.5),
+            p99_ns: l.quantile_ns(0.99),
+            max_ns: l.max_ns,
+        }
+    }
+}
+
+impl Figures {
+    fn latencies(&self) -> [u64; 5] {
+        [self.min_ns, self.mean_ns, self.median_ns, self.p99_ns, self.max_ns]
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Row {
+    /// A row of figures: what the `nr` column says (`0x14`, `total`), the name, the figures.
+    Calls {
+        /// The first column.
+        nr: String,
+        /// The name column.
+        name: String,
+        /// The figures.
+        figures: Figures,
+    },
+    /// Calls to the number above by one of the handlers it had.
+    By {
+        /// The handler's name.
+        name: String,
+        /// Its calls.
+        count: u64,
+    },
+    /// A heading line (`vCPU 0:` in the per-vCPU view).
     Heading(String),
+}
+
+/// Total handling time of every number's calls, each scaled up on its own (numbers may have
+/// been sampled at different rates).
+fn time_ns(s: &VcpuStats) -> u64 {
+    s.hypercalls.values().map(Latency::time_ns).sum::<f64>().round() as u64
 }
 
 /// The report for the statistics of each vCPU (`per_vcpu[i]` is vCPU i's).
@@ -89,7 +148,7 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
     };
     let number_rows = |s: &VcpuStats, rows: &mut Vec<Row>| {
         for (nr, l) in &s.hypercalls {
-            rows.push(Row::Calls { nr: format!("{nr:#x}"), name: name_of(*nr), lat: l.clone() });
+            rows.push(Row::Calls { nr: format!("{nr:#x}"), name: name_of(*nr), figures: l.into() });
             // A number whose handler changed during the run: the calls each one answered.
             let names = s.handlers(*nr);
             if names.len() > 1 {
@@ -111,25 +170,49 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
             for l in s.hypercalls.values() {
                 sub.merge(l);
             }
-            rows.push(Row::Calls { nr: format!("vCPU {id}"), name: "total".into(), lat: sub });
+            let figures = Figures { sum_ns: time_ns(s), ..(&sub).into() };
+            rows.push(Row::Calls { nr: format!("vCPU {id}"), name: "total".into(), figures });
         }
     } else {
         number_rows(&total, &mut rows);
     }
-    rows.push(Row::Calls { nr: "total".into(), name: String::new(), lat: all.clone() });
+    let figures = Figures { sum_ns: time_ns(&total), ..(&all).into() };
+    rows.push(Row::Calls { nr: "total".into(), name: String::new(), figures });
+    let mut out = render(&rows);
+    if opts.exits {
+        let exits: Vec<String> = ExitReason::ALL
+            .iter()
+            .filter(|r| total.exits[**r as usize] > 0)
+            .map(|r| format!("{}={}", r.name(), total.exits[*r as usize]))
+            .collect();
+        let _ = writeln!(out, "exits: {}", exits.join(" "));
+    }
+    out
+}
 
+/// Lay `rows` out as the report's table: a heading line, then one line per row. The last
+/// [`Row::Calls`] is the total that shares are shares of.
+pub fn render(rows: &[Row]) -> String {
+    let total = rows
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Row::Calls { figures, .. } => Some(*figures),
+            _ => None,
+        })
+        .unwrap_or_default();
     // One unit per latency column, from the column's largest value.
     let mut max = [0u64; 5];
-    for r in &rows {
-        if let Row::Calls { lat, .. } = r {
-            for (m, v) in max.iter_mut().zip(figures(lat)) {
+    for r in rows {
+        if let Row::Calls { figures, .. } = r {
+            for (m, v) in max.iter_mut().zip(figures.latencies()) {
                 *m = (*m).max(v);
             }
         }
     }
     let units = max.map(Unit::for_max);
-    let calls_total = all.count.max(1) as f64;
-    let time_total = total.hypercalls.values().map(Latency::time_ns).sum::<f64>().max(1.0);
+    let calls_total = total.count.max(1) as f64;
+    let time_total = total.sum_ns.max(1) as f64;
     let mut out = String::new();
     let heads = ["min", "mean", "median", "p99", "max"];
     let _ =
@@ -138,7 +221,7 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
         let _ = write!(out, " {:>11}", format!("{h}({})", u.name()));
     }
     out.push('\n');
-    for r in &rows {
+    for r in rows {
         match r {
             Row::Heading(h) => {
                 let _ = writeln!(out, "{h}:");
@@ -146,28 +229,20 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
             Row::By { name, count } => {
                 let _ = writeln!(out, "{:>10}    by {:<21} {:>10}", "", name, count);
             }
-            Row::Calls { nr, name, lat } => {
+            Row::Calls { nr, name, figures } => {
                 let _ = write!(
                     out,
                     "{nr:>10}  {name:<24} {:>10} {:>7.2} {:>7.2}",
-                    lat.count,
-                    100.0 * lat.count as f64 / calls_total,
-                    100.0 * lat.time_ns() / time_total,
+                    figures.count,
+                    100.0 * figures.count as f64 / calls_total,
+                    100.0 * figures.sum_ns as f64 / time_total,
                 );
-                for (u, v) in units.iter().zip(figures(lat)) {
+                for (u, v) in units.iter().zip(figures.latencies()) {
                     let _ = write!(out, " {:>11}", u.show(v));
                 }
                 out.push('\n');
             }
         }
-    }
-    if opts.exits {
-        let exits: Vec<String> = ExitReason::ALL
-            .iter()
-            .filter(|r| total.exits[**r as usize] > 0)
-            .map(|r| format!("{}={}", r.name(), total.exits[*r as usize]))
-            .collect();
-        let _ = writeln!(out, "exits: {}", exits.join(" "));
     }
     out
 }
@@ -194,6 +269,21 @@ mod tests {
             .unwrap_or_else(|| panic!("no row {first}:\n{text}"))
             .split_whitespace()
             .collect()
+    }
+
+    #[test]
+    fn sampled_handling_time_is_scaled_up_to_the_count() {
+        // Number 20: 4 calls, 1 timed (100 ns): 400 ns in all. Number 1: 1 call of 400 ns.
+        let mut s = stats(&[(1, 400), (20, 100)]);
+        for _ in 0..3 {
+            s.hypercall_untimed(20, Stamp::now());
+        }
+        let text = table(&[s], TableOptions::default());
+        let r = row(&text, "0x14");
+        assert_eq!(&r[2..5], ["4", "80.00", "50.00"], "{text}");
+        assert_eq!((r[5], r[9]), ("100", "100"), "latencies of the timed call");
+        let t = row(&text, "total");
+        assert_eq!(&t[1..4], ["5", "100.00", "100.00"], "{text}");
     }
 
     #[test]

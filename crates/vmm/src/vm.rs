@@ -26,6 +26,10 @@ pub const DEFAULT_MEMORY: u64 = 32 << 20;
 /// Generous: on a loaded machine a thread only waiting for a CPU is not a stuck one.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a finished run waits for its gdb thread to tell gdb how it ended.
+#[cfg(feature = "gdb")]
+const GDB_GRACE: Duration = Duration::from_secs(2);
+
 /// Errors building a VM: bad input (the image or the settings; [`BuildError::is_host_fault`]
 /// is false) or a host that cannot run it (true).
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +119,8 @@ pub struct VmBuilder {
     seccomp: Seccomp,
     seccomp_allow: Vec<Allowed>,
     stop_grace: Duration,
+    #[cfg(feature = "gdb")]
+    gdb: Option<crate::gdb::GdbSession>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -129,6 +135,25 @@ impl std::fmt::Debug for VmBuilder {
 impl VmBuilder {
     /// A VM for the ELF image `image`, with 32 MiB, one vCPU, no timeout, an empty table and
     /// console output to stdout.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use vmcall_vmm::backend::Hypervisor;
+    /// use vmcall_vmm::vm::{RunStatus, VmBuilder};
+    ///
+    /// fn run(hv: &dyn Hypervisor) -> Result<(), Box<dyn std::error::Error>> {
+    ///     let vm = VmBuilder::new(std::fs::read("guest.elf")?)
+    ///         .memory(64 << 20)
+    ///         .vcpus(2)
+    ///         .timeout(Some(Duration::from_secs(10)))
+    ///         .build(hv)?;
+    ///     match vm.run().result? {
+    ///         RunStatus::Exited(status) => println!("guest exited with {status}"),
+    ///         other => println!("{other:?}"),
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn new(image: Vec<u8>) -> Self {
         Self {
             image,
@@ -144,7 +169,16 @@ impl VmBuilder {
             seccomp: Seccomp::default(),
             seccomp_allow: Vec::new(),
             stop_grace: DEFAULT_STOP_GRACE,
+            #[cfg(feature = "gdb")]
+            gdb: None,
         }
+    }
+    /// Debug the guest with gdb over `session`'s connection: every vCPU waits for gdb before
+    /// its first instruction (`docs/gdb.md`).
+    #[cfg(feature = "gdb")]
+    pub fn gdb(mut self, session: crate::gdb::GdbSession) -> Self {
+        self.gdb = Some(session);
+        self
     }
     /// How the guest boots (default: multiboot if the image has a multiboot header, else
     /// vmcall's ELF64 contract).
@@ -245,21 +279,29 @@ impl VmBuilder {
         let filters = Filters::compile(self.seccomp, backend.as_ref(), &self.seccomp_allow)?;
         let console = Console::new(self.console.unwrap_or_else(|| Box::new(std::io::stdout())));
         let devices = Devices::new(console, self.vcpus, prepared.ram.size());
+        #[cfg_attr(not(feature = "gdb"), allow(unused_mut))]
+        let mut shared = Shared::new(
+            prepared.ram,
+            self.table,
+            devices,
+            self.vcpus,
+            prepared.guest.pv,
+            self.trace,
+            self.sink,
+        );
+        #[cfg(feature = "gdb")]
+        if self.gdb.is_some() {
+            shared.debug = Some(crate::debug::DebugHub::new(self.vcpus));
+        }
         Ok(Vm {
+            #[cfg(feature = "gdb")]
+            gdb: self.gdb,
             filters,
             stop_grace: self.stop_grace,
             backend,
             inits: prepared.inits,
             timeout: self.timeout,
-            shared: Arc::new(Shared::new(
-                prepared.ram,
-                self.table,
-                devices,
-                self.vcpus,
-                prepared.guest.pv,
-                self.trace,
-                self.sink,
-            )),
+            shared: Arc::new(shared),
             backend_name: hv.name(),
         })
     }
@@ -491,6 +533,8 @@ pub struct Vm {
     timeout: Option<Duration>,
     shared: Arc<Shared>,
     backend_name: &'static str,
+    #[cfg(feature = "gdb")]
+    gdb: Option<crate::gdb::GdbSession>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -523,6 +567,23 @@ impl Vm {
         VmMonitor(self.shared.clone())
     }
 
+    /// Start the gdb thread of `--gdb`, if any.
+    #[cfg(feature = "gdb")]
+    fn start_gdb(&mut self) -> Option<std::thread::JoinHandle<crate::gdb::SessionEnd>> {
+        let session = self.gdb.take()?;
+        let hub = self.shared.debug.clone()?;
+        let shared = self.shared.clone();
+        let on_kill = move || shared.finish(Ok(RunStatus::Stopped));
+        match crate::gdb::start(session, hub.clone(), self.shared.ram.clone(), on_kill) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!("cannot start the gdb thread: {e}; the guest runs without it");
+                hub.detach();
+                None
+            }
+        }
+    }
+
     /// How this VM traps hypercalls.
     pub fn describe(&self) -> String {
         format!("{} backend: {}", self.backend_name, self.backend.describe())
@@ -545,7 +606,8 @@ impl Vm {
     /// timeout is enforced by `wait`: a VM past its timeout before `wait` is called runs on
     /// until then. Under [`Seccomp::AllThreads`] the calling thread is confined here, as in
     /// `run`. If a vCPU cannot be created, the report of that failed run.
-    pub fn start(self) -> Result<RunningVm, Box<RunReport>> {
+    #[cfg_attr(not(feature = "gdb"), allow(unused_mut))]
+    pub fn start(mut self) -> Result<RunningVm, Box<RunReport>> {
         let start = Instant::now();
         let _ = self.shared.started.set(start);
         let mut vcpus = Vec::new();
@@ -565,13 +627,23 @@ impl Vm {
                 }
             }
         }
+        // The gdb thread starts before the vCPUs (which wait for it) and before this thread
+        // may be confined.
+        #[cfg(feature = "gdb")]
+        let gdb = self.start_gdb();
         let threads = Threads::start(vcpus, &self.shared, self.filters.vcpu.clone());
         // The vCPU threads are confined; this one follows (only under Seccomp::AllThreads).
         if let Some(Err(source)) = self.filters.main.as_ref().map(seccomp::install) {
             let thread = "the thread running the VM".into();
             self.shared.finish(Err(RunError::Seccomp { thread, source }));
         }
-        Ok(RunningVm { vm: self, threads, start })
+        Ok(RunningVm {
+            vm: self,
+            threads,
+            start,
+            #[cfg(feature = "gdb")]
+            gdb,
+        })
     }
 
     fn wait_for_end(&self, start: Instant) {
@@ -603,6 +675,9 @@ pub struct RunningVm {
     vm: Vm,
     threads: Threads,
     start: Instant,
+    /// The gdb thread of `--gdb`, if one runs.
+    #[cfg(feature = "gdb")]
+    gdb: Option<std::thread::JoinHandle<crate::gdb::SessionEnd>>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -632,7 +707,13 @@ impl RunningVm {
     /// [`Vm::start`], however late this is called: a VM that is past it when `wait` begins is
     /// stopped then.
     pub fn wait(self) -> RunReport {
-        let Self { vm, threads, start } = self;
+        let Self {
+            vm,
+            threads,
+            start,
+            #[cfg(feature = "gdb")]
+            gdb,
+        } = self;
         vm.wait_for_end(start);
         // Threads get the grace after the end of the run, and never less than the timeout
         // plus the grace: a run that ended early never leaves a slow thread behind.
@@ -645,6 +726,14 @@ impl RunningVm {
                 grace = ?vm.stop_grace,
                 "vCPU threads did not stop after the run ended (a handler that never returns?); left behind"
             );
+        }
+        #[cfg(feature = "gdb")]
+        if let Some(gdb) = gdb {
+            // Let gdb hear how the run ended; a session idle at a prompt is left behind.
+            let until = Instant::now() + GDB_GRACE;
+            while !gdb.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         vm.shared.devices.console().flush();
         let result = vm

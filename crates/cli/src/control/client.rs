@@ -164,39 +164,46 @@ pub fn render(cmd: &Command, reply: &Value) -> String {
     }
 }
 
+/// The same table as `vmcall run --stats` (`vmcall_vmm::stats_table`), from the JSON reply.
 fn render_stats(reply: &Value) -> String {
-    let ns = |v: &Value| vmcall_vmm::stats::fmt_ns(v.as_u64().unwrap_or(0));
-    let mut out = format!(
-        "{} hypercalls in {:.3}s\n{:>10}  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
-        reply["hypercalls_total"],
-        reply["elapsed_s"].as_f64().unwrap_or(0.0),
-        "nr",
-        "name",
-        "calls",
-        "min",
-        "median",
-        "p99",
-        "max"
-    );
+    use vmcall_vmm::stats_table::{render, Figures, Row};
+    let figures = |o: &Value| {
+        let n = |k: &str| o[k].as_u64().unwrap_or(0);
+        Figures {
+            count: n("count"),
+            sum_ns: n("sum_ns"),
+            min_ns: n("min_ns"),
+            mean_ns: n("mean_ns"),
+            median_ns: n("median_ns"),
+            p99_ns: n("p99_ns"),
+            max_ns: n("max_ns"),
+        }
+    };
+    let mut rows = Vec::new();
     for n in reply["hypercalls"].as_array().into_iter().flatten() {
-        out += &format!(
-            "{:>10}  {:<24} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
-            n["nr"],
-            cell(&n["name"]),
-            n["count"],
-            ns(&n["min_ns"]),
-            ns(&n["median_ns"]),
-            ns(&n["p99_ns"]),
-            ns(&n["max_ns"])
-        );
+        let nr = n["nr"].as_u64().map_or_else(|| n["nr"].to_string(), |nr| format!("{nr:#x}"));
+        rows.push(Row::Calls { nr, name: cell(&n["name"]), figures: figures(n) });
         let handlers = n["handlers"].as_array().cloned().unwrap_or_default();
         if handlers.len() > 1 {
             for h in handlers {
-                out += &format!("{:>10}    by {:<21} {:>10}\n", "", cell(&h["name"]), h["count"]);
+                rows.push(Row::By {
+                    name: cell(&h["name"]),
+                    count: h["count"].as_u64().unwrap_or(0),
+                });
             }
         }
     }
-    out
+    rows.push(Row::Calls {
+        nr: "total".into(),
+        name: String::new(),
+        figures: figures(&reply["total"]),
+    });
+    format!(
+        "{} hypercalls in {:.3} s\n{}",
+        reply["hypercalls_total"],
+        reply["elapsed_s"].as_f64().unwrap_or(0.0),
+        render(&rows)
+    )
 }
 
 /// `vmcall ctl`: 0, 1 or 2 (see the module comment).

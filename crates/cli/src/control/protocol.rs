@@ -75,7 +75,9 @@ pub fn parse(line: &str) -> Result<Request, String> {
     let field = |k: &str| obj.get(k).ok_or_else(|| format!("{cmd} needs \"{k}\""));
     let spec = || -> Result<HandlerSpec, String> {
         match field("handler")? {
-            Value::String(s) => s.parse(),
+            Value::String(s) => {
+                s.parse().map_err(|e: crate::handlers::SpecParseError| e.to_string())
+            }
             _ => Err("\"handler\" must be a string such as \"const:2\"".into()),
         }
     };

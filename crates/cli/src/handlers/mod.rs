@@ -21,6 +21,33 @@ pub enum HandlerSpec {
     Exec(String),
 }
 
+/// Why a handler spec or an `NR=KIND` assignment was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecParseError {
+    /// `exec:` without a command.
+    #[error("exec: needs a command, e.g. exec:python3 handler.py")]
+    NoCommand,
+    /// Not a handler kind (the text).
+    #[error("unknown handler kind '{0}'; expected {KINDS}")]
+    UnknownKind(String),
+    /// The kind's own value was refused (a number, an error name, a module).
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A standard KVM hypercall number given to `--hypercall`.
+    #[error(
+        "hypercall {nr} is {name}, a standard KVM hypercall: use --override {nr}={spec} to \
+         replace it"
+    )]
+    Standard {
+        /// The number.
+        nr: u64,
+        /// Linux's name for it.
+        name: &'static str,
+        /// The handler asked for.
+        spec: HandlerSpec,
+    },
+}
+
 /// What building a handler may depend on besides its spec.
 #[derive(Debug, Clone, Copy)]
 pub struct BuildOptions {
@@ -38,19 +65,19 @@ impl Default for BuildOptions {
 pub const KINDS: &str = "const:V, echo, add, log, errno:NAME, exec:CMD or wasm:PATH";
 
 impl std::str::FromStr for HandlerSpec {
-    type Err = String;
-    fn from_str(spec: &str) -> Result<Self, String> {
+    type Err = SpecParseError;
+    fn from_str(spec: &str) -> Result<Self, SpecParseError> {
         let spec = spec.trim();
         if let Some(cmd) = spec.strip_prefix("exec:") {
             let cmd = cmd.trim();
             if cmd.is_empty() {
-                return Err("exec: needs a command, e.g. exec:python3 handler.py".into());
+                return Err(SpecParseError::NoCommand);
             }
             return Ok(HandlerSpec::Exec(cmd.to_string()));
         }
         spec.parse::<Builtin>().map(HandlerSpec::Builtin).map_err(|e| match e {
-            SpecError::UnknownKind(k) => format!("unknown handler kind '{k}'; expected {KINDS}"),
-            other => other.to_string(),
+            SpecError::UnknownKind(k) => SpecParseError::UnknownKind(k),
+            other => SpecParseError::Spec(other),
         })
     }
 }
@@ -76,21 +103,18 @@ impl HandlerSpec {
 }
 
 /// Parse `NR=KIND` (as given to `--hypercall`, `--override` and the control socket's `set`).
-pub fn parse_assignment(s: &str) -> Result<(u64, HandlerSpec), String> {
-    let (nr, spec) = s.split_once('=').ok_or_else(|| SpecError::BadAssignment.to_string())?;
-    Ok((parse_u64(nr.trim()).map_err(|e| e.to_string())?, spec.parse()?))
+pub fn parse_assignment(s: &str) -> Result<(u64, HandlerSpec), SpecParseError> {
+    let (nr, spec) = s.split_once('=').ok_or(SpecError::BadAssignment)?;
+    Ok((parse_u64(nr.trim())?, spec.parse()?))
 }
 
 /// Parse `NR=KIND` for `--hypercall`: NR must not be a standard KVM hypercall, whose
 /// behaviour only `--override` may replace.
-pub fn parse_custom_assignment(s: &str) -> Result<(u64, HandlerSpec), String> {
+pub fn parse_custom_assignment(s: &str) -> Result<(u64, HandlerSpec), SpecParseError> {
     let (nr, spec) = parse_assignment(s)?;
     if vmcall_vmm::hypercall::table::is_standard(nr) {
         let name = vmcall_abi::hc::name(nr).unwrap_or("?");
-        return Err(format!(
-            "hypercall {nr} is {name}, a standard KVM hypercall: use --override {nr}={spec} to \
-             replace it"
-        ));
+        return Err(SpecParseError::Standard { nr, name, spec });
     }
     Ok((nr, spec))
 }
@@ -107,12 +131,16 @@ mod tests {
             Ok((20, HandlerSpec::Exec("python3 h.py --x=1".into())))
         );
         assert_eq!(HandlerSpec::Exec("cat".into()).to_string(), "exec:cat");
-        assert!("exec:  ".parse::<HandlerSpec>().unwrap_err().contains("needs a command"));
-        let e = "wasm2:x".parse::<HandlerSpec>().unwrap_err();
+        assert!("exec:  "
+            .parse::<HandlerSpec>()
+            .unwrap_err()
+            .to_string()
+            .contains("needs a command"));
+        let e = "wasm2:x".parse::<HandlerSpec>().unwrap_err().to_string();
         assert!(e.contains("unknown handler kind 'wasm2:x'") && e.contains("exec:CMD"), "{e}");
-        assert!(parse_assignment("x=echo").unwrap_err().contains("not a number"));
-        assert!(parse_assignment("20").unwrap_err().contains("NR=HANDLER"));
-        let e = parse_custom_assignment("1=const:5").unwrap_err();
+        assert!(parse_assignment("x=echo").unwrap_err().to_string().contains("not a number"));
+        assert!(parse_assignment("20").unwrap_err().to_string().contains("NR=HANDLER"));
+        let e = parse_custom_assignment("1=const:5").unwrap_err().to_string();
         assert!(e.contains("KVM_HC_VAPIC_POLL_IRQ") && e.contains("--override 1=const:5"), "{e}");
         assert!(parse_custom_assignment("20=echo").is_ok());
         let h = HandlerSpec::Builtin(Builtin::Echo).build(20, &BuildOptions::default());

@@ -174,6 +174,19 @@ impl<'a> SnapshotRef<'a> {
 type Counters = HashMap<u64, Arc<AtomicU64>>;
 
 /// The table. Cheap to share: wrap it in an `Arc` and keep a clone to change it at run time.
+///
+/// ```
+/// use vmcall_vmm::hypercall::{Call, HypercallTable, TableError};
+///
+/// let table = HypercallTable::new();
+/// table.register(20, "double", |c: &Call<'_>| Ok(c.args[0] * 2))?;
+/// // A standard KVM number needs an explicit override.
+/// assert!(matches!(table.register(1, "x", |_: &Call<'_>| Ok(0)), Err(TableError::Standard { .. })));
+/// assert_eq!(table.numbers(), [20]);
+/// table.unregister(20);
+/// assert!(table.numbers().is_empty());
+/// # Ok::<(), TableError>(())
+/// ```
 #[derive(Default)]
 pub struct HypercallTable {
     current: ArcSwap<Snapshot>,

@@ -231,3 +231,34 @@ fn streams_are_compared_vcpu_by_vcpu() {
     assert_eq!(d[0].rerun.as_ref().unwrap().result, 5);
     assert_eq!((d[1].vcpu, d[1].index, d[1].rerun.as_ref()), (1, 1, None));
 }
+
+#[test]
+fn hand_written_call_lines_are_what_serde_reads_back() {
+    for handler in [None, Some("const:3"), Some("exec:printf \"%s\\n\" x\ty")] {
+        let mut c = call(3, 0xdead_beef_0000_0014, 1 << 63, crate::hypercall::neg(22), handler);
+        c.mode = CpuMode::Compat32;
+        c.answered_by = AnsweredBy::Panicked;
+        let mut line = String::new();
+        call_line(&mut line, 42, &c, 7);
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1, "{line}");
+        let back: Line = serde_json::from_str(&line).unwrap();
+        let Line::Call(e) = back else { panic!("not a call line: {line}") };
+        assert_eq!(
+            e,
+            CallEntry {
+                seq: 42,
+                vcpu: 3,
+                nr: 0xdead_beef_0000_0014,
+                args: [1 << 63, 0, 0, u64::MAX],
+                result: crate::hypercall::neg(22),
+                cpl: 0,
+                mode: "compat-32".into(),
+                rip: 0x20_1000 + 0xdead_beef_0000_0014,
+                by: "panicked".into(),
+                handler: handler.map(String::from),
+                time_ns: 7,
+                latency_ns: 100,
+            }
+        );
+    }
+}

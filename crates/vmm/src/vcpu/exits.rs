@@ -8,6 +8,7 @@ use vmcall_abi::ExitReason;
 
 use super::{RunError, Shared};
 use crate::backend::{BackendError, InlineExits, Vcpu, VcpuExit};
+use crate::debug::{stop_reason, Action, StopReason};
 use crate::devices::PortWrite;
 use crate::hypercall::{emulate_with, HypercallExit, Platform};
 use crate::stats::{Stamp, VcpuStats};
@@ -49,7 +50,7 @@ const EXIT_HANDLERS: [ExitHandler; ExitReason::COUNT] = {
     t[ExitReason::Hlt as usize] = handle_hlt;
     t[ExitReason::Hypercall as usize] = handle_hypercall;
     t[ExitReason::Shutdown as usize] = handle_shutdown;
-    t[ExitReason::Debug as usize] = handle_unknown;
+    t[ExitReason::Debug as usize] = handle_debug;
     t[ExitReason::Mmio as usize] = handle_mmio;
     t[ExitReason::Fault as usize] = handle_fault;
     t[ExitReason::Interrupted as usize] = handle_interrupted;
@@ -180,12 +181,43 @@ fn answer_hypercall(
 
 fn handle_hypercall(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
     let VcpuExit::Hypercall(hc) = exit else { unreachable!("dispatched by reason") };
+    if let Some(debug) = ctx.shared.debug.as_ref().filter(|d| d.catches(hc.nr)) {
+        // Stop before answering: the debugger sees RIP at the instruction and the number in
+        // RAX. The call is answered as it was made when the VM resumes.
+        ctx.vcpu.rewind_hypercall().map_err(backend(ctx.vcpu_id))?;
+        debug.report(ctx.vcpu_id, StopReason::Hypercall(hc.nr));
+        let shared = ctx.shared;
+        debug
+            .gate(ctx.vcpu_id, &mut *ctx.vcpu, || shared.stopping())
+            .map_err(backend(ctx.vcpu_id))?;
+        if shared.stopping() {
+            return Ok(Flow::Stop);
+        }
+    }
+    // Under a single step the hypercall is the one instruction: the step ends after it,
+    // on every backend and whichever way the call reached the loop.
+    let step_after =
+        ctx.shared.debug.as_ref().is_some_and(|d| d.action(ctx.vcpu_id) == Action::Step);
     let vcpu = &mut *ctx.vcpu;
     let rax = answer_hypercall(ctx.vcpu_id, ctx.shared, ctx.stats, ctx.recent, hc, &mut || {
         vcpu.guest_tsc()
     });
     ctx.vcpu.complete_hypercall(rax).map_err(backend(ctx.vcpu_id))?;
+    if let (true, Some(debug)) = (step_after, &ctx.shared.debug) {
+        debug.report(ctx.vcpu_id, StopReason::Step);
+    }
     Ok(Flow::Continue)
+}
+
+fn handle_debug(ctx: &mut ExitContext<'_>, exit: &VcpuExit) -> Result<Flow, RunError> {
+    match (exit, &ctx.shared.debug) {
+        (VcpuExit::Debugger(stop), Some(debug)) => {
+            // The vCPU parks at its next gate, and the others are interrupted.
+            debug.report(ctx.vcpu_id, stop_reason(*stop));
+            Ok(Flow::Continue)
+        }
+        _ => handle_unknown(ctx, exit),
+    }
 }
 
 /// The [`InlineExits`] the vCPU loop hands to each `run`.
@@ -223,6 +255,10 @@ impl InlineExits for Inline<'_> {
         let v = self.shared.devices.mmio_read(self.vcpu_id, gpa, len)?;
         self.stats.exit(ExitReason::Mmio);
         Some(v)
+    }
+
+    fn hypercall_needs_loop(&mut self, call: &HypercallExit) -> bool {
+        self.shared.debug.as_ref().is_some_and(|d| d.catches(call.nr))
     }
 
     fn mmio_write(&mut self, gpa: u64, len: u8, data: u64) -> bool {

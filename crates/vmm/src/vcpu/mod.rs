@@ -202,7 +202,20 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
     let mut stats = VcpuStats::default();
     let mut recent = crate::trace::RecentCalls::default();
     let mut line = Vec::new();
+    if let Some(debug) = &shared.debug {
+        debug.register(id, vcpu.interrupter(), vcpu.debug_caps());
+    }
     while !shared.stopping() {
+        if let Some(debug) = &shared.debug {
+            // Parks here while a debugger holds the VM (before the first instruction, too).
+            if let Err(source) = debug.gate(id, &mut *vcpu, || shared.stopping()) {
+                shared.finish(Err(RunError::Backend { vcpu: id, source }));
+                break;
+            }
+            if shared.stopping() {
+                break;
+            }
+        }
         let mut inline =
             Inline { vcpu_id: id, shared, stats: &mut stats, recent: &mut recent, line: &mut line };
         let exit = match vcpu.run(&mut inline) {
@@ -224,6 +237,9 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
             Ok(Flow::Continue) => {}
             Ok(Flow::Halt) => {
                 shared.console_write(&std::mem::take(&mut line));
+                if let Some(debug) = &shared.debug {
+                    debug.halting(id, &mut *vcpu);
+                }
                 shared.publish(id, &stats);
                 if !shared.halt(id) {
                     break;
@@ -243,6 +259,9 @@ pub(crate) fn vcpu_loop(id: u32, mut vcpu: Box<dyn Vcpu>, shared: &Shared) -> Vc
     }
     shared.console_write(&line);
     shared.publish(id, &stats);
+    if let Some(debug) = &shared.debug {
+        debug.gone(id);
+    }
     stats
 }
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::{RunError, RunStatus};
+use crate::debug::DebugHub;
 use crate::devices::Devices;
 use crate::hypercall::HypercallTable;
 use crate::memory::GuestRam;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub(crate) started: OnceLock<Instant>,
     /// The last hypercalls of the vCPU whose error ended the run.
     pub(crate) last_calls: Mutex<Option<(u32, Vec<RecentCall>)>>,
+    /// The debugger's hold on the vCPUs, when one is attached (`docs/gdb.md`).
+    pub(crate) debug: Option<Arc<DebugHub>>,
 }
 
 impl Shared {
@@ -69,6 +72,7 @@ impl Shared {
             live: (0..n).map(|_| Mutex::default()).collect(),
             started: OnceLock::new(),
             last_calls: Mutex::new(None),
+            debug: None,
             ram,
             table,
             vcpu_count: n,
@@ -118,10 +122,18 @@ impl Shared {
 
     pub(crate) fn finish(&self, result: Result<RunStatus, RunError>) {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        let exited = match &result {
+            Ok(status) => Some(status.code()),
+            Err(_) => None,
+        };
         if end.is_none() {
             *end = Some(result);
         }
         self.stop.store(true, Ordering::Release);
+        // After the stop flag: a vCPU the debugger releases must see that the run is over.
+        if let Some(debug) = &self.debug {
+            debug.ended(exited);
+        }
         self.end_cv.notify_all();
         drop(end);
         let _h = self.halts.lock().unwrap_or_else(|p| p.into_inner());
