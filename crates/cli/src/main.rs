@@ -272,8 +272,9 @@ pub(crate) struct BenchArgs {
     /// One fleet of `--density`, run in a process of its own: BACKEND:N (internal).
     #[arg(long, value_name = "BACKEND:N", hide = true)]
     density_step: Option<String>,
-    /// Exit with status 125 when a target is missed (after printing the whole report); without
-    /// it the report is all, whatever the verdicts.
+    /// Exit with status 125 when a target is missed (after printing the whole report), with
+    /// `--density` too (its targets are judged at N >= 1000); without it the report is all,
+    /// whatever the verdicts.
     #[arg(long)]
     check: bool,
 }

@@ -6,7 +6,7 @@
 
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    MemoryRegionAddress, VolatileMemory,
 };
 
 /// A guest-physical range outside guest RAM.
@@ -201,6 +201,42 @@ impl RamView<'_> {
     pub fn write_u64(&self, off: usize, value: u64) -> Result<(), OutOfBounds> {
         self.slice.write_obj(value.to_le(), off).map_err(|_| self.oob(off, 8))
     }
+
+    /// The `n` little-endian u64 words at `off` (any alignment), checked once: then each
+    /// word is read or written with one volatile access (a batch's entries).
+    pub fn words(&self, off: usize, n: usize) -> Result<RamWords<'_>, OutOfBounds> {
+        let len = n.saturating_mul(8);
+        self.slice.get_array_ref::<u64>(off, n).map(RamWords).map_err(|_| self.oob(off, len))
+    }
+}
+
+/// Little-endian u64 words inside a [`RamView`] (see [`RamView::words`]); indices are checked
+/// against its length.
+#[derive(Debug)]
+pub struct RamWords<'a>(vm_memory::volatile_memory::VolatileArrayRef<'a, u64, ()>);
+
+impl RamWords<'_> {
+    /// Number of words.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+
+    /// Word `i`. Panics if `i >= len()`.
+    #[inline]
+    pub fn load(&self, i: usize) -> u64 {
+        u64::from_le(self.0.load(i))
+    }
+
+    /// Set word `i`. Panics if `i >= len()`.
+    #[inline]
+    pub fn store(&self, i: usize, value: u64) {
+        self.0.store(i, value.to_le())
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +271,13 @@ mod tests {
         v.read(0, &mut b).unwrap();
         assert_eq!(b[8], 0xcd);
         assert!(v.read(1, &mut b).is_err());
+        assert!(v.words(1, 2).is_err(), "past the view's end");
+        let w = v.words(1, 1).unwrap();
+        w.store(0, 0x1122_3344_5566_7788);
+        let mut b = [0u8; 9];
+        v.read(0, &mut b).unwrap();
+        assert_eq!(&b[1..9], &0x1122_3344_5566_7788u64.to_le_bytes(), "unaligned, little-endian");
+        assert_eq!((w.len(), w.load(0)), (1, 0x1122_3344_5566_7788));
     }
 
     #[test]

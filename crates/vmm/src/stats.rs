@@ -33,8 +33,11 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(20);
 /// Latency distribution of one hypercall number.
 #[derive(Debug, Clone)]
 pub struct Latency {
-    /// Number of samples.
+    /// Number of events (calls), timed or not.
     pub count: u64,
+    /// Number of timed samples: the histogram, min, max, sum and mean are over these. Equal to
+    /// `count` unless timing was sampled ([`Latency::count_untimed`]).
+    pub timed: u64,
     /// Smallest sample, in ns.
     pub min_ns: u64,
     /// Largest sample, in ns.
@@ -46,7 +49,14 @@ pub struct Latency {
 
 impl Default for Latency {
     fn default() -> Self {
-        Self { count: 0, min_ns: u64::MAX, max_ns: 0, sum_ns: 0, buckets: vec![0; BUCKETS].into() }
+        Self {
+            count: 0,
+            timed: 0,
+            min_ns: u64::MAX,
+            max_ns: 0,
+            sum_ns: 0,
+            buckets: vec![0; BUCKETS].into(),
+        }
     }
 }
 
@@ -72,15 +82,22 @@ impl Latency {
     /// Add one sample of `ns` nanoseconds.
     pub fn record(&mut self, ns: u64) {
         self.count += 1;
+        self.timed += 1;
         self.min_ns = self.min_ns.min(ns);
         self.max_ns = self.max_ns.max(ns);
         self.sum_ns = self.sum_ns.saturating_add(ns);
         self.buckets[bucket(ns)] += 1;
     }
 
+    /// Count one event that was not timed (see [`VcpuStats::time_next`]).
+    pub fn count_untimed(&mut self) {
+        self.count += 1;
+    }
+
     /// Add all of `other`'s samples.
     pub fn merge(&mut self, other: &Latency) {
         self.count += other.count;
+        self.timed += other.timed;
         self.min_ns = self.min_ns.min(other.min_ns);
         self.max_ns = self.max_ns.max(other.max_ns);
         self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
@@ -91,10 +108,10 @@ impl Latency {
 
     /// The `q`-quantile (0.0..=1.0), to the histogram's precision, clamped to [min, max].
     pub fn quantile_ns(&self, q: f64) -> u64 {
-        if self.count == 0 {
+        if self.timed == 0 {
             return 0;
         }
-        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let rank = ((q * self.timed as f64).ceil() as u64).clamp(1, self.timed);
         let mut seen = 0;
         for (i, n) in self.buckets.iter().enumerate() {
             seen += n;
@@ -105,9 +122,18 @@ impl Latency {
         self.max_ns
     }
 
+    /// Total time of all `count` events, in ns: the sum of the samples, scaled up by
+    /// `count / timed` when timing was sampled.
+    pub fn time_ns(&self) -> f64 {
+        if self.timed == 0 {
+            return 0.0;
+        }
+        self.sum_ns as f64 * (self.count as f64 / self.timed as f64)
+    }
+
     /// Mean sample, in ns (0 without samples).
     pub fn mean_ns(&self) -> u64 {
-        self.sum_ns.checked_div(self.count).unwrap_or(0)
+        self.sum_ns.checked_div(self.timed).unwrap_or(0)
     }
 }
 
@@ -129,7 +155,17 @@ pub struct VcpuStats {
     last_handler: usize,
     last_arrival: Option<Stamp>,
     next_publish: Option<Stamp>,
+    /// Calls to let go untimed before the next timed one (see [`VcpuStats::time_next`]).
+    untimed_left: u32,
 }
+
+/// One call in this many has its handling time measured while calls are fast (see
+/// [`VcpuStats::time_next`]).
+pub const TIME_EVERY: u32 = 16;
+
+/// A timed call that took at least this long makes the next call timed too: where handling
+/// costs microseconds, the clock read it saves is noise.
+pub const TIME_ALL_ABOVE: Duration = Duration::from_micros(1);
 
 impl VcpuStats {
     /// Count one exit for `reason`.
@@ -137,9 +173,30 @@ impl VcpuStats {
         self.exits[reason as usize] += 1;
     }
 
+    /// Whether the next hypercall's handling time should be measured. Reading the statistics
+    /// clock costs about 20 ns here, a fifth of a software-CPU hypercall, so while calls are
+    /// fast only one in [`TIME_EVERY`] is timed (the first of each vCPU among them); after a
+    /// timed call that took [`TIME_ALL_ABOVE`] or more, every call is until one is fast again.
+    /// Counts and round trips are always exact: they need only the arrival stamp.
+    pub fn time_next(&self) -> bool {
+        self.untimed_left == 0
+    }
+
     /// Count a hypercall that arrived at `arrived` and took `took` to answer.
     pub fn hypercall(&mut self, nr: u64, arrived: Stamp, took: Duration) {
         self.hypercalls.entry(nr).or_default().record(took.as_nanos() as u64);
+        self.untimed_left = if took >= TIME_ALL_ABOVE { 0 } else { TIME_EVERY - 1 };
+        self.arrived(arrived);
+    }
+
+    /// Count a hypercall that arrived at `arrived` whose handling was not timed.
+    pub fn hypercall_untimed(&mut self, nr: u64, arrived: Stamp) {
+        self.hypercalls.entry(nr).or_default().count_untimed();
+        self.untimed_left = self.untimed_left.saturating_sub(1);
+        self.arrived(arrived);
+    }
+
+    fn arrived(&mut self, arrived: Stamp) {
         if let Some(prev) = self.last_arrival.replace(arrived) {
             self.round_trip.record(arrived.saturating_duration_since(prev).as_nanos() as u64);
         }
@@ -267,6 +324,35 @@ mod tests {
         for ns in [0, 1, 31, 32, 33, 1000, u64::MAX / 3, u64::MAX] {
             assert!(bucket_floor(bucket(ns)) <= ns && bucket(ns) < BUCKETS, "{ns}");
         }
+    }
+
+    #[test]
+    fn handling_time_is_sampled_while_calls_are_fast() {
+        let mut s = VcpuStats::default();
+        let t0 = Stamp::now();
+        let mut timed = Vec::new();
+        for i in 0..40u64 {
+            let at = t0 + Duration::from_nanos(100 * i);
+            // Calls 20.. are slow (2 µs) when timed.
+            let took = Duration::from_nanos(if i >= 20 { 2000 } else { 50 });
+            if s.time_next() {
+                timed.push(i);
+                s.hypercall(20, at, took);
+            } else {
+                s.hypercall_untimed(20, at);
+            }
+        }
+        // The first call, then one in 16; after the first slow one (32), every call.
+        let expected: Vec<u64> = [0, 16].into_iter().chain(32..40).collect();
+        assert_eq!(timed, expected);
+        let l = &s.hypercalls[&20];
+        assert_eq!((l.count, l.timed), (40, 10), "counts stay exact");
+        assert_eq!((l.min_ns, l.max_ns, l.mean_ns()), (50, 2000, (2 * 50 + 8 * 2000) / 10));
+        assert_eq!(l.time_ns(), (2.0 * 50.0 + 8.0 * 2000.0) * 4.0, "scaled up to every call");
+        assert_eq!((s.round_trip.count, s.round_trip.timed, s.round_trip.min_ns), (39, 39, 100));
+        let mut merged = VcpuStats::default();
+        merged.merge(&s);
+        assert_eq!((merged.hypercalls[&20].count, merged.hypercalls[&20].timed), (40, 10));
     }
 
     #[test]

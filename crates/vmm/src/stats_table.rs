@@ -58,7 +58,8 @@ impl Unit {
 pub struct Figures {
     /// Calls.
     pub count: u64,
-    /// Their total host handling time.
+    /// Their total host handling time (the timed calls' sum scaled up to `count` where
+    /// handling time was sampled; the latencies are those of the timed calls).
     pub sum_ns: u64,
     /// Shortest.
     pub min_ns: u64,
@@ -77,9 +78,13 @@ impl From<&Latency> for Figures {
         if l.count == 0 {
             return Figures::default();
         }
+        if l.timed == 0 {
+            return Figures { count: l.count, ..Figures::default() };
+        }
         Figures {
             count: l.count,
-            sum_ns: l.sum_ns,
+            // Handling time may be sampled: the sum of the timed calls, scaled up to all.
+            sum_ns: l.time_ns().round() as u64,
             min_ns: l.min_ns,
             mean_ns: l.mean_ns(),
             median_ns: l.quantile_ns(0.5),
@@ -116,6 +121,12 @@ pub enum Row {
     },
     /// A heading line (`vCPU 0:` in the per-vCPU view).
     Heading(String),
+}
+
+/// Total handling time of every number's calls, each scaled up on its own (numbers may have
+/// been sampled at different rates).
+fn time_ns(s: &VcpuStats) -> u64 {
+    s.hypercalls.values().map(Latency::time_ns).sum::<f64>().round() as u64
 }
 
 /// The report for the statistics of each vCPU (`per_vcpu[i]` is vCPU i's).
@@ -159,13 +170,14 @@ pub fn table(per_vcpu: &[VcpuStats], opts: TableOptions<'_>) -> String {
             for l in s.hypercalls.values() {
                 sub.merge(l);
             }
-            let figures = (&sub).into();
+            let figures = Figures { sum_ns: time_ns(s), ..(&sub).into() };
             rows.push(Row::Calls { nr: format!("vCPU {id}"), name: "total".into(), figures });
         }
     } else {
         number_rows(&total, &mut rows);
     }
-    rows.push(Row::Calls { nr: "total".into(), name: String::new(), figures: (&all).into() });
+    let figures = Figures { sum_ns: time_ns(&total), ..(&all).into() };
+    rows.push(Row::Calls { nr: "total".into(), name: String::new(), figures });
     let mut out = render(&rows);
     if opts.exits {
         let exits: Vec<String> = ExitReason::ALL
@@ -257,6 +269,21 @@ mod tests {
             .unwrap_or_else(|| panic!("no row {first}:\n{text}"))
             .split_whitespace()
             .collect()
+    }
+
+    #[test]
+    fn sampled_handling_time_is_scaled_up_to_the_count() {
+        // Number 20: 4 calls, 1 timed (100 ns): 400 ns in all. Number 1: 1 call of 400 ns.
+        let mut s = stats(&[(1, 400), (20, 100)]);
+        for _ in 0..3 {
+            s.hypercall_untimed(20, Stamp::now());
+        }
+        let text = table(&[s], TableOptions::default());
+        let r = row(&text, "0x14");
+        assert_eq!(&r[2..5], ["4", "80.00", "50.00"], "{text}");
+        assert_eq!((r[5], r[9]), ("100", "100"), "latencies of the timed call");
+        let t = row(&text, "total");
+        assert_eq!(&t[1..4], ["5", "100.00", "100.00"], "{text}");
     }
 
     #[test]

@@ -1,21 +1,32 @@
 //! `VMCALL_HC_BATCH`: many hypercalls answered with one exit.
 
+use std::sync::atomic::Ordering;
+
 use vmcall_abi::errno::{KVM_E2BIG, KVM_EFAULT};
 use vmcall_abi::{BatchEntry, VMCALL_BATCH_MAX};
 
 use super::call::neg;
 use super::call::Call;
-use super::table::{Entry, TableSnapshot};
+use super::emulate::{answer_custom_run, counts_alone};
+use super::table::{Entry, SnapshotRef};
 
 /// `VMCALL_HC_BATCH`: answer each entry of the array at a0 (a1 entries) as a single call
 /// from the same caller would be answered, writing each result to its `ret`. Each entry is
-/// copied out of guest memory once (64 at a time) before it is answered, and all are looked up
+/// copied out of guest memory once (32 at a time) before it is answered, and all are looked up
 /// in one snapshot of the table: another vCPU rewriting the array mid-batch can change what a
 /// later entry says, never how one entry is handled. Returns the number of entries processed: the end of guest RAM cuts a batch short
 /// (-KVM_EFAULT if not even the first entry is inside it), more than `VMCALL_BATCH_MAX` entries
 /// is -KVM_E2BIG, and a nested batch entry gets -KVM_EINVAL.
+///
+/// Consecutive entries to the same number (a run, within one chunk) are looked up once; a run
+/// a custom handler answers goes to it in one [`HypercallHandler::call_run`], and the run's
+/// `ret`s are written when it has been answered. Its number's call counter is added to once
+/// per run of consecutive entries to the number, across chunks, when the run ends.
+/// `single` answers every other entry, one at a time, each `ret` written as it is answered.
+///
+/// [`HypercallHandler::call_run`]: super::call::HypercallHandler::call_run
 pub(super) fn batch(
-    snapshot: &TableSnapshot,
+    snapshot: SnapshotRef<'_>,
     call: &Call<'_>,
     single: &dyn Fn(Option<&Entry>, &Call<'_>) -> u64,
 ) -> u64 {
@@ -32,45 +43,82 @@ pub(super) fn batch(
     if count == 0 {
         return neg(KVM_EFAULT);
     }
+    const WORDS: usize = (ENTRY / 8) as usize;
     let Ok(view) = call.mem.view(base, count * ENTRY) else {
         return neg(KVM_EFAULT);
     };
-    let trunc = |v: u64| if call.mode.is_64bit() { v } else { v & 0xffff_ffff };
+    let Ok(words) = view.words(0, count as usize * WORDS) else {
+        return neg(KVM_EFAULT);
+    };
+    let mask = if call.mode.is_64bit() { u64::MAX } else { 0xffff_ffff };
     // Entries are copied out a chunk at a time, each before any of it is answered.
-    const CHUNK: usize = 64;
-    let mut raw = [0u8; CHUNK * ENTRY as usize];
+    const CHUNK: usize = 32;
+    let mut nrs = [0u64; CHUNK];
+    let mut args = [[0u64; 4]; CHUNK];
+    let mut rets = [0u64; CHUNK];
+    let mut entry = Call {
+        nr: 0,
+        args: [0; 4],
+        vcpu_id: call.vcpu_id,
+        mode: call.mode,
+        mem: call.mem,
+        paging: call.paging,
+    };
     // The snapshot cannot change during the batch, so a run of entries to the same number
-    // (the common batch) looks it up once.
+    // (the common batch) looks it up once, across chunks too.
     let mut last: Option<(u64, Option<&Entry>)> = None;
+    // Entries of the current run a custom handler has answered, not yet added to its counter.
+    let mut pending = 0u64;
+    let flush = |last: Option<(u64, Option<&Entry>)>, pending: &mut u64| {
+        if let (Some((_, Some(e))), 1..) = (last, *pending) {
+            e.calls.fetch_add(*pending, Ordering::Relaxed);
+        }
+        *pending = 0;
+    };
     for first in (0..count as usize).step_by(CHUNK) {
         let n = CHUNK.min(count as usize - first);
-        let chunk = &mut raw[..n * ENTRY as usize];
-        if view.read(first * ENTRY as usize, chunk).is_err() {
-            return first as u64;
+        for k in 0..n {
+            let w = (first + k) * WORDS;
+            nrs[k] = words.load(w) & mask;
+            let a = &mut args[k];
+            for (i, a) in a.iter_mut().enumerate() {
+                *a = words.load(w + 1 + i) & mask;
+            }
         }
-        for (k, bytes) in chunk.chunks_exact(ENTRY as usize).enumerate() {
-            let word =
-                |w: usize| u64::from_le_bytes(bytes[8 * w..8 * w + 8].try_into().expect("8 bytes"));
-            let entry = Call {
-                nr: trunc(word(0)),
-                args: [word(1), word(2), word(3), word(4)].map(trunc),
-                vcpu_id: call.vcpu_id,
-                mode: call.mode,
-                mem: call.mem,
-                paging: call.paging,
-            };
+        let mut at = 0;
+        while at < n {
+            let nr = nrs[at];
+            let end = nrs[at..n].iter().position(|&x| x != nr).map_or(n, |len| at + len);
             let handler = match last {
-                Some((nr, handler)) if nr == entry.nr => handler,
+                Some((last_nr, handler)) if last_nr == nr => handler,
                 _ => {
-                    let handler = snapshot.get(entry.nr);
-                    last = Some((entry.nr, handler));
+                    flush(last, &mut pending);
+                    let handler = snapshot.get(nr);
+                    last = Some((nr, handler));
                     handler
                 }
             };
-            let ret = single(handler, &entry);
-            // Inside the view: this entry was just read from it.
-            let _ = view.write_u64((first + k) * ENTRY as usize + 40, trunc(ret));
+            entry.nr = nr;
+            match handler {
+                Some(e) if !counts_alone(e, &entry) => {
+                    answer_custom_run(e, &mut entry, &args[at..end], &mut rets[at..end]);
+                    pending += (end - at) as u64;
+                    for (k, ret) in rets.iter().enumerate().take(end).skip(at) {
+                        // Inside the batch: this entry was just read from it.
+                        words.store((first + k) * WORDS + 5, ret & mask);
+                    }
+                }
+                _ => {
+                    for (k, args) in args.iter().enumerate().take(end).skip(at) {
+                        entry.args = *args;
+                        let ret = single(handler, &entry);
+                        words.store((first + k) * WORDS + 5, ret & mask);
+                    }
+                }
+            }
+            at = end;
         }
     }
+    flush(last, &mut pending);
     count
 }

@@ -66,6 +66,26 @@ pub trait HypercallHandler: Send + Sync + 'static {
     /// Answer one call: the value for RAX, or an error the guest sees as `-KVM_E*`.
     fn call(&self, call: &Call<'_>) -> HypercallResult;
 
+    /// Answer a run of calls to this handler's number one after another, exactly as [`call`]
+    /// would answer each: call `i` has the arguments `args[i]` (the rest of `call` as given)
+    /// and its value for RAX goes to `rets[i]`, for `i` from `*next` on; `*next` is set to `i`
+    /// before call `i` is answered, so that a panic can be pinned on its call. A batch
+    /// (`VMCALL_HC_BATCH`) answers each run of same-number entries with one call of this: one
+    /// indirect call a run instead of one an entry, and the default body calls [`call`]
+    /// directly, where the compiler can inline it. There is no reason to override it.
+    ///
+    /// [`call`]: HypercallHandler::call
+    fn call_run(&self, call: &mut Call<'_>, args: &[[u64; 4]], rets: &mut [u64], next: &mut usize) {
+        for i in *next..args.len().min(rets.len()) {
+            *next = i;
+            call.args = args[i];
+            rets[i] = match self.call(call) {
+                Ok(v) => v,
+                Err(err) => err.to_rax(),
+            };
+        }
+    }
+
     /// What kind of handler this is, for listings: `const`, `echo`, `exec`, ...; `native` for
     /// code registered through the library.
     fn kind(&self) -> &str {

@@ -16,7 +16,7 @@ pub use super::insn::HypercallInsn;
 use super::list::list;
 use super::platform::Platform;
 use super::standard::{check_map_gpa_range, standard};
-use super::table::{Entry, HypercallTable, TableSnapshot};
+use super::table::{Entry, HypercallTable, SnapshotRef};
 use crate::memory::GuestRam;
 use crate::x86::{CpuMode, PagingContext};
 
@@ -112,9 +112,13 @@ pub fn emulate_with<R>(
     done: impl FnOnce(&Emulated, Option<&Entry>) -> R,
 ) -> R {
     let op_64_bit = exit.mode.is_64bit();
-    let trunc = |v: u64| if op_64_bit { v } else { v & 0xffff_ffff };
+    let mask = if op_64_bit { u64::MAX } else { 0xffff_ffff };
+    let trunc = |v: u64| v & mask;
     let nr = trunc(exit.nr);
-    let args = exit.args.map(trunc);
+    // Element by element: an array `map` here compiled to stores the copies into `Call` and
+    // `Emulated` then read back across (a store-forwarding stall on every call).
+    let a = &exit.args;
+    let args = [a[0] & mask, a[1] & mask, a[2] & mask, a[3] & mask];
     if exit.cpl != 0 {
         let r = Emulated {
             nr,
@@ -125,8 +129,9 @@ pub fn emulate_with<R>(
         return done(&r, None);
     }
     let call = Call { nr, args, vcpu_id, mode: exit.mode, mem, paging: exit.paging };
-    table.with(nr, |entry| {
-        let (ret, answered_by) = dispatch(entry, &call, platform, Nesting::Allowed(table));
+    table.with_snapshot(|snapshot| {
+        let entry = snapshot.get(nr);
+        let (ret, answered_by) = dispatch(entry, &call, platform, Nesting::Allowed(snapshot));
         let r = Emulated { nr, args, rax: trunc(ret), answered_by };
         let by = match answered_by {
             AnsweredBy::Custom | AnsweredBy::Panicked => entry,
@@ -136,12 +141,55 @@ pub fn emulate_with<R>(
     })
 }
 
-/// Whether a call may start a batch (a batch's own entries may not), and the table a batch
-/// takes its snapshot of (or, inside one, the snapshot it took).
+/// Whether a call to `e` must go through [`dispatch`] one at a time: `KVM_HC_MAP_GPA_RANGE`
+/// registered without an override, whose argument checks come first and refuse a call
+/// uncounted. Every other custom call is counted and answered by [`answer_custom`].
+#[inline]
+pub(super) fn counts_alone(e: &Entry, call: &Call<'_>) -> bool {
+    call.nr == KVM_HC_MAP_GPA_RANGE && !e.overrides_standard
+}
+
+/// Call `e`'s handler (the call already counted): its answer, or -KVM_EFAULT if it panicked.
+#[inline]
+pub(super) fn answer_custom(e: &Entry, call: &Call<'_>) -> (u64, AnsweredBy) {
+    match catch_unwind(AssertUnwindSafe(|| e.handler.call(call))) {
+        Ok(Ok(v)) => (v, AnsweredBy::Custom),
+        Ok(Err(err)) => (err.to_rax(), AnsweredBy::Custom),
+        Err(_) => {
+            tracing::error!(nr = call.nr, handler = %e.name, "hypercall handler panicked; the guest gets -KVM_EFAULT");
+            (neg(vmcall_abi::errno::KVM_EFAULT), AnsweredBy::Panicked)
+        }
+    }
+}
+
+/// Answer a run of calls to `e` (`call` with the arguments `args[i]` in turn, all counted
+/// already), each answer to `rets[i]`: a call whose handler panicked gets -KVM_EFAULT and the
+/// run goes on with the next, as separate calls would.
+pub(super) fn answer_custom_run(
+    e: &Entry,
+    call: &mut Call<'_>,
+    args: &[[u64; 4]],
+    rets: &mut [u64],
+) {
+    let mut next = 0;
+    while next < args.len() {
+        let run =
+            catch_unwind(AssertUnwindSafe(|| e.handler.call_run(call, args, rets, &mut next)));
+        if run.is_ok() {
+            break;
+        }
+        tracing::error!(nr = call.nr, handler = %e.name, "hypercall handler panicked; the guest gets -KVM_EFAULT");
+        rets[next] = neg(vmcall_abi::errno::KVM_EFAULT);
+        next += 1;
+    }
+}
+
+/// Whether a call may start a batch (a batch's own entries may not), and the snapshot of the
+/// table the call was looked up in, which a batch or a list uses too.
 #[derive(Clone, Copy)]
 pub(super) enum Nesting<'a> {
-    Allowed(&'a HypercallTable),
-    InBatch(&'a TableSnapshot),
+    Allowed(SnapshotRef<'a>),
+    InBatch(SnapshotRef<'a>),
 }
 
 /// Step 7 of docs/hypercalls.md for a call that passed the CPL check: `entry`, the table's
@@ -155,37 +203,26 @@ pub(super) fn dispatch(
     let nr = call.nr;
     match entry {
         Some(e) => {
-            if nr == KVM_HC_MAP_GPA_RANGE && !e.overrides_standard {
+            if counts_alone(e, call) {
                 if let Err(err) = check_map_gpa_range(call.args) {
                     return (err, AnsweredBy::Custom);
                 }
             }
             e.calls.fetch_add(1, Ordering::Relaxed);
-            match catch_unwind(AssertUnwindSafe(|| e.handler.call(call))) {
-                Ok(Ok(v)) => (v, AnsweredBy::Custom),
-                Ok(Err(err)) => (err.to_rax(), AnsweredBy::Custom),
-                Err(_) => {
-                    tracing::error!(nr, handler = %e.name, "hypercall handler panicked; the guest gets -KVM_EFAULT");
-                    (neg(vmcall_abi::errno::KVM_EFAULT), AnsweredBy::Panicked)
-                }
-            }
+            answer_custom(e, call)
         }
         None if nr == VMCALL_HC_BATCH => match nesting {
-            Nesting::Allowed(table) => {
-                let snapshot = table.snapshot();
+            Nesting::Allowed(snapshot) => {
                 let single = |entry: Option<&Entry>, call: &Call<'_>| {
-                    dispatch(entry, call, platform, Nesting::InBatch(&snapshot)).0
+                    dispatch(entry, call, platform, Nesting::InBatch(snapshot)).0
                 };
-                (batch(&snapshot, call, &single), AnsweredBy::Standard)
+                (batch(snapshot, call, &single), AnsweredBy::Standard)
             }
             Nesting::InBatch(_) => (neg(KVM_EINVAL), AnsweredBy::Standard),
         },
         None if nr == VMCALL_HC_LIST => {
-            let ret = match nesting {
-                Nesting::Allowed(table) => list(&table.snapshot(), call),
-                Nesting::InBatch(snapshot) => list(snapshot, call),
-            };
-            (ret, AnsweredBy::Standard)
+            let (Nesting::Allowed(snapshot) | Nesting::InBatch(snapshot)) = nesting;
+            (list(snapshot, call), AnsweredBy::Standard)
         }
         None => (standard(call, platform, call.mode.is_64bit()), AnsweredBy::Standard),
     }
@@ -367,6 +404,67 @@ mod tests {
             1
         );
         assert_eq!(ram.read_u64(0x8000 + 40).unwrap(), 10);
+    }
+
+    #[test]
+    fn batch_runs_are_answered_and_counted_entry_by_entry() {
+        // Runs of the same number that cross the 64-entry chunks, a handler that panics or
+        // fails on some entries, standard numbers and a MAP_GPA_RANGE handler (whose argument
+        // checks refuse calls uncounted) in between: every entry as a single call would be.
+        let t = HypercallTable::new();
+        t.register(20, "odd-panics", |c: &Call<'_>| -> HypercallResult {
+            match c.args[0] {
+                a if a % 7 == 3 => panic!("boom"),
+                a if a % 5 == 1 => Err(HypercallError::Errno(22)),
+                a => Ok(a.wrapping_mul(3).wrapping_add(c.args[3])),
+            }
+        })
+        .unwrap();
+        t.register(21, "nr", |c: &Call<'_>| Ok(c.nr + c.args[1])).unwrap();
+        t.register(KVM_HC_MAP_GPA_RANGE, "map", |_: &Call<'_>| Ok(0)).unwrap();
+        let ram = GuestRam::new(2 << 20).unwrap();
+        let m = Mock::default();
+        let n = 150u64;
+        let nr_of = |i: u64| match i {
+            0..=69 | 100..=139 => 20,
+            70..=79 => 21,
+            80..=84 => 1,
+            85..=89 => KVM_HC_MAP_GPA_RANGE,
+            _ => 999,
+        };
+        for i in 0..n {
+            let at = 0x8000 + 48 * i;
+            let args = [i, 2 * i, 0, u64::MAX - i];
+            // MAP_GPA_RANGE: odd entries have a misaligned address (refused, not counted).
+            let args = if nr_of(i) == KVM_HC_MAP_GPA_RANGE { [i % 2, 1, 0, 0] } else { args };
+            ram.write_u64(at, nr_of(i)).unwrap();
+            for (w, a) in args.iter().enumerate() {
+                ram.write_u64(at + 8 + 8 * w as u64, *a).unwrap();
+            }
+            ram.write_u64(at + 40, 0x55).unwrap();
+        }
+        let single = |i: u64| {
+            let at = 0x8000 + 48 * i;
+            let args: Vec<u64> = (0..4).map(|w| ram.read_u64(at + 8 + 8 * w).unwrap()).collect();
+            let exit = call(nr_of(i), [args[0], args[1], args[2], args[3]], 0, M64);
+            // Answered on a copy of the table, so that the counts below are the batch's.
+            let copy = HypercallTable::new();
+            for nr in t.numbers() {
+                let e = t.get(nr).unwrap();
+                copy.register_shared(nr, &e.name, e.handler.clone()).unwrap();
+            }
+            emulate(&copy, &exit, 0, &ram, &m).rax
+        };
+        let expected: Vec<u64> = (0..n).map(single).collect();
+        let r = emulate(&t, &call(VMCALL_HC_BATCH, [0x8000, n, 0, 0], 0, M64), 0, &ram, &m);
+        assert_eq!(r.rax, n);
+        let rets: Vec<u64> = (0..n).map(|i| ram.read_u64(0x8000 + 48 * i + 40).unwrap()).collect();
+        assert_eq!(rets, expected);
+        assert_eq!(rets[3], neg(14), "a panicking entry gets -KVM_EFAULT, the next go on");
+        assert_eq!(rets[4], 12u64.wrapping_add(u64::MAX - 4));
+        assert_eq!(rets[11], neg(22));
+        assert_eq!((t.calls(20), t.calls(21)), (110, 10), "every entry counted once");
+        assert_eq!(t.calls(KVM_HC_MAP_GPA_RANGE), 2, "refused MAP_GPA_RANGE calls are not");
     }
 
     #[test]

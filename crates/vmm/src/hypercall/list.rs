@@ -4,7 +4,7 @@ use vmcall_abi::errno::{KVM_E2BIG, KVM_EFAULT};
 use vmcall_abi::{HypercallInfo, VMCALL_NAME_LEN};
 
 use super::call::{neg, Call};
-use super::table::TableSnapshot;
+use super::table::SnapshotRef;
 
 const INFO: u64 = core::mem::size_of::<HypercallInfo>() as u64;
 
@@ -13,7 +13,7 @@ const INFO: u64 = core::mem::size_of::<HypercallInfo>() as u64;
 /// the count. An array smaller than the whole list is -KVM_E2BIG and nothing is written (the
 /// guest asks for the count, then calls again); one not wholly inside guest RAM is -KVM_EFAULT.
 /// The list is one snapshot of the table: it is consistent even while the table changes.
-pub(super) fn list(snapshot: &TableSnapshot, call: &Call<'_>) -> u64 {
+pub(super) fn list(snapshot: SnapshotRef<'_>, call: &Call<'_>) -> u64 {
     let [base, size, ..] = call.args;
     let count = snapshot.len() as u64;
     if size == 0 {

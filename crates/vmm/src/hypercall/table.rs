@@ -147,6 +147,29 @@ impl TableSnapshot {
     }
 }
 
+/// One snapshot of the table, borrowed for the duration of a call (see
+/// [`HypercallTable::with_snapshot`]): a batch looks its entries up in the snapshot its own
+/// call was looked up in.
+#[derive(Clone, Copy)]
+pub(crate) struct SnapshotRef<'a>(&'a Snapshot);
+
+impl<'a> SnapshotRef<'a> {
+    /// The entry of `nr`, if it has a handler.
+    pub(crate) fn get(self, nr: u64) -> Option<&'a Entry> {
+        self.0.get(&nr)
+    }
+
+    /// Every entry, in no particular order.
+    pub(crate) fn iter(self) -> impl Iterator<Item = (u64, &'a Entry)> {
+        self.0.iter().map(|(nr, e)| (*nr, e))
+    }
+
+    /// Number of handlers.
+    pub(crate) fn len(self) -> usize {
+        self.0.len()
+    }
+}
+
 /// The live call counter of every number that ever had a handler, kept by the writers.
 type Counters = HashMap<u64, Arc<AtomicU64>>;
 
@@ -192,6 +215,12 @@ impl HypercallTable {
     pub fn with<R>(&self, nr: u64, f: impl FnOnce(Option<&Entry>) -> R) -> R {
         let snap = self.current.load();
         f(snap.get(&nr))
+    }
+
+    /// Run `f` on the current snapshot, borrowed (no reference count taken): the vCPU hot path.
+    pub(crate) fn with_snapshot<R>(&self, f: impl FnOnce(SnapshotRef<'_>) -> R) -> R {
+        let snap = self.current.load();
+        f(SnapshotRef(&snap))
     }
 
     /// The current snapshot, for looking up many numbers at once (a batch): every lookup in
