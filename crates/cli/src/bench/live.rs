@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use vmcall_vmm::backend::Hypervisor;
 use vmcall_vmm::hypercall::handlers::Builtin;
 use vmcall_vmm::hypercall::HypercallTable;
+use vmcall_vmm::seccomp::Seccomp;
 use vmcall_vmm::stats::Latency;
 use vmcall_vmm::trace::{CallRecord, CallSink};
 use vmcall_vmm::vm::{RunStatus, VmBuilder};
@@ -49,7 +50,22 @@ pub(super) fn exec_run(
     let table = Arc::new(HypercallTable::new());
     let handler = ExecHandler::new(BENCH_NR, cmd, Duration::from_secs(5));
     table.register(BENCH_NR, "exec", handler).expect("empty table");
-    let report = super::bench_vm(hv, image().to_vec(), &format!("hc {n} {BENCH_NR}"), table)?.run();
+    let refused = Arc::new(Refused::default());
+    // As `vmcall run` does for exec: handlers: a vCPU thread's seccomp filter would keep it
+    // from starting the handler's process, and every call would time a refusal.
+    let report = super::bench_vm_builder(image().to_vec(), &format!("hc {n} {BENCH_NR}"), table)
+        .seccomp(Seccomp::Off)
+        .sink(refused.clone())
+        .build(hv)
+        .map_err(|e| crate::chain(&e))?
+        .run();
+    let refused = refused.0.load(Ordering::Relaxed);
+    if refused > 0 {
+        return Err(format!(
+            "the exec handler did not answer {refused} of {n} calls (-KVM_EFAULT): is `{cmd}` \
+             runnable here?"
+        ));
+    }
     match report.result {
         Ok(RunStatus::Exited(0)) => {
             // (The first round trip includes starting Python: an outlier the median ignores.)
@@ -57,6 +73,18 @@ pub(super) fn exec_run(
             Ok(())
         }
         other => Err(format!("bench guest ended with {other:?}")),
+    }
+}
+
+/// Counts the calls a failing handler answered with -KVM_EFAULT.
+#[derive(Default)]
+struct Refused(AtomicU64);
+
+impl CallSink for Refused {
+    fn record(&self, c: &CallRecord<'_>) {
+        if c.ret == (-vmcall_abi::errno::KVM_EFAULT) as u64 {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

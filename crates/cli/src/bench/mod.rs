@@ -104,21 +104,25 @@ fn wasm_table() -> Result<Arc<HypercallTable>, String> {
     Err("built without the wasm feature".into())
 }
 
-/// A VM for `image` with `cmdline` and `table` on `hv`, its console discarded.
+/// A VM for `image` with `cmdline` and `table` on `hv`, its console discarded, its vCPU
+/// threads confined as `vmcall run` confines them (the library's default filters).
 fn bench_vm(
     hv: &dyn Hypervisor,
     image: Vec<u8>,
     cmdline: &str,
     table: Arc<HypercallTable>,
 ) -> Result<Vm, String> {
+    bench_vm_builder(image, cmdline, table).build(hv).map_err(|e| crate::chain(&e))
+}
+
+/// The builder behind [`bench_vm`], for lines that need more (a sink, other filters).
+fn bench_vm_builder(image: Vec<u8>, cmdline: &str, table: Arc<HypercallTable>) -> VmBuilder {
     VmBuilder::new(image)
         .memory(RAM)
         .cmdline(cmdline)
         .table(table)
         .timeout(Some(Duration::from_secs(120)))
         .console(Box::new(std::io::sink()))
-        .build(hv)
-        .map_err(|e| crate::chain(&e))
 }
 
 /// Run the bench guest with `cmdline` on `hv`; its round trips go into `lat`.
