@@ -1,9 +1,9 @@
 //! A debugger's hold on a running VM, independent of any wire protocol (the gdb remote stub in
-//! [`crate::gdb`] is one user): pausing every vCPU, reading and writing a paused vCPU's
+//! `gdb` (feature `gdb`) is one user): pausing every vCPU, reading and writing a paused vCPU's
 //! registers, arming breakpoints, watchpoints and single steps, stopping before chosen
 //! hypercalls are answered, and letting the guest run on when the debugger leaves.
 //!
-//! Every vCPU thread passes through [`DebugHub::gate`] before each `run`. While the VM is
+//! Every vCPU thread passes through the hub's gate before each `run`. While the VM is
 //! paused it parks there and serves the debugger's requests itself: a backend's vCPU state
 //! lives on its own thread (an emulator engine is not `Send`), so the debugger never touches
 //! a vCPU directly. A vCPU that stops (breakpoint, step, watchpoint, caught hypercall) reports
