@@ -144,6 +144,10 @@ pub mod ports {
     /// Doorbell of a rewritten hypercall site (`out imm8, al; nop`); only meaningful from a site
     /// the host rewrote itself.
     pub const PORT_DOORBELL: u16 = 0xf5;
+    /// The bytes a rewritten hypercall site holds: `out PORT_DOORBELL, al; nop`, as long as the
+    /// hypercall instruction it replaces (`out imm8, al` changes no register, and the `nop` ends
+    /// the instruction stream where the hypercall did).
+    pub const DOORBELL_SITE: [u8; 3] = [0xe6, PORT_DOORBELL as u8, 0x90];
     /// Rung by the VMM-owned #UD and #GP handlers: either a hypercall instruction that the CPU
     /// refused (#UD when the kernel does not handle it, #GP from CPL > 0 under some KVMs) or a
     /// genuine fault.

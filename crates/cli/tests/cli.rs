@@ -1,33 +1,8 @@
 //! The `vmcall` command as a user meets it: exit statuses, error messages, help.
 
-use std::io::Write;
-use std::process::{Command, Output};
+mod common;
 
-fn vmcall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmcall")).args(args).output().expect("run vmcall")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-fn guest(name: &str) -> &'static str {
-    vmcall_test_guests::path(name).expect("guest exists")
-}
-
-/// Whether KVM runs guests here; says so visibly when it does not.
-fn kvm_available(test: &str) -> bool {
-    match vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto) {
-        Ok(_) => true,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: {e}");
-            false
-        }
-    }
-}
+use common::{guest, kvm_available, text, vmcall, vmcall_no_kvm};
 
 /// The strategy `--trap auto` picks on this KVM (xen where the intercept is available).
 fn auto_trap() -> vmcall_kvm::Trap {
@@ -96,13 +71,7 @@ fn shadowing_a_standard_number_needs_override() {
 
 #[test]
 fn without_kvm_auto_falls_back_to_the_emulator_and_says_why() {
-    let run = |backend: &str| {
-        Command::new(env!("CARGO_BIN_EXE_vmcall"))
-            .args(["demo", "--backend", backend])
-            .env("VMCALL_NO_KVM", "1")
-            .output()
-            .unwrap()
-    };
+    let run = |backend: &str| vmcall_no_kvm(&["demo", "--backend", backend]);
     let o = run("kvm");
     assert_eq!(o.status.code(), Some(125));
     assert!(text(&o).1.contains("KVM is disabled by VMCALL_NO_KVM"), "{}", text(&o).1);

@@ -10,28 +10,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vmcall")
-}
+mod common;
 
-fn guest(name: &str) -> &'static str {
-    vmcall_test_guests::path(name).expect("guest exists")
-}
-
-/// A fresh directory for one test's sockets and files.
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmcall-ctl-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{bin, guest, scratch, text};
 
 fn ctl(socket: &Path, args: &[&str]) -> Output {
     Command::new(bin()).arg("ctl").arg(socket).args(args).output().expect("run vmcall ctl")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
 }
 
 /// A `vmcall run` in the background, killed if the test ends early.

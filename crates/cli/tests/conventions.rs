@@ -2,19 +2,9 @@
 //! built in and under which license, completions and a man page, `-q`, `info --json`, `-` for
 //! stdout, and `--timeout` zero in any unit meaning no limit.
 
-use std::process::{Command, Output};
+mod common;
 
-fn vmcall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmcall")).args(args).output().expect("run vmcall")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
-}
-
-fn guest(name: &str) -> &'static str {
-    vmcall_test_guests::path(name).expect("guest exists")
-}
+use common::{guest, text, vmcall, vmcall_no_kvm};
 
 /// Every value vmcall cannot use is refused when parsing, as clap refuses its own: status 2,
 /// `error: ...` and the usage hint, and no VM built.
@@ -51,11 +41,7 @@ fn out_of_range_values_are_usage_errors() {
 /// says why, not a silent run on the software CPU.
 #[test]
 fn an_explicit_trap_without_kvm_is_an_error() {
-    let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
-        .args(["demo", "--trap", "ud"])
-        .env("VMCALL_NO_KVM", "1")
-        .output()
-        .unwrap();
+    let o = vmcall_no_kvm(&["demo", "--trap", "ud"]);
     let err = text(&o).1;
     assert_eq!(o.status.code(), Some(125), "{err}");
     assert!(
@@ -132,11 +118,7 @@ fn info_reports_json_and_says_whether_anything_runs() {
     assert!(doc["auto_backend"] == "kvm" || doc["auto_backend"] == "emu", "{out}");
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
 
-    let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
-        .args(["info", "--json"])
-        .env("VMCALL_NO_KVM", "1")
-        .output()
-        .unwrap();
+    let o = vmcall_no_kvm(&["info", "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(doc["kvm"]["usable"], false);
     assert!(doc["kvm"]["reason"].as_str().unwrap().contains("VMCALL_NO_KVM"), "{doc}");

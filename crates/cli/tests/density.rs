@@ -5,9 +5,13 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{bin, guest};
+
 /// Run `vmcall ARGS`, killing it after `limit`; its stdout, stderr and whether it succeeded.
 fn vmcall_within(args: &[&str], limit: Duration) -> (String, String, bool) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmcall"))
+    let mut child = Command::new(bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -83,10 +87,6 @@ fn density_report_judges_the_targets() {
     assert!(out.contains("not judged"), "{out}");
 }
 
-fn guest(name: &str) -> &'static str {
-    vmcall_test_guests::path(name).expect("guest exists")
-}
-
 #[test]
 fn instances_run_side_by_side_with_their_own_console_prefix() {
     let (out, err, ok) = vmcall_within(
@@ -125,7 +125,7 @@ fn instances_get_their_number_and_the_first_failure_sets_the_status() {
         &["emu"]
     };
     for backend in backends {
-        let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
+        let o = Command::new(bin())
             .args(["run", guest("density"), "--instances", "3", "--backend", backend])
             .args([
                 "--hypercall",
@@ -154,7 +154,7 @@ fn instances_refuse_what_works_with_one_vm_only() {
     let flags =
         [&["--control"][..], &["--stats-json", "-"], &["--trace-json", "-"], &["--record", "-"]];
     for flag in flags {
-        let o = Command::new(env!("CARGO_BIN_EXE_vmcall"))
+        let o = Command::new(bin())
             .args(["run", guest("demo"), "--instances", "2", "--backend", "emu"])
             .args(flag)
             .output()

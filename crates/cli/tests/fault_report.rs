@@ -1,20 +1,14 @@
 //! A guest fault's report names code: the symbol next to RIP (from the image's symbol table)
 //! and the last hypercalls of the vCPU that faulted, on every backend.
 
-use std::io::Write;
-use std::process::{Command, Output};
+mod common;
 
-fn vmcall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmcall")).args(args).output().expect("run vmcall")
-}
+use common::{kvm_available, vmcall};
 
 fn backends(test: &str) -> Vec<&'static str> {
     let mut b = vec!["emu"];
-    match vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto) {
-        Ok(_) => b.push("kvm"),
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP {test} on kvm: {e}");
-        }
+    if kvm_available(&format!("{test} on kvm")) {
+        b.push("kvm");
     }
     b
 }

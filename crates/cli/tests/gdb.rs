@@ -10,6 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+mod common;
+
+use common::{bin, kvm_available};
+
 /// Every gdb session and every VM here ends within this long.
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -19,10 +23,6 @@ fn skip(msg: &str) {
 
 fn gdb_installed() -> bool {
     Command::new("gdb").arg("--version").output().is_ok_and(|o| o.status.success())
-}
-
-fn kvm_available() -> Result<(), String> {
-    vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// A `vmcall run --gdb 0` in the background, and the address it listens on.
@@ -43,7 +43,7 @@ impl Vm {
     /// `vmcall ARGS --backend B --gdb 0 --timeout ...`.
     fn spawn(backend: &str, args: &[&str]) -> Vm {
         let timeout = format!("{}s", TIMEOUT.as_secs());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vmcall"))
+        let mut child = Command::new(bin())
             .args(args)
             .args(["--backend", backend, "--gdb", "0", "--timeout", &timeout])
             .stdout(Stdio::piped())
@@ -321,8 +321,8 @@ fn gdb_interrupt_on_the_emulator() {
 
 #[test]
 fn gdb_interrupt_on_kvm() {
-    if let Err(e) = kvm_available() {
-        return skip(&format!("gdb_interrupt_on_kvm: {e}"));
+    if !kvm_available("gdb_interrupt_on_kvm") {
+        return;
     }
     interrupt("kvm");
 }
@@ -340,8 +340,8 @@ fn gdb_session_on_kvm() {
     if !gdb_installed() {
         return skip("gdb_session_on_kvm: gdb is not installed (apt-get install gdb)");
     }
-    if let Err(e) = kvm_available() {
-        return skip(&format!("gdb_session_on_kvm: {e}"));
+    if !kvm_available("gdb_session_on_kvm") {
+        return;
     }
     session("kvm");
 }
@@ -359,8 +359,8 @@ fn gdb_catches_hypercalls_and_detaches_on_kvm() {
     if !gdb_installed() {
         return skip("gdb_catches_hypercalls_and_detaches_on_kvm: gdb is not installed");
     }
-    if let Err(e) = kvm_available() {
-        return skip(&format!("gdb_catches_hypercalls_and_detaches_on_kvm: {e}"));
+    if !kvm_available("gdb_catches_hypercalls_and_detaches_on_kvm") {
+        return;
     }
     catch_and_detach("kvm");
 }

@@ -4,8 +4,11 @@
 //! and a wall-clock limit, so a vmcall that read `/dev/zero` to the end would fail the test
 //! instead of taking the machine down.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
+
+mod common;
+
+use common::scratch;
 
 /// `vmcall ARGS` with at most 1 GiB of address space and 60 seconds.
 fn bounded(args: &[&str]) -> Output {
@@ -21,14 +24,6 @@ fn bounded(args: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A fresh directory for this test's files.
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmcall-hostile-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn refused(args: &[&str], status: i32, want: &str) {

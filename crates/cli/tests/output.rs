@@ -1,17 +1,11 @@
 //! `exec:` handlers (the documented Python example, and processes that die, hang or answer
 //! garbage) and the machine-readable output (`--stats-json`, `--trace-json`, `-` for stdout).
 
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
-fn vmcall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmcall")).args(args).output().expect("run vmcall")
-}
+mod common;
 
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
-}
+use common::{text, vmcall};
 
 fn hcloop() -> &'static str {
     vmcall_test_guests::path("hcloop").unwrap()

@@ -3,37 +3,12 @@
 //! is reported call by call, a re-run that diverges is pinned to its first different call.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-fn vmcall(args: &[&str]) -> Output {
-    // Every run here has a guest with --timeout (vmcall's default, 30 s, unless given).
-    Command::new(env!("CARGO_BIN_EXE_vmcall")).args(args).output().expect("run vmcall")
-}
+mod common;
 
-fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
-}
-
-fn guest(name: &str) -> &'static str {
-    vmcall_test_guests::path(name).expect("guest exists")
-}
-
-fn kvm_available(test: &str) -> bool {
-    match vmcall_kvm::KvmHypervisor::open(vmcall_kvm::Trap::Auto) {
-        Ok(_) => true,
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP {test} (KVM part): {e}");
-            false
-        }
-    }
-}
-
-fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmcall-record-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{guest, kvm_available, scratch, text, vmcall};
 
 /// Record `calls N 20` (hypercall 20 with a0 = 0..N) answered by `spec` on `backend`.
 fn record(file: &Path, backend: &str, spec: &str, n: &str) {
@@ -58,9 +33,9 @@ fn record(file: &Path, backend: &str, spec: &str, n: &str) {
 
 #[test]
 fn a_recording_replays_with_no_diff_on_both_backends() {
-    let d = dir("nodiff");
+    let d = scratch("nodiff");
     let mut backends = vec!["emu"];
-    if kvm_available("a_recording_replays_with_no_diff_on_both_backends") {
+    if kvm_available("a_recording_replays_with_no_diff_on_both_backends (KVM part)") {
         backends.push("kvm");
     }
     for made_on in &backends {
@@ -92,7 +67,7 @@ fn a_recording_replays_with_no_diff_on_both_backends() {
 
 #[test]
 fn a_changed_handler_is_reported_call_by_call_and_exits_1() {
-    let d = dir("changed");
+    let d = scratch("changed");
     let file = d.join("r.jsonl");
     record(&file, "emu", "echo", "10");
     // const:3 answers what echo answered only for a0 = 3 (seq 3).
@@ -132,7 +107,7 @@ fn a_changed_handler_is_reported_call_by_call_and_exits_1() {
 
 #[test]
 fn a_diverging_rerun_names_its_first_different_call() {
-    let d = dir("diverge");
+    let d = scratch("diverge");
     let file = d.join("r.jsonl");
     record(&file, "emu", "echo", "10");
     let f = file.to_str().unwrap();
@@ -181,7 +156,7 @@ fn a_diverging_rerun_names_its_first_different_call() {
 
 #[test]
 fn calls_that_need_guest_memory_are_named_not_guessed() {
-    let d = dir("memory");
+    let d = scratch("memory");
     let wat = d.join("reads.wat");
     std::fs::write(
         &wat,
@@ -212,7 +187,7 @@ fn calls_that_need_guest_memory_are_named_not_guessed() {
 
 #[test]
 fn stats_of_a_recording_is_the_stats_report() {
-    let d = dir("stats");
+    let d = scratch("stats");
     let file = d.join("r.jsonl");
     let o = vmcall(&[
         "run",
@@ -260,7 +235,7 @@ fn stats_of_a_recording_is_the_stats_report() {
 
 #[test]
 fn exec_handlers_replay_with_and_without_the_guest() {
-    let d = dir("exec");
+    let d = scratch("exec");
     let file = d.join("r.jsonl");
     record(&file, "emu", "echo", "4");
     let f = file.to_str().unwrap();
@@ -309,7 +284,7 @@ fn record_to_stdout_and_handlers_that_cannot_be_rebuilt() {
     assert!(text(&o).1.contains("--record - needs stdout to itself"), "{:?}", text(&o));
 
     // A handler registered by library code has no spec to rebuild it from.
-    let d = dir("native");
+    let d = scratch("native");
     let native = out.replacen(
         "{\"nr\":\"0x14\",\"name\":\"echo\",\"kind\":\"echo\"",
         "{\"nr\":\"0x14\",\"name\":\"mine\",\"kind\":\"native\"",

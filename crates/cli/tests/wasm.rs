@@ -3,11 +3,10 @@
 #![cfg(feature = "wasm")]
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn vmcall(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmcall")).args(args).output().expect("run vmcall")
-}
+mod common;
+
+use common::vmcall;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().parent().unwrap()

@@ -14,93 +14,17 @@
 //! - the call is answered exactly as a trapped one: the CPL and mode of the code running now
 //!   (CPL 3 gets -KVM_EPERM; outside long mode the number and arguments are truncated).
 //!
-//! Sites are kept per VM, by guest-physical address, in a [`SiteTable`] shared by the vCPUs;
+//! Sites are kept per VM, by guest-physical address, in a [`SiteTable`] shared by the vCPUs (the
+//! library's, which the KVM backend uses too);
 //! each vCPU keeps a copy of the entries it has used ([`LocalSites`]) so the hot path takes no
 //! lock, and drops it whenever any vCPU has forgotten a site (a generation counter).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
 
-use vmcall_abi::ports::PORT_DOORBELL;
+pub(crate) use vmcall_vmm::hypercall::sites::{SiteTable, DOORBELL_SITE};
 use vmcall_vmm::hypercall::HypercallInsn;
-use vmcall_vmm::memory::{GuestRam, OutOfBounds};
 
 use crate::ram::RamView;
-
-/// The bytes written over a site: `out PORT_DOORBELL, al; nop`.
-pub(crate) const DOORBELL_SITE: [u8; 3] = [0xe6, PORT_DOORBELL as u8, 0x90];
-
-/// A VM's rewritten sites, by guest-physical address.
-#[derive(Debug, Default)]
-pub(crate) struct SiteTable {
-    sites: RwLock<HashMap<u64, HypercallInsn>>,
-    /// Bumped whenever a site is forgotten, so that vCPUs drop their copies.
-    generation: AtomicU64,
-}
-
-impl SiteTable {
-    /// Rewrite the hypercall instruction at `gpa` into the doorbell, if its bytes are still a
-    /// hypercall. With more than one vCPU the three bytes are replaced in one store (a vCPU
-    /// running the site meanwhile executes either the hypercall or the doorbell, both answered
-    /// the same); a site whose bytes straddle an 8-byte word then stays as it is and keeps
-    /// trapping. Returns whether the site is now rewritten.
-    pub(crate) fn rewrite(
-        &self,
-        ram: &GuestRam,
-        gpa: u64,
-        insn: HypercallInsn,
-        single_vcpu: bool,
-    ) -> Result<bool, OutOfBounds> {
-        let mut sites = self.sites.write().unwrap_or_else(|p| p.into_inner());
-        let mut bytes = [0u8; 3];
-        ram.read(gpa, &mut bytes)?;
-        if bytes == DOORBELL_SITE && sites.contains_key(&gpa) {
-            return Ok(true);
-        }
-        if HypercallInsn::decode(&bytes) != Some(insn) {
-            return Ok(false);
-        }
-        let done = if single_vcpu {
-            ram.write(gpa, &DOORBELL_SITE)?;
-            true
-        } else {
-            ram.write_in_one_store(gpa, &DOORBELL_SITE)?
-        };
-        if done {
-            sites.insert(gpa, insn);
-        }
-        Ok(done)
-    }
-
-    /// The instruction rewritten at `gpa`, if `gpa` is a site (whatever its bytes are now).
-    fn get(&self, gpa: u64) -> Option<HypercallInsn> {
-        self.sites.read().unwrap_or_else(|p| p.into_inner()).get(&gpa).copied()
-    }
-
-    fn forget(&self, gpa: u64) {
-        if self.sites.write().unwrap_or_else(|p| p.into_inner()).remove(&gpa).is_some() {
-            self.generation.fetch_add(1, Ordering::Release);
-        }
-    }
-
-    /// Whether `gpa` is a rewritten site whose bytes are still the doorbell (a vCPU whose
-    /// translation cache still holds the hypercall there has trapped on it).
-    pub(crate) fn is_live_site(&self, ram: &GuestRam, gpa: u64) -> Option<HypercallInsn> {
-        let insn = self.get(gpa)?;
-        still_doorbell(ram, gpa).then_some(insn)
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.sites.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-fn still_doorbell(ram: &GuestRam, gpa: u64) -> bool {
-    let mut bytes = [0u8; 3];
-    ram.read(gpa, &mut bytes).is_ok() && bytes == DOORBELL_SITE
-}
 
 /// One vCPU's copy of the sites it has answered.
 #[derive(Debug, Default)]
@@ -120,7 +44,7 @@ impl LocalSites {
         ram: &RamView,
         gpa: u64,
     ) -> Option<HypercallInsn> {
-        let generation = table.generation.load(Ordering::Acquire);
+        let generation = table.generation();
         if generation != self.generation {
             self.sites.clear();
             self.last = None;
@@ -155,9 +79,10 @@ impl LocalSites {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use vmcall_vmm::memory::GuestRam;
 
     #[test]
-    fn rewrite_only_hypercalls_and_forget_overwritten_sites() {
+    fn a_vcpus_copy_answers_only_live_sites_and_forgets_overwritten_ones() {
         let ram = Arc::new(GuestRam::new(2 << 20).unwrap());
         let view = RamView::new(ram.clone());
         let t = SiteTable::default();
@@ -165,25 +90,20 @@ mod tests {
         ram.write(0x1000, &[0x0f, 0x01, 0xc1]).unwrap();
         ram.write(0x2000, &[0xb8, 0x0f, 0x01]).unwrap();
         assert_eq!(t.rewrite(&ram, 0x2000, HypercallInsn::Vmcall, true), Ok(false));
-        // Bytes that are the other instruction than the one that trapped: not rewritten.
-        assert_eq!(t.rewrite(&ram, 0x1000, HypercallInsn::Vmmcall, true), Ok(false));
         assert_eq!(t.rewrite(&ram, 0x1000, HypercallInsn::Vmcall, true), Ok(true));
-        let mut b = [0u8; 3];
-        ram.read(0x1000, &mut b).unwrap();
-        assert_eq!(b, DOORBELL_SITE);
         assert_eq!(local.lookup(&t, &view, 0x1000), Some(HypercallInsn::Vmcall));
         assert_eq!(local.lookup(&t, &view, 0x2000), None);
         // The guest's own doorbell bytes elsewhere are no site.
         ram.write(0x3000, &DOORBELL_SITE).unwrap();
         assert_eq!(local.lookup(&t, &view, 0x3000), None);
-        assert_eq!(t.is_live_site(&ram, 0x1000), Some(HypercallInsn::Vmcall));
+        assert_eq!(t.lookup(&ram, 0x1000), Some(HypercallInsn::Vmcall));
         ram.write(0x1002, &[0xc3]).unwrap(); // the guest wrote new code over the site
         assert_eq!(local.lookup(&t, &view, 0x1000), None);
-        assert_eq!(t.len(), 0);
+        assert_eq!(t.len(), 0, "forgotten in the shared table too");
         // ... and writing the doorbell bytes back itself does not make it a site again.
         ram.write(0x1000, &DOORBELL_SITE).unwrap();
         assert_eq!(local.lookup(&t, &view, 0x1000), None);
-        assert_eq!(t.is_live_site(&ram, 0x1000), None);
+        assert_eq!(t.lookup(&ram, 0x1000), None);
     }
 
     #[test]
@@ -200,16 +120,5 @@ mod tests {
         assert_eq!(a.lookup(&t, &view, 0x1000), None);
         ram.write(0x1000, &DOORBELL_SITE).unwrap();
         assert_eq!(b.lookup(&t, &view, 0x1000), None, "b's copy went with the generation");
-    }
-
-    #[test]
-    fn with_several_vcpus_sites_are_rewritten_in_one_store_or_not_at_all() {
-        let ram = GuestRam::new(2 << 20).unwrap();
-        let t = SiteTable::default();
-        ram.write(0x1006, &[0x0f, 0x01, 0xd9]).unwrap(); // straddles 0x1008
-        assert_eq!(t.rewrite(&ram, 0x1006, HypercallInsn::Vmmcall, false), Ok(false));
-        let mut b = [0u8; 3];
-        ram.read(0x1006, &mut b).unwrap();
-        assert_eq!(b, [0x0f, 0x01, 0xd9], "left as it was");
     }
 }

@@ -135,8 +135,7 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
     if found.is_none() && bytes == DOORBELL_SITE {
         // This engine translated the site before another vCPU rewrote it: drop the stale
         // translation and run the doorbell now in memory.
-        let live =
-            memory.gpa(linear).ok().and_then(|gpa| state.sites.is_live_site(&state.ram, gpa));
+        let live = memory.gpa(linear).ok().and_then(|gpa| state.sites.lookup(&state.ram, gpa));
         if live.is_some() {
             let _ = uc.ctl_remove_cache(linear, linear + insn::HYPERCALL_LEN);
             return true;

@@ -30,7 +30,6 @@ mod regs;
 mod rewrite;
 mod seccomp;
 mod signal;
-mod sites;
 mod vcpu;
 pub mod xen;
 
@@ -40,7 +39,7 @@ use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, CpuId, KVM_MAX_C
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmcall_vmm::backend::{BackendError, GuestInfo, Hypervisor, Vcpu, VmBackend};
 use vmcall_vmm::boot::VcpuInit;
-use vmcall_vmm::hypercall::{HypercallInsn, InsnAction};
+use vmcall_vmm::hypercall::{HypercallInsn, InsnAction, SiteTable};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::cpuid::PvCpuid;
 
@@ -312,7 +311,7 @@ impl Hypervisor for KvmHypervisor {
             }
             (t, _) => t,
         };
-        let sites = sites::SiteTable::default();
+        let sites = SiteTable::default();
         let single_vcpu = guest.vcpus == 1;
         let hw_sites = match trap {
             Trap::Rewrite => {

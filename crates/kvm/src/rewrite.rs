@@ -1,8 +1,10 @@
-//! Finding hypercall sites with a real x86 decoder, and the doorbell they are rewritten into.
+//! Finding hypercall sites with a real x86 decoder, to rewrite into the doorbell.
 //!
-//! A site `VMCALL`/`VMMCALL` (3 bytes) becomes `out PORT_DOORBELL, al; nop` (3 bytes): `out imm8,
-//! al` changes no register, KVM exits to user space with RIP just after it, and the `nop` makes
-//! the resumed instruction stream end exactly where the original instruction did.
+//! A site `VMCALL`/`VMMCALL` (3 bytes) becomes `out PORT_DOORBELL, al; nop` (3 bytes,
+//! [`DOORBELL_SITE`](vmcall_vmm::hypercall::sites::DOORBELL_SITE), kept in the VM's
+//! [`SiteTable`](vmcall_vmm::hypercall::SiteTable)): `out imm8, al` changes no register, KVM
+//! exits to user space with RIP just after it, and the `nop` makes the resumed instruction
+//! stream end exactly where the original instruction did.
 //!
 //! Only bytes *proven* to be code are ever rewritten: [`prove_sites`] decodes recursively from
 //! the entry point and the image's function symbols, following direct jumps, branches and
@@ -13,13 +15,10 @@
 use std::collections::{HashSet, VecDeque};
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
-use vmcall_abi::ports::PORT_DOORBELL;
 use vmcall_vmm::boot::elf::{CodeRoot, Segment};
 use vmcall_vmm::hypercall::HypercallInsn;
 use vmcall_vmm::memory::{GuestRam, OutOfBounds};
 
-/// The bytes written over a site.
-pub const DOORBELL_SITE: [u8; 3] = [0xe6, PORT_DOORBELL as u8, 0x90];
 /// Length of `out imm8, al`: RIP at the doorbell exit is site + this.
 pub const DOORBELL_OUT_LEN: u64 = 2;
 

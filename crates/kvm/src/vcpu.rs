@@ -18,6 +18,7 @@ use vmcall_vmm::backend::{
     VcpuExit,
 };
 use vmcall_vmm::boot;
+use vmcall_vmm::hypercall::sites::{SiteTable, DOORBELL_SITE};
 use vmcall_vmm::hypercall::{ForeignInsn, HypercallExit, HypercallInsn, InsnAction};
 use vmcall_vmm::memory::GuestRam;
 use vmcall_vmm::x86::descriptors::{self, code_segment, read_trap_frame, TrapFrame};
@@ -28,9 +29,8 @@ use crate::debugregs::{guest_handlers, DebugRegs, Slot, HW_BREAKPOINTS};
 use crate::regs::{
     paging_context, regs_from_kvm, regs_to_kvm, segment_from_kvm, segment_to_kvm, sregs_from_kvm,
 };
-use crate::rewrite::{DOORBELL_OUT_LEN, DOORBELL_SITE};
+use crate::rewrite::DOORBELL_OUT_LEN;
 use crate::signal::SignalInterrupter;
-use crate::sites::SiteTable;
 use crate::xen;
 
 /// How the VM's vCPUs trap hypercalls, shared by all of them.

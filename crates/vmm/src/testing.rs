@@ -10,6 +10,7 @@
 //! ...build(&scripted)`, `run()`, then the report and [`Scripted::completions`].
 
 use std::collections::VecDeque;
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::Duration;
@@ -250,4 +251,31 @@ pub fn hypercall_at_cpl(nr: u64, args: [u64; 4], cpl: u8) -> VcpuExit {
 /// The guest's `exit(status)`: a 4-byte write to the exit port.
 pub fn exit_with(status: u32) -> VcpuExit {
     VcpuExit::IoOut { port: ports::PORT_EXIT, size: 4, data: status }
+}
+
+/// A console (or any writer) that keeps what is written to it, for a test to read afterwards;
+/// clones share the bytes, so a test keeps one and gives the VM another.
+#[derive(Debug, Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// Everything written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Everything written so far, as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -108,23 +108,11 @@ impl Uart {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::testing::Capture;
 
     #[test]
     fn registers_behave_like_a_16550() {
-        let sink = Sink::default();
+        let sink = Capture::default();
         let uart = Uart::new(Console::new(Box::new(sink.clone())));
         let mut line = Vec::new();
         // LSR: transmitter holding register and transmitter empty, no data ready.
@@ -143,7 +131,7 @@ mod tests {
         for b in b"hi\nthere" {
             uart.write(0, *b, &mut line);
         }
-        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+        assert_eq!(sink.bytes(), b"hi\n");
         assert_eq!(line, b"there");
     }
 }

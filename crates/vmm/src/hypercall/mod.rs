@@ -8,6 +8,7 @@ pub mod handlers;
 pub mod insn;
 mod list;
 pub mod platform;
+pub mod sites;
 mod standard;
 pub mod table;
 #[cfg(feature = "wasm")]
@@ -17,4 +18,5 @@ pub use call::{neg, Call, HypercallError, HypercallHandler, HypercallResult};
 pub use emulate::{emulate, emulate_with, AnsweredBy, Emulated, HypercallExit};
 pub use insn::{ForeignInsn, HypercallInsn, InsnAction};
 pub use platform::{DetachedPlatform, Platform};
+pub use sites::SiteTable;
 pub use table::{Entry, HypercallTable, Listed, TableError, TableSnapshot};

@@ -1,22 +1,6 @@
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use super::*;
 use crate::hypercall::handlers::Builtin;
-
-/// A writer whose bytes the test reads back.
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::testing::Capture;
 
 fn call(vcpu: u32, nr: u64, a0: u64, ret: u64, handler: Option<&str>) -> CallRecord<'_> {
     CallRecord {
@@ -41,7 +25,7 @@ fn table(spec20: &str) -> HypercallTable {
 
 /// A recording of: 20(7) -> 8 twice by `const:8`, a standard poll, 21 unhandled, a batch.
 fn recorded() -> (String, Recording) {
-    let buf = Buf::default();
+    let buf = Capture::default();
     let mut header = Header::new("emu", "guest.elf");
     header.vcpus = 2;
     header.table = Header::table_of(&table("const:8"));
@@ -52,7 +36,7 @@ fn recorded() -> (String, Recording) {
     rec.record(&call(1, 20, 9, 8, Some("const:8")));
     rec.record(&call(0, vmcall_abi::hc::VMCALL_HC_BATCH, 0x8000, 4, None));
     rec.finish("exited 0").unwrap();
-    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let text = String::from_utf8(buf.bytes()).unwrap();
     let parsed = Recording::read(text.as_bytes()).unwrap();
     (text, parsed)
 }

@@ -3,8 +3,7 @@
 //! [`run`]'s own deadline, so a regression fails instead of hanging the test binary.
 
 use std::error::Error;
-use std::io::Write;
-use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::sync::{mpsc, Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use vmcall_abi::errno::{KVM_ENOSYS, KVM_EPERM};
@@ -13,33 +12,15 @@ use vmcall_abi::{mmio, ports, ExitReason};
 
 use crate::backend::{BackendError, GuestFault, VcpuExit};
 use crate::hypercall::{neg, Call, HypercallTable};
-use crate::testing::{exit_with, hypercall, hypercall_at_cpl, image, Completion, Scripted, Step};
+use crate::testing::{
+    exit_with, hypercall, hypercall_at_cpl, image, Capture, Completion, Scripted, Step,
+};
 use crate::vm::{Blame, RunError, RunReport, RunStatus, Vm, VmBuilder};
 
 /// Longer than any run here should take, even on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(60);
 /// What "promptly" means for a run that should end by itself, well under its timeout.
 const PROMPT: Duration = Duration::from_secs(10);
-
-/// Console output, kept for the test to read.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// Build a VM with `vcpus` scripted vCPUs (after `f` configured the builder).
 fn build(hv: &Scripted, vcpus: u32, f: impl FnOnce(VmBuilder) -> VmBuilder) -> Vm {
