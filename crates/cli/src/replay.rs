@@ -4,7 +4,7 @@
 //! (`vmcall_vmm::record`); this module builds tables, runs guests and prints.
 
 use std::fmt::Write as _;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::Args;
 use vmcall_vmm::hypercall::{AnsweredBy, HypercallTable};
-use vmcall_vmm::record::{self, CallEntry, Header, Recorder, Recording, Verdict};
+use vmcall_vmm::record::{self, CallEntry, Header, Recorder, Recording, RecordingReader, Verdict};
 use vmcall_vmm::seccomp::Seccomp;
 use vmcall_vmm::stats::VcpuStats;
 use vmcall_vmm::trace::TraceSwitch;
@@ -113,15 +113,20 @@ pub fn outcome(result: &Result<RunStatus, RunError>) -> String {
     }
 }
 
-fn read_recording(path: &Path) -> Result<Recording, String> {
+/// The recording at `path` (`-`: stdin), its header read.
+fn open_recording(path: &Path) -> Result<RecordingReader<Box<dyn BufRead>>, String> {
     let name = path.display();
-    let parsed = if path == Path::new("-") {
-        Recording::read(std::io::stdin().lock())
+    let input: Box<dyn BufRead> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
     } else {
         let f = std::fs::File::open(path).map_err(|e| format!("cannot read {name}: {e}"))?;
-        Recording::read(BufReader::new(f))
+        Box::new(BufReader::with_capacity(1 << 16, f))
     };
-    parsed.map_err(|e| format!("{name}: {}", crate::chain(&e)))
+    RecordingReader::new(input).map_err(|e| format!("{name}: {}", crate::chain(&e)))
+}
+
+fn read_error(path: &Path, e: &record::RecordError) -> String {
+    format!("{}: {}", path.display(), crate::chain(e))
 }
 
 /// The table a replay answers with: the recorded one, rebuilt from its handler specs (the
@@ -203,60 +208,87 @@ fn call_text(c: &CallEntry) -> String {
 
 /// `vmcall replay`.
 pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
-    let rec = read_recording(&args.file)?;
+    let mut reader = open_recording(&args.file)?;
     let opts = BuildOptions { exec_deadline: args.exec_deadline };
-    let table = Arc::new(replay_table(&rec.header, args, &opts)?);
-    let h = &rec.header;
-    println!(
-        "replay of {}: {} calls recorded on {} by vmcall {} ({}{})",
-        args.file.display(),
-        rec.calls.len(),
-        h.backend,
-        h.vmcall,
-        h.guest,
-        if rec.end.is_none() { ", cut short: no end line" } else { "" },
-    );
+    let table = Arc::new(replay_table(reader.header(), args, &opts)?);
     let code = match &args.guest {
-        None => replay_without_guest(&rec, &table, args.limit)?,
-        Some(guest) => rerun(&rec, guest, table.clone(), args)?,
-    };
+        None => replay_without_guest(&mut reader, &table, args),
+        Some(guest) => {
+            // The comparison goes vCPU by vCPU over both streams: it keeps the whole recording.
+            let calls = reader.by_ref().collect::<Result<Vec<_>, _>>();
+            let calls = calls.map_err(|e| read_error(&args.file, &e))?;
+            let end = reader.end().cloned();
+            let rec = Recording { header: reader.header().clone(), calls, end };
+            print_replay_header(args, &rec.header, rec.calls.len(), rec.end.is_some());
+            rerun(&rec, guest, table.clone(), args)
+        }
+    }?;
     for nr in table.numbers() {
         table.unregister(nr); // ends exec: processes now
     }
     Ok(ExitCode::from(code))
 }
 
+fn print_replay_header(args: &ReplayArgs, h: &Header, calls: usize, ended: bool) {
+    println!(
+        "replay of {}: {} calls recorded on {} by vmcall {} ({}{})",
+        args.file.display(),
+        calls,
+        h.backend,
+        h.vmcall,
+        h.guest,
+        if ended { "" } else { ", cut short: no end line" },
+    );
+}
+
+/// Replay the calls as they are read. The first line of the output counts them, so the lines
+/// of changed calls (at most --limit) wait for the end of the recording; nothing else does.
 fn replay_without_guest(
-    rec: &Recording,
+    reader: &mut RecordingReader<Box<dyn BufRead>>,
     table: &HypercallTable,
-    limit: usize,
+    args: &ReplayArgs,
 ) -> Result<u8, String> {
-    let out = record::replay(rec, table).map_err(|e| crate::chain(&e))?;
-    let (same, changed, memory) = out.counts();
+    let limit = args.limit;
+    let replayer = record::Replayer::new(reader.header(), table).map_err(|e| crate::chain(&e))?;
+    let (mut total, mut same, mut changed, mut memory) = (0usize, 0usize, 0usize, 0usize);
     let mut per_nr: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
-    let mut shown = 0;
-    for (c, v) in rec.calls.iter().zip(&out.verdicts) {
+    let mut memory_nrs = std::collections::BTreeSet::new();
+    let mut shown = String::new();
+    for c in reader.by_ref() {
+        let c = c.map_err(|e| read_error(&args.file, &e))?;
+        total += 1;
         let slot = per_nr.entry(c.nr).or_default();
         slot.0 += 1;
-        if let Verdict::Changed { result, by, handler } = v {
-            slot.1 += 1;
-            if limit == 0 || shown < limit {
-                shown += 1;
-                let [a0, a1, a2, a3] = c.args;
-                println!(
-                    "changed seq {} vcpu {} nr {:#x} args {a0:#x} {a1:#x} {a2:#x} {a3:#x}: \
-                     recorded {} by {}, replayed {} by {}",
-                    c.seq,
-                    c.vcpu,
-                    c.nr,
-                    result_text(c.result),
-                    by_text(c.answered_by(), c.handler.as_deref()),
-                    result_text(*result),
-                    by_text(Some(*by), handler.as_deref()),
-                );
+        match replayer.verdict(&c) {
+            Verdict::Same => same += 1,
+            Verdict::NeedsGuestMemory => {
+                memory += 1;
+                memory_nrs.insert(c.nr);
+            }
+            Verdict::Changed { result, by, handler } => {
+                slot.1 += 1;
+                changed += 1;
+                if limit == 0 || changed <= limit {
+                    let [a0, a1, a2, a3] = c.args;
+                    let _ = writeln!(
+                        shown,
+                        "changed seq {} vcpu {} nr {:#x} args {a0:#x} {a1:#x} {a2:#x} {a3:#x}: \
+                         recorded {} by {}, replayed {} by {}",
+                        c.seq,
+                        c.vcpu,
+                        c.nr,
+                        result_text(c.result),
+                        by_text(c.answered_by(), c.handler.as_deref()),
+                        result_text(result),
+                        by_text(Some(by), handler.as_deref()),
+                    );
+                }
             }
         }
     }
+    print_replay_header(args, reader.header(), total, reader.end().is_some());
+    print!("{shown}");
+    let shown = if limit == 0 { changed } else { changed.min(limit) };
     if shown < changed {
         println!("... and {} more changed calls (--limit {limit})", changed - shown);
     }
@@ -266,24 +298,13 @@ fn replay_without_guest(
         }
     }
     if memory > 0 {
-        let nrs: Vec<String> = rec
-            .calls
-            .iter()
-            .zip(&out.verdicts)
-            .filter(|(_, v)| **v == Verdict::NeedsGuestMemory)
-            .map(|(c, _)| format!("{:#x}", c.nr))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let nrs: Vec<String> = memory_nrs.iter().map(|nr| format!("{nr:#x}")).collect();
         println!(
             "needs guest memory: {memory} calls (nr {}) not replayable without --guest",
             nrs.join(", ")
         );
     }
-    println!(
-        "total: {} calls, {same} same, {changed} changed, {memory} not replayed",
-        rec.calls.len()
-    );
+    println!("total: {total} calls, {same} same, {changed} changed, {memory} not replayed");
     Ok(if changed > 0 { EXIT_DIFFERS } else { 0 })
 }
 
@@ -367,13 +388,19 @@ fn rerun(
     Ok(if differs { EXIT_DIFFERS } else { 0 })
 }
 
-/// Per-vCPU statistics of a recording, as a run would have counted them.
-pub fn stats_of(rec: &Recording) -> Vec<VcpuStats> {
-    let vcpus = rec.header.vcpus.max(rec.calls.iter().map(|c| c.vcpu + 1).max().unwrap_or(0));
-    let mut per_vcpu = vec![VcpuStats::default(); vcpus as usize];
+/// `vmcall stats`: per-vCPU statistics of a recording, as a run would have counted them,
+/// taken call by call as the recording is read.
+pub fn stats(args: &StatsArgs) -> Result<ExitCode, String> {
+    let mut reader = open_recording(&args.file)?;
+    let mut per_vcpu = vec![VcpuStats::default(); reader.header().vcpus as usize];
     let base = vmcall_vmm::stats::Stamp::now();
     let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
-    for c in &rec.calls {
+    let mut last_ns = 0;
+    for c in reader.by_ref() {
+        let c = c.map_err(|e| read_error(&args.file, &e))?;
+        if per_vcpu.len() <= c.vcpu as usize {
+            per_vcpu.resize(c.vcpu as usize + 1, VcpuStats::default());
+        }
         let s = &mut per_vcpu[c.vcpu as usize];
         s.exit(vmcall_abi::ExitReason::Hypercall);
         s.hypercall(
@@ -382,31 +409,26 @@ pub fn stats_of(rec: &Recording) -> Vec<VcpuStats> {
             Duration::from_nanos(c.latency_ns),
         );
         if let Some(h) = &c.handler {
-            let name = names.entry(h.clone()).or_insert_with(|| h.as_str().into());
-            s.answered_by(c.nr, name);
+            let name = match names.get(h) {
+                Some(n) => n.clone(),
+                None => names.entry(h.clone()).or_insert_with(|| h.as_str().into()).clone(),
+            };
+            s.answered_by(c.nr, &name);
         }
+        last_ns = c.time_ns;
     }
-    per_vcpu
-}
-
-/// `vmcall stats`.
-pub fn stats(args: &StatsArgs) -> Result<ExitCode, String> {
-    let rec = read_recording(&args.file)?;
-    let per_vcpu = stats_of(&rec);
-    let elapsed = rec.end.as_ref().map_or_else(
-        || Duration::from_nanos(rec.calls.last().map_or(0, |c| c.time_ns)),
-        |e| Duration::from_nanos(e.elapsed_ns),
-    );
+    let elapsed = Duration::from_nanos(reader.end().map_or(last_ns, |e| e.elapsed_ns));
+    let h = reader.header();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "recording {}: {} on {} ({} vCPU{}), vmcall {}",
         args.file.display(),
-        rec.header.guest,
-        rec.header.backend,
-        rec.header.vcpus,
-        if rec.header.vcpus == 1 { "" } else { "s" },
-        rec.header.vmcall
+        h.guest,
+        h.backend,
+        h.vcpus,
+        if h.vcpus == 1 { "" } else { "s" },
+        h.vmcall
     );
     out += &crate::report::stats_text(&per_vcpu, elapsed, args.view == "vcpu", None, false);
     print!("{out}");

@@ -101,6 +101,78 @@ fn bad_recordings_are_refused_with_the_reason() {
     assert_eq!((r.calls.len(), r.end), (2, None));
 }
 
+/// Bytes of `text`, then a read error: what a reader gets of a file that fails part-way.
+struct FailsAfter<'a>(&'a [u8]);
+
+impl std::io::Read for FailsAfter<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0.is_empty() {
+            return Err(std::io::Error::other("disk on fire"));
+        }
+        let n = self.0.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn the_reader_yields_calls_one_by_one_and_stops_at_the_first_bad_line() {
+    let (text, whole) = recorded();
+    // The whole recording: each call in order, then the end line.
+    let mut r = RecordingReader::new(text.as_bytes()).unwrap();
+    assert_eq!(r.header(), &whole.header);
+    for want in &whole.calls {
+        assert!(r.end().is_none());
+        assert_eq!(&r.next().unwrap().unwrap(), want);
+    }
+    assert!(r.next().is_none());
+    assert_eq!(r.end().map(|e| e.outcome.as_str()), Some("exited 0"));
+
+    // The calls before a malformed line come out before its error, which names the line;
+    // nothing comes after it.
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[3] = "{\"type\":\"call\",\"seq\":\"x\"}";
+    let bad = lines.join("\n");
+    let mut r = RecordingReader::new(bad.as_bytes()).unwrap();
+    assert_eq!(r.next().unwrap().unwrap(), whole.calls[0]);
+    assert_eq!(r.next().unwrap().unwrap(), whole.calls[1]);
+    let e = r.next().unwrap().unwrap_err().to_string();
+    assert!(e.starts_with("line 4:"), "{e}");
+    assert!(r.next().is_none());
+
+    // Calls are yielded as they are read: those before a read error arrive first.
+    let head: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    let input = std::io::BufReader::with_capacity(64, FailsAfter(head.as_bytes()));
+    let mut r = RecordingReader::new(input).unwrap();
+    assert_eq!(r.next().unwrap().unwrap(), whole.calls[0]);
+    assert_eq!(r.next().unwrap().unwrap(), whole.calls[1]);
+    assert!(matches!(r.next(), Some(Err(RecordError::Io(_)))));
+    assert!(r.next().is_none());
+
+    // A recording cut short: every call up to the cut, then no end line.
+    let mut r = RecordingReader::new(head.as_bytes()).unwrap();
+    assert_eq!(r.by_ref().map(Result::unwrap).collect::<Vec<_>>(), whole.calls[..2]);
+    assert!(r.end().is_none());
+
+    // Not a recording: refused when opened, before any call.
+    assert!(matches!(
+        RecordingReader::new(&b"{\"type\":\"call\"}\n"[..]),
+        Err(RecordError::NotARecording)
+    ));
+}
+
+#[test]
+fn the_replayer_gives_the_verdicts_of_replay_call_by_call() {
+    let (_, rec) = recorded();
+    let t = table("const:9");
+    let whole = replay(&rec, &t).unwrap();
+    let replayer = Replayer::new(&rec.header, &t).unwrap();
+    let one_by_one: Vec<Verdict> = rec.calls.iter().map(|c| replayer.verdict(c)).collect();
+    assert_eq!(one_by_one, whole.verdicts);
+    assert_eq!(whole.counts(), (2, 2, 1));
+}
+
 #[test]
 fn replay_with_the_same_table_changes_nothing() {
     let (_, r) = recorded();
