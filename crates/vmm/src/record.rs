@@ -26,6 +26,7 @@ use crate::memory::{GuestRam, RamError};
 use crate::trace::{CallRecord, CallSink};
 use crate::x86::cpuid::PvCpuid;
 use crate::x86::{CpuMode, PagingContext};
+use vmcall_abi::layout::MAX_VCPUS;
 
 /// The `format` of every recording's header.
 pub const FORMAT: &str = "vmcall-record";
@@ -267,6 +268,17 @@ pub enum RecordError {
     /// A line after the end line, or a second header.
     #[error("line {0}: unexpected {1} line")]
     Unexpected(usize, &'static str),
+    /// A vCPU count or number no run of vmcall can have (a header outside
+    /// `1..=MAX_VCPUS`, or a call on a vCPU the header does not have).
+    #[error("line {line}: vCPU {vcpu} (the recording's VM has {vcpus}; vmcall runs at most {max})", max = MAX_VCPUS)]
+    Vcpu {
+        /// 1-based.
+        line: usize,
+        /// The vCPU number, or the header's count.
+        vcpu: u32,
+        /// The header's vCPU count.
+        vcpus: u32,
+    },
 }
 
 /// A recording read back.
@@ -343,6 +355,12 @@ impl<R: BufRead> RecordingReader<R> {
         if header.version == 0 || header.version > VERSION {
             return Err(RecordError::Version(header.version));
         }
+        // Readers size per-vCPU state from these numbers: a file may not make them allocate
+        // more than a real run could have.
+        if !(1..=MAX_VCPUS).contains(&header.vcpus) {
+            let vcpus = header.vcpus;
+            return Err(RecordError::Vcpu { line: line_no, vcpu: vcpus, vcpus });
+        }
         Ok(RecordingReader { input, header, end: None, line_no, buf, done: false })
     }
 
@@ -385,6 +403,10 @@ impl<R: BufRead> RecordingReader<R> {
                 }
                 (_, Some(_)) => {
                     return Err(RecordError::Unexpected(self.line_no, "line after the end"))
+                }
+                (Line::Call(c), None) if c.vcpu >= self.header.vcpus => {
+                    let vcpus = self.header.vcpus;
+                    return Err(RecordError::Vcpu { line, vcpu: c.vcpu, vcpus });
                 }
                 (Line::Call(c), None) => return Ok(Some(c)),
                 (Line::End(e), None) => self.end = Some(e),

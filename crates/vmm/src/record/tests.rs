@@ -318,3 +318,22 @@ fn hand_written_call_lines_are_what_serde_reads_back() {
         );
     }
 }
+
+#[test]
+fn vcpu_numbers_no_run_could_have_are_refused_by_line() {
+    let (text, _) = recorded();
+    // A header claiming more vCPUs than vmcall runs: readers size per-vCPU state from it.
+    let huge = text.replacen("\"vcpus\":2", "\"vcpus\":4000000000", 1);
+    assert_ne!(huge, text, "the header names its vCPU count");
+    let e = RecordingReader::new(huge.as_bytes()).unwrap_err();
+    assert!(matches!(e, RecordError::Vcpu { line: 1, vcpu: 4_000_000_000, .. }), "{e}");
+    // A call on a vCPU the header does not have.
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines[2] = lines[2].replacen("\"vcpu\":1", "\"vcpu\":2", 1);
+    let bad = lines.join("\n");
+    let mut r = RecordingReader::new(bad.as_bytes()).unwrap();
+    assert!(r.next().unwrap().is_ok());
+    let e = r.next().unwrap().unwrap_err().to_string();
+    assert!(e.starts_with("line 3: vCPU 2 (the recording's VM has 2"), "{e}");
+    assert!(r.next().is_none());
+}
