@@ -194,6 +194,14 @@ pub(crate) fn on_invalid(uc: &mut Engine<'_>) -> bool {
 /// emulator's self-modifying-code tracking).
 fn rewrite_site(uc: &mut Engine<'_>, paging: &PagingContext, linear: u64, insn: HypercallInsn) {
     let state = uc.get_data();
+    // Only with one vCPU. Unicorn's translator reads an instruction's bytes one at a time, so
+    // another vCPU translating the site while it is rewritten can read the old first byte and
+    // the new ones after it (`0f f5 90`: a PMADDWD with a memory operand) and fault on an
+    // address the guest never used; the soak run caught exactly that. No store order avoids
+    // it without stopping the other vCPUs, so with several vCPUs sites keep trapping.
+    if !state.single_vcpu {
+        return;
+    }
     let Ok(gpa) = VirtualMemory::new(&state.ram, *paging).gpa(linear) else { return };
     // Not rewritten (straddling a word with several vCPUs, or no longer a hypercall), the
     // site keeps trapping, which answers it the same.
