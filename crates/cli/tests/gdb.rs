@@ -270,6 +270,19 @@ fn unrle(s: &str) -> String {
     out
 }
 
+/// The `Seccomp:` field (2: a filter) of process `pid`'s thread named `name`, if it has one.
+fn seccomp_of_thread(pid: u32, name: &str) -> Option<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim() != name {
+            return None;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(|v| v.trim().to_string())
+    })
+}
+
 /// Ctrl-C (the 0x03 byte gdb sends) stops a guest that never stops by itself, its registers
 /// can be read, and a detach lets it run on.
 fn interrupt(backend: &str) {
@@ -277,6 +290,8 @@ fn interrupt(backend: &str) {
     let mut conn = std::net::TcpStream::connect(&vm.addr).expect("connect");
     conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     assert!(packet(&mut conn, "?").starts_with("T05"), "stopped before the first instruction");
+    // The stub's thread parses what arrives on the connection under its own seccomp filter.
+    assert_eq!(seccomp_of_thread(vm.child.id(), "gdb"), Some("2".into()), "{backend}");
     conn.write_all(b"$c#63").expect("continue");
     std::thread::sleep(Duration::from_millis(300));
     conn.write_all(&[0x03]).expect("Ctrl-C");

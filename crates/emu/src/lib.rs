@@ -138,7 +138,7 @@ impl VmBackend for EmuVm {
                 Allowed::any(libc::SYS_mmap, "unicorn's JIT: its executable translation buffer"),
                 Allowed::any(libc::SYS_mprotect, "unicorn's JIT: guard pages of that buffer"),
             ],
-            ThreadKind::Main => Vec::new(),
+            ThreadKind::Main | ThreadKind::Gdb => Vec::new(),
         }
     }
 }

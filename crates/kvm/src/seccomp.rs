@@ -37,7 +37,7 @@ pub(crate) fn syscalls(kind: ThreadKind) -> Vec<Allowed> {
             ],
             "KVM vCPU: KVM_RUN, KVM_GET_REGS, KVM_GET_MSRS, KVM_SET_GUEST_DEBUG, KVM_SET_REGS, KVM_GET_SREGS",
         )],
-        ThreadKind::Main => Vec::new(),
+        ThreadKind::Main | ThreadKind::Gdb => Vec::new(),
     }
 }
 

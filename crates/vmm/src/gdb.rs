@@ -607,21 +607,117 @@ impl MonitorCmd for GdbTarget {
     }
 }
 
+/// gdb's connection, buffered both ways. `gdbstub` writes a reply byte by byte and reads a
+/// request byte by byte; on a bare `TcpStream` that is a syscall per byte sent and two per
+/// byte received (a register dump was some 600 `sendto`s). Here a reply goes out in one write
+/// when `gdbstub` flushes it (at the end of each packet), and reads take what has arrived.
+struct GdbConnection {
+    stream: TcpStream,
+    out: Vec<u8>,
+    input: Box<[u8; 4096]>,
+    /// The bytes of `input` received and not yet taken.
+    pending: std::ops::Range<usize>,
+    nonblocking: bool,
+}
+
+impl GdbConnection {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            out: Vec::new(),
+            input: Box::new([0; 4096]),
+            pending: 0..0,
+            nonblocking: false,
+        }
+    }
+
+    fn set_nonblocking(&mut self, on: bool) -> std::io::Result<()> {
+        if self.nonblocking != on {
+            self.stream.set_nonblocking(on)?;
+            self.nonblocking = on;
+        }
+        Ok(())
+    }
+
+    /// Receive what has arrived (at least a byte, unless non-blocking and there is none).
+    fn fill(&mut self) -> std::io::Result<()> {
+        use std::io::Read;
+        let n = Read::read(&mut self.stream, &mut self.input[..])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.pending = 0..n;
+        Ok(())
+    }
+}
+
+impl Connection for GdbConnection {
+    type Error = std::io::Error;
+
+    fn write(&mut self, byte: u8) -> Result<(), Self::Error> {
+        self.out.push(byte);
+        Ok(())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error> {
+        self.out.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        use std::io::Write;
+        self.set_nonblocking(false)?;
+        // Whatever the outcome, what was queued is gone: a failed write ends the session.
+        let sent = Write::write_all(&mut self.stream, &self.out);
+        self.out.clear();
+        sent
+    }
+
+    fn on_session_start(&mut self) -> Result<(), Self::Error> {
+        // Replies are small and gdb waits for each: no Nagle delay.
+        self.stream.set_nodelay(true)
+    }
+}
+
+impl ConnectionExt for GdbConnection {
+    fn read(&mut self) -> Result<u8, Self::Error> {
+        if self.pending.is_empty() {
+            self.set_nonblocking(false)?;
+            self.fill()?;
+        }
+        let byte = self.input[self.pending.start];
+        self.pending.start += 1;
+        Ok(byte)
+    }
+
+    fn peek(&mut self) -> Result<Option<u8>, Self::Error> {
+        if self.pending.is_empty() {
+            self.set_nonblocking(true)?;
+            match self.fill() {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(self.input[self.pending.start]))
+    }
+}
+
 /// The blocking loop: waits for the VM to stop while watching the connection for Ctrl-C.
 enum VmEventLoop {}
 
 impl BlockingEventLoop for VmEventLoop {
     type Target = GdbTarget;
-    type Connection = TcpStream;
+    type Connection = GdbConnection;
     type StopReason = MultiThreadStopReason<u64>;
 
     #[allow(clippy::type_complexity)]
     fn wait_for_stop_reason(
         target: &mut GdbTarget,
-        conn: &mut TcpStream,
+        conn: &mut GdbConnection,
     ) -> Result<
         Event<Self::StopReason>,
-        WaitForStopReasonError<String, <TcpStream as Connection>::Error>,
+        WaitForStopReasonError<String, <GdbConnection as Connection>::Error>,
     > {
         loop {
             match target.hub.wait(POLL) {
@@ -663,15 +759,31 @@ pub struct GdbSession {
     pub break_on_hypercalls: Vec<u64>,
 }
 
-/// Start serving `session` on its own thread, with the catches it asks for.
+/// Start serving `session` on its own thread, with the catches it asks for, confined by
+/// `filter` (`ThreadKind::Gdb`'s) before it accepts the connection.
 pub(crate) fn start(
     session: GdbSession,
     hub: Arc<DebugHub>,
     ram: Arc<GuestRam>,
+    filter: Option<seccompiler::BpfProgram>,
     on_kill: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<SessionEnd>> {
     hub.configure(|c| c.catch_hypercalls.extend(&session.break_on_hypercalls));
     std::thread::Builder::new().name("gdb".into()).spawn(move || {
+        if let Some(Err(e)) = filter.as_ref().map(crate::seccomp::install) {
+            // Never serve unconfined what was meant to be confined.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            tracing::warn!(
+                "gdb: cannot confine the stub's thread: {why}; the guest runs without gdb"
+            );
+            hub.detach();
+            return SessionEnd::Detached;
+        }
         let end = serve_with(session, hub.clone(), ram);
         if end == SessionEnd::Killed {
             // Before the detach, which would let the paused vCPUs run on.
@@ -728,16 +840,17 @@ fn serve_inner(
             hub.configure(|c| c.int3 = true);
         }
     }
-    let end = match GdbStub::new(stream).run_blocking::<VmEventLoop>(&mut target) {
-        Ok(DisconnectReason::Kill) => SessionEnd::Killed,
-        Ok(DisconnectReason::TargetExited(_) | DisconnectReason::TargetTerminated(_)) => {
-            SessionEnd::VmEnded
-        }
-        Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
-        Err(e) => {
-            tracing::warn!("gdb session ended: {e}");
-            SessionEnd::Detached
-        }
-    };
+    let end =
+        match GdbStub::new(GdbConnection::new(stream)).run_blocking::<VmEventLoop>(&mut target) {
+            Ok(DisconnectReason::Kill) => SessionEnd::Killed,
+            Ok(DisconnectReason::TargetExited(_) | DisconnectReason::TargetTerminated(_)) => {
+                SessionEnd::VmEnded
+            }
+            Ok(DisconnectReason::Disconnect) => SessionEnd::Detached,
+            Err(e) => {
+                tracing::warn!("gdb session ended: {e}");
+                SessionEnd::Detached
+            }
+        };
     end
 }

@@ -119,6 +119,9 @@ pub enum ThreadKind {
     Vcpu,
     /// The thread that called `Vm::run`, once the vCPU threads run.
     Main,
+    /// The gdb stub's thread (`vmcall run --gdb`, feature `gdb`), from before it accepts its
+    /// connection: everything it receives is parsed under the filter.
+    Gdb,
 }
 
 use libc::{
@@ -198,6 +201,28 @@ fn main_thread() -> Vec<Allowed> {
     ]
 }
 
+/// What the gdb stub's thread needs beyond [`common`]: one connection on the socket it was
+/// given. It reads and writes guest memory through the RAM mapping (no syscall), and the
+/// vCPU threads do everything that touches a backend for it.
+fn gdb() -> Vec<Allowed> {
+    const FIONBIO: u64 = libc::FIONBIO as u64;
+    const IPPROTO_TCP: u64 = libc::IPPROTO_TCP as u64;
+    vec![
+        Allowed::any(libc::SYS_accept4, "gdb stub: accepting its one connection"),
+        Allowed::any(libc::SYS_recvfrom, "gdb stub: reading (and peeking at) gdb's packets"),
+        Allowed::any(libc::SYS_read, "gdb stub: reading gdb's packets"),
+        Allowed::any(libc::SYS_sendto, "gdb stub: its replies"),
+        Allowed::one_of(
+            libc::SYS_ioctl,
+            1,
+            &[FIONBIO],
+            "gdb stub: non-blocking peeks for Ctrl-C while the guest runs",
+        ),
+        Allowed::one_of(libc::SYS_setsockopt, 1, &[IPPROTO_TCP], "gdb stub: TCP_NODELAY"),
+        Allowed::any(libc::SYS_shutdown, "gdb stub: ending the connection"),
+    ]
+}
+
 /// The rules of a thread kind: the common list, the kind's own, and `extra` (the backend's
 /// and the handlers' declarations).
 pub fn rules(kind: ThreadKind, extra: &[Allowed]) -> Vec<Allowed> {
@@ -205,6 +230,7 @@ pub fn rules(kind: ThreadKind, extra: &[Allowed]) -> Vec<Allowed> {
     all.extend(match kind {
         ThreadKind::Vcpu => vcpu(),
         ThreadKind::Main => main_thread(),
+        ThreadKind::Gdb => gdb(),
     });
     all.extend(extra.iter().cloned());
     all
@@ -260,7 +286,7 @@ mod tests {
 
     #[test]
     fn every_list_compiles_and_says_who_needs_each_call() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Main] {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Main, ThreadKind::Gdb] {
             let rules = rules(kind, &[]);
             assert!(rules.iter().all(|a| !a.who.is_empty()));
             assert!(compile(&rules, false).is_ok());

@@ -276,7 +276,12 @@ impl VmBuilder {
         let backend = hv
             .create_vm(prepared.ram.clone(), &prepared.guest)
             .map_err(|source| BuildError::Backend { backend: hv.name(), source })?;
-        let filters = Filters::compile(self.seccomp, backend.as_ref(), &self.seccomp_allow)?;
+        #[cfg(feature = "gdb")]
+        let with_gdb = self.gdb.is_some();
+        #[cfg(not(feature = "gdb"))]
+        let with_gdb = false;
+        let filters =
+            Filters::compile(self.seccomp, backend.as_ref(), &self.seccomp_allow, with_gdb)?;
         let console = Console::new(self.console.unwrap_or_else(|| Box::new(std::io::stdout())));
         let devices = Devices::new(console, self.vcpus, prepared.ram.size());
         #[cfg_attr(not(feature = "gdb"), allow(unused_mut))]
@@ -497,6 +502,10 @@ impl VmMonitor {
 struct Filters {
     vcpu: Option<Arc<seccompiler::BpfProgram>>,
     main: Option<seccompiler::BpfProgram>,
+    /// The gdb stub's thread's, when the VM has one (under any mode but `Off`: like the vCPU
+    /// threads, it acts on input from outside the process).
+    #[cfg_attr(not(feature = "gdb"), allow(dead_code))]
+    gdb: Option<seccompiler::BpfProgram>,
 }
 
 impl Filters {
@@ -504,6 +513,7 @@ impl Filters {
         mode: Seccomp,
         backend: &dyn VmBackend,
         allow: &[Allowed],
+        with_gdb: bool,
     ) -> Result<Self, SeccompError> {
         let audit = seccomp::audit_requested();
         let program = |kind: ThreadKind, extra: &[Allowed]| {
@@ -511,15 +521,16 @@ impl Filters {
             extra.extend(backend.syscalls(kind));
             seccomp::compile(&seccomp::rules(kind, &extra), audit)
         };
-        Ok(match mode {
-            Seccomp::Off => Self::default(),
-            Seccomp::VcpuThreads => {
-                Self { vcpu: Some(Arc::new(program(ThreadKind::Vcpu, allow)?)), main: None }
-            }
-            Seccomp::AllThreads => Self {
-                vcpu: Some(Arc::new(program(ThreadKind::Vcpu, allow)?)),
-                main: Some(program(ThreadKind::Main, &[])?),
+        if mode == Seccomp::Off {
+            return Ok(Self::default());
+        }
+        Ok(Self {
+            vcpu: Some(Arc::new(program(ThreadKind::Vcpu, allow)?)),
+            main: match mode {
+                Seccomp::AllThreads => Some(program(ThreadKind::Main, &[])?),
+                _ => None,
             },
+            gdb: if with_gdb { Some(program(ThreadKind::Gdb, &[])?) } else { None },
         })
     }
 }
@@ -574,7 +585,8 @@ impl Vm {
         let hub = self.shared.debug.clone()?;
         let shared = self.shared.clone();
         let on_kill = move || shared.finish(Ok(RunStatus::Stopped));
-        match crate::gdb::start(session, hub.clone(), self.shared.ram.clone(), on_kill) {
+        let filter = self.filters.gdb.take();
+        match crate::gdb::start(session, hub.clone(), self.shared.ram.clone(), filter, on_kill) {
             Ok(h) => Some(h),
             Err(e) => {
                 tracing::warn!("cannot start the gdb thread: {e}; the guest runs without it");
