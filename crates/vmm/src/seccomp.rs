@@ -205,7 +205,6 @@ fn main_thread() -> Vec<Allowed> {
 /// given. It reads and writes guest memory through the RAM mapping (no syscall), and the
 /// vCPU threads do everything that touches a backend for it.
 fn gdb() -> Vec<Allowed> {
-    const FIONBIO: u64 = libc::FIONBIO as u64;
     const IPPROTO_TCP: u64 = libc::IPPROTO_TCP as u64;
     vec![
         Allowed::any(libc::SYS_accept4, "gdb stub: accepting its one connection"),
@@ -215,7 +214,7 @@ fn gdb() -> Vec<Allowed> {
         Allowed::one_of(
             libc::SYS_ioctl,
             1,
-            &[FIONBIO],
+            &[libc::FIONBIO],
             "gdb stub: non-blocking peeks for Ctrl-C while the guest runs",
         ),
         Allowed::one_of(libc::SYS_setsockopt, 1, &[IPPROTO_TCP], "gdb stub: TCP_NODELAY"),
