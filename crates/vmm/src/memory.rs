@@ -102,31 +102,48 @@ impl GuestRam {
         self.write(gpa, &value.to_le_bytes())
     }
 
-    /// Replace the bytes at `gpa` with `data` in one 8-byte store, so that another vCPU
-    /// fetching or reading them sees either the old bytes or the new ones, never a mix.
-    /// Returns false (and writes nothing) when `gpa..gpa+len` does not lie inside one naturally
-    /// aligned 8-byte word. (The other bytes of the word are written back as they were read;
-    /// a guest store to them in between would be lost, as with any read-modify-write.)
-    pub fn write_in_one_store(&self, gpa: u64, data: &[u8]) -> Result<bool, OutOfBounds> {
+    /// Replace the bytes at `gpa`, if they are `old`, with `new` (as long as `old`) in one
+    /// atomic compare-and-exchange of the naturally aligned 8-byte word around them: another
+    /// vCPU fetching or reading them sees either the old bytes or the new ones, never a mix, and
+    /// a store another vCPU makes meanwhile to the word's other bytes is kept (the exchange is
+    /// retried on the word as it then is). Returns false, and writes nothing, when the bytes at
+    /// `gpa` are not `old` (someone changed them since the caller looked) or when
+    /// `gpa..gpa+len` does not lie inside one aligned word.
+    pub fn replace_in_one_store(
+        &self,
+        gpa: u64,
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, OutOfBounds> {
+        assert_eq!(old.len(), new.len(), "replace_in_one_store: old and new differ in length");
         let word = gpa & !7;
         let shift = (gpa - word) as usize;
-        if data.is_empty() || shift + data.len() > 8 {
+        let range = shift..shift + new.len();
+        if new.is_empty() || range.end > 8 {
             return Ok(false);
         }
         self.check(word, 8)?;
-        let oob = |_| self.oob(word, 8);
-        let old: u64 =
-            self.mem.load(GuestAddress(word), std::sync::atomic::Ordering::Acquire).map_err(oob)?;
-        let mut bytes = old.to_le_bytes();
-        bytes[shift..shift + data.len()].copy_from_slice(data);
-        self.mem
-            .store(
+        let oob = self.oob(word, 8);
+        let slice = self.mem.get_slice(GuestAddress(word), 8).map_err(|_| oob)?;
+        // An aligned word inside RAM (checked above): vm-memory hands out an atomic view of it.
+        let cell = slice.get_atomic_ref::<std::sync::atomic::AtomicU64>(0).map_err(|_| oob)?;
+        let mut current = cell.load(std::sync::atomic::Ordering::Acquire);
+        loop {
+            let mut bytes = current.to_le_bytes();
+            if bytes[range.clone()] != *old {
+                return Ok(false);
+            }
+            bytes[range.clone()].copy_from_slice(new);
+            match cell.compare_exchange_weak(
+                current,
                 u64::from_le_bytes(bytes),
-                GuestAddress(word),
-                std::sync::atomic::Ordering::Release,
-            )
-            .map_err(oob)?;
-        Ok(true)
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(true),
+                Err(now) => current = now,
+            }
+        }
     }
 
     /// Fill `gpa..gpa+len` with zeroes.
@@ -281,15 +298,74 @@ mod tests {
     }
 
     #[test]
-    fn single_store_writes_stay_inside_one_word() {
+    fn single_store_replacements_stay_inside_one_word_and_only_replace_what_was_expected() {
         let ram = GuestRam::new(2 << 20).unwrap();
         ram.write_u64(0x1000, 0x8877_6655_4433_2211).unwrap();
-        assert_eq!(ram.write_in_one_store(0x1003, &[0xaa, 0xbb, 0xcc]), Ok(true));
+        assert_eq!(
+            ram.replace_in_one_store(0x1003, &[0x44, 0x55, 0x66], &[0xaa, 0xbb, 0xcc]),
+            Ok(true)
+        );
         assert_eq!(ram.read_u64(0x1000).unwrap(), 0x8877_ccbb_aa33_2211);
-        assert_eq!(ram.write_in_one_store(0x1006, &[1, 2, 3]), Ok(false), "straddles two words");
+        // The bytes are no longer what the caller saw: nothing written.
+        assert_eq!(ram.replace_in_one_store(0x1003, &[0x44, 0x55, 0x66], &[1, 2, 3]), Ok(false));
+        assert_eq!(ram.read_u64(0x1000).unwrap(), 0x8877_ccbb_aa33_2211);
+        assert_eq!(
+            ram.replace_in_one_store(0x1006, &[0, 0, 0], &[1, 2, 3]),
+            Ok(false),
+            "straddles two words"
+        );
         assert_eq!(ram.read_u64(0x1008).unwrap(), 0);
-        assert!(ram.write_in_one_store(ram.size() - 2, &[1]).is_ok());
-        assert!(ram.write_in_one_store(ram.size(), &[1]).is_err());
+        assert!(ram.replace_in_one_store(ram.size() - 2, &[0], &[1]).is_ok());
+        assert!(ram.replace_in_one_store(ram.size(), &[0], &[1]).is_err());
+    }
+
+    /// Another thread storing to the rest of the word while replacements run: none of its
+    /// stores is lost, and every replacement lands.
+    #[test]
+    fn single_store_replacements_keep_concurrent_stores_to_the_same_word() {
+        let ram = std::sync::Arc::new(GuestRam::new(2 << 20).unwrap());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (ram, done) = (ram.clone(), done.clone());
+            std::thread::spawn(move || {
+                // Bytes 3..7 of the word: a counter the replacements must never roll back.
+                let slice = ram.mem.get_slice(GuestAddress(0x1000), 8).unwrap();
+                let cell = slice.get_atomic_ref::<std::sync::atomic::AtomicU64>(0).unwrap();
+                let (mut n, mut rolled_back) = (0u64, 0u32);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let w = cell.load(std::sync::atomic::Ordering::Acquire);
+                    if (w >> 24) & 0xff_ffff_ffff != n {
+                        rolled_back += 1;
+                    }
+                    n += 1;
+                    let next = (w & 0xff_ffff) | (n << 24);
+                    if cell
+                        .compare_exchange(
+                            w,
+                            next,
+                            std::sync::atomic::Ordering::AcqRel,
+                            std::sync::atomic::Ordering::Acquire,
+                        )
+                        .is_err()
+                    {
+                        n -= 1; // a replacement came in between: try again on the new word
+                    }
+                }
+                (n, rolled_back)
+            })
+        };
+        let mut last = 0u8;
+        for i in 0..20_000u32 {
+            let next = (i % 251) as u8 + 1;
+            assert_eq!(ram.replace_in_one_store(0x1000, &[last], &[next]), Ok(true));
+            last = next;
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (n, rolled_back) = writer.join().unwrap();
+        assert_eq!(rolled_back, 0, "stores of the other thread were lost");
+        let w = ram.read_u64(0x1000).unwrap();
+        assert_eq!((w >> 24) & 0xff_ffff_ffff, n, "the other thread's last store is there");
+        assert_eq!(w as u8, last, "and so is the last replacement");
     }
 
     #[test]

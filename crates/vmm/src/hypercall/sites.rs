@@ -56,7 +56,8 @@ impl SiteTable {
             ram.write(gpa, &DOORBELL_SITE)?;
             true
         } else {
-            ram.write_in_one_store(gpa, &DOORBELL_SITE)?
+            // Only if the bytes are still the ones decoded above: the guest's other vCPUs run.
+            ram.replace_in_one_store(gpa, &bytes, &DOORBELL_SITE)?
         };
         if done {
             sites.insert(gpa, insn);
