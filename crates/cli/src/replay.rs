@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use clap::Args;
 use vmcall_vmm::hypercall::{AnsweredBy, HypercallTable};
-use vmcall_vmm::record::{self, CallEntry, Header, Recorder, Recording, RecordingReader, Verdict};
+use vmcall_vmm::record::{
+    self, CallEntry, Header, Recorder, RecordingReader, StreamComparer, Verdict,
+};
 use vmcall_vmm::seccomp::Seccomp;
 use vmcall_vmm::stats::VcpuStats;
 use vmcall_vmm::trace::TraceSwitch;
@@ -114,10 +116,10 @@ pub fn outcome(result: &Result<RunStatus, RunError>) -> String {
 }
 
 /// The recording at `path` (`-`: stdin), its header read.
-fn open_recording(path: &Path) -> Result<RecordingReader<Box<dyn BufRead>>, String> {
+fn open_recording(path: &Path) -> Result<RecordingReader<Box<dyn BufRead + Send>>, String> {
     let name = path.display();
-    let input: Box<dyn BufRead> = if path == Path::new("-") {
-        Box::new(std::io::stdin().lock())
+    let input: Box<dyn BufRead + Send> = if path == Path::new("-") {
+        Box::new(BufReader::with_capacity(1 << 16, std::io::stdin()))
     } else {
         let f = std::fs::File::open(path).map_err(|e| format!("cannot read {name}: {e}"))?;
         Box::new(BufReader::with_capacity(1 << 16, f))
@@ -213,15 +215,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
     let table = Arc::new(replay_table(reader.header(), args, &opts)?);
     let code = match &args.guest {
         None => replay_without_guest(&mut reader, &table, args),
-        Some(guest) => {
-            // The comparison goes vCPU by vCPU over both streams: it keeps the whole recording.
-            let calls = reader.by_ref().collect::<Result<Vec<_>, _>>();
-            let calls = calls.map_err(|e| read_error(&args.file, &e))?;
-            let end = reader.end().cloned();
-            let rec = Recording { header: reader.header().clone(), calls, end };
-            print_replay_header(args, &rec.header, rec.calls.len(), rec.end.is_some());
-            rerun(&rec, guest, table.clone(), args)
-        }
+        Some(guest) => rerun(reader, guest, table.clone(), args),
     }?;
     for nr in table.numbers() {
         table.unregister(nr); // ends exec: processes now
@@ -229,7 +223,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::from(code))
 }
 
-fn print_replay_header(args: &ReplayArgs, h: &Header, calls: usize, ended: bool) {
+fn print_replay_header(args: &ReplayArgs, h: &Header, calls: u64, ended: bool) {
     println!(
         "replay of {}: {} calls recorded on {} by vmcall {} ({}{})",
         args.file.display(),
@@ -244,7 +238,7 @@ fn print_replay_header(args: &ReplayArgs, h: &Header, calls: usize, ended: bool)
 /// Replay the calls as they are read. The first line of the output counts them, so the lines
 /// of changed calls (at most --limit) wait for the end of the recording; nothing else does.
 fn replay_without_guest(
-    reader: &mut RecordingReader<Box<dyn BufRead>>,
+    reader: &mut RecordingReader<Box<dyn BufRead + Send>>,
     table: &HypercallTable,
     args: &ReplayArgs,
 ) -> Result<u8, String> {
@@ -286,7 +280,7 @@ fn replay_without_guest(
             }
         }
     }
-    print_replay_header(args, reader.header(), total, reader.end().is_some());
+    print_replay_header(args, reader.header(), total as u64, reader.end().is_some());
     print!("{shown}");
     let shown = if limit == 0 { changed } else { changed.min(limit) };
     if shown < changed {
@@ -308,18 +302,23 @@ fn replay_without_guest(
     Ok(if changed > 0 { EXIT_DIFFERS } else { 0 })
 }
 
-/// Re-run `guest` as the recording's run was set up, on `args.backend`, and compare.
+/// Re-run `guest` as the recording's run was set up, on `args.backend`, and compare its calls
+/// with the recording's as they are made (reading the recording only as far as the re-run has
+/// got: `record::StreamComparer`).
 fn rerun(
-    rec: &Recording,
+    reader: RecordingReader<Box<dyn BufRead + Send>>,
     guest: &Path,
     table: Arc<HypercallTable>,
     args: &ReplayArgs,
 ) -> Result<u8, String> {
-    let h = &rec.header;
+    let h = &reader.header().clone();
     let image = crate::guest_file::read(guest, crate::guest_file::image_limit(h.memory))
         .map_err(|e| crate::chain(&e))?;
     let hv = crate::backends::select(&args.backend, &args.trap).map_err(|e| crate::chain(&e))?;
-    let sink = Arc::new(Recorder::in_memory());
+    let sink = Arc::new(
+        StreamComparer::new(reader)
+            .map_err(|e| format!("cannot start reading the recording: {e}"))?,
+    );
     // An exec: handler starts its process from a vCPU thread, which a seccomp filter would
     // forbid (as `vmcall run` does, see seccomp_mode in main.rs).
     let exec = table.list().iter().any(|l| l.kind == "exec");
@@ -352,10 +351,11 @@ fn rerun(
         .map_err(|e| crate::chain(&e))?;
     crate::note!("vmcall: re-running {} on the {}", guest.display(), vm.describe());
     let report = vm.run();
-    let calls = sink.take_calls();
     let outcome = outcome(&report.result);
-    println!("re-run on {}: {} calls, {outcome}", hv.name(), calls.len());
-    let divergences = record::compare_streams(&rec.calls, &calls);
+    let rec = sink.finish().map_err(|e| read_error(&args.file, &e))?;
+    print_replay_header(args, &rec.header, rec.recorded_calls, rec.end.is_some());
+    println!("re-run on {}: {} calls, {outcome}", hv.name(), rec.rerun_calls);
+    let divergences = rec.divergences;
     let mut differs = !divergences.is_empty();
     if let Some(d) = divergences.first() {
         println!("first divergence: vCPU {}, its call #{} (counting from 0)", d.vcpu, d.index);
@@ -381,8 +381,8 @@ fn rerun(
     }
     println!(
         "total: {} calls recorded, {} re-run; {}",
-        rec.calls.len(),
-        calls.len(),
+        rec.recorded_calls,
+        rec.rerun_calls,
         if differs { "the streams differ" } else { "the same stream, call for call" }
     );
     Ok(if differs { EXIT_DIFFERS } else { 0 })

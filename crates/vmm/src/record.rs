@@ -13,7 +13,6 @@
 //! call) answers recorded calls again with a table, without a guest; [`compare_streams`] finds where
 //! a re-run's calls part from the recorded ones.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -208,6 +207,24 @@ pub struct CallEntry {
 }
 
 impl CallEntry {
+    /// The entry of call `c`, number `seq` of its recording, answered at `time_ns`.
+    fn of(seq: u64, c: &CallRecord<'_>, time_ns: u64) -> Self {
+        CallEntry {
+            seq,
+            vcpu: c.vcpu,
+            nr: c.nr,
+            args: c.args,
+            result: c.ret,
+            cpl: c.cpl,
+            mode: c.mode.name().into(),
+            rip: c.rip,
+            by: c.answered_by.name().into(),
+            handler: c.handler.map(String::from),
+            time_ns,
+            latency_ns: c.latency_ns,
+        }
+    }
+
     /// The caller's mode (64-bit for a name this vmcall does not know).
     pub fn cpu_mode(&self) -> CpuMode {
         CpuMode::from_name(&self.mode).unwrap_or(CpuMode::Long64)
@@ -529,20 +546,7 @@ impl CallSink for Recorder {
         let seq = st.seq;
         st.seq += 1;
         match &mut st.out {
-            Out::Memory(v) => v.push(CallEntry {
-                seq,
-                vcpu: c.vcpu,
-                nr: c.nr,
-                args: c.args,
-                result: c.ret,
-                cpl: c.cpl,
-                mode: c.mode.name().into(),
-                rip: c.rip,
-                by: c.answered_by.name().into(),
-                handler: c.handler.map(String::from),
-                time_ns,
-                latency_ns: c.latency_ns,
-            }),
+            Out::Memory(v) => v.push(CallEntry::of(seq, c, time_ns)),
             Out::Writer(w) => {
                 call_line(&mut st.line, seq, c, time_ns);
                 if let Err(e) = w.write_all(st.line.as_bytes()) {
@@ -749,35 +753,8 @@ pub struct Divergence {
     pub rerun: Option<CallEntry>,
 }
 
-/// Compare a re-run's calls with the recorded ones, vCPU by vCPU (the order of calls across
-/// vCPUs depends on scheduling; each vCPU's own order does not): the first divergence of each
-/// vCPU that has one, earliest in the recording first.
-pub fn compare_streams(recorded: &[CallEntry], rerun: &[CallEntry]) -> Vec<Divergence> {
-    let mut by_vcpu: BTreeMap<u32, (Vec<&CallEntry>, Vec<&CallEntry>)> = BTreeMap::new();
-    for c in recorded {
-        by_vcpu.entry(c.vcpu).or_default().0.push(c);
-    }
-    for c in rerun {
-        by_vcpu.entry(c.vcpu).or_default().1.push(c);
-    }
-    let mut out: Vec<Divergence> = by_vcpu
-        .into_iter()
-        .filter_map(|(vcpu, (a, b))| {
-            let index = (0..a.len().max(b.len())).find(|&i| match (a.get(i), b.get(i)) {
-                (Some(x), Some(y)) => !x.same_call(y),
-                _ => true,
-            })?;
-            Some(Divergence {
-                vcpu,
-                index,
-                recorded: a.get(index).map(|c| (*c).clone()),
-                rerun: b.get(index).map(|c| (*c).clone()),
-            })
-        })
-        .collect();
-    out.sort_by_key(|d| d.recorded.as_ref().map_or(u64::MAX, |c| c.seq));
-    out
-}
+mod compare;
+pub use compare::{compare_streams, Comparison, StreamComparer, READ_AHEAD};
 
 #[cfg(test)]
 mod tests;

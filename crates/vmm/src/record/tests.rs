@@ -337,3 +337,144 @@ fn vcpu_numbers_no_run_could_have_are_refused_by_line() {
     assert!(e.starts_with("line 3: vCPU 2 (the recording's VM has 2"), "{e}");
     assert!(r.next().is_none());
 }
+
+/// `calls` as a recording of `vcpus` vCPUs (with an end line).
+fn recording_of(vcpus: u32, calls: &[CallRecord<'_>]) -> String {
+    let buf = Capture::default();
+    let mut header = Header::new("emu", "guest.elf");
+    header.vcpus = vcpus;
+    let rec = Recorder::new(Box::new(buf.clone()), &header).unwrap();
+    for c in calls {
+        rec.record(c);
+    }
+    rec.finish("exited 0").unwrap();
+    String::from_utf8(buf.bytes()).unwrap()
+}
+
+/// A divergence as the guest sees it (the re-run's sequence numbers and times aside).
+type Seen = (u32, usize, Option<u64>, Option<(u32, u64, [u64; 4], u64, u64)>);
+
+fn seen(d: &[Divergence]) -> Vec<Seen> {
+    d.iter()
+        .map(|d| {
+            let rerun = d.rerun.as_ref().map(|c| (c.vcpu, c.nr, c.args, c.result, c.rip));
+            (d.vcpu, d.index, d.recorded.as_ref().map(|c| c.seq), rerun)
+        })
+        .collect()
+}
+
+/// Feed `rerun` to a comparer of `text` in order, as a re-run's vCPUs would.
+fn compare_as_made(text: &str, rerun: &[CallRecord<'_>]) -> Result<Comparison, RecordError> {
+    let input = std::io::Cursor::new(text.as_bytes().to_vec());
+    let comparer = StreamComparer::new(RecordingReader::new(input).unwrap()).unwrap();
+    for c in rerun {
+        comparer.record(c);
+    }
+    comparer.finish()
+}
+
+proptest::proptest! {
+    /// Compared as they are made, a re-run's calls diverge exactly where the two streams held
+    /// in memory do: any interleaving of the vCPUs, changed results, calls missing or extra.
+    #[test]
+    fn the_stream_comparer_finds_what_comparing_whole_streams_finds(
+        vcpus in 1u32..=3,
+        recorded in proptest::collection::vec((0u32..3, 0u64..3, 0u64..3), 0..40),
+        edits in proptest::collection::vec((0u32..3, 0usize..40, 0u8..3), 0..4),
+        order in proptest::collection::vec(0u32..3, 0..80),
+    ) {
+        let recorded: Vec<CallRecord<'_>> = recorded
+            .iter()
+            .map(|&(v, nr, ret)| call(v % vcpus, 20 + nr, nr, ret, None))
+            .collect();
+        // The re-run: each vCPU's recorded calls, edited ...
+        let mut per_vcpu: Vec<Vec<CallRecord<'_>>> = (0..vcpus)
+            .map(|v| recorded.iter().filter(|c| c.vcpu == v).cloned().collect())
+            .collect();
+        for &(v, at, kind) in &edits {
+            let calls = &mut per_vcpu[(v % vcpus) as usize];
+            match kind {
+                0 if at < calls.len() => calls[at].ret ^= 1,
+                1 => calls.truncate(at),
+                _ => calls.push(call(v % vcpus, 29, 0, 0, None)),
+            }
+        }
+        // ... then interleaved in another order.
+        let mut next = vec![0usize; vcpus as usize];
+        let mut rerun = Vec::new();
+        for v in order.iter().map(|v| (v % vcpus) as usize).chain((0..vcpus as usize).cycle().take(200)) {
+            if let Some(c) = per_vcpu[v].get(next[v]) {
+                rerun.push(*c);
+                next[v] += 1;
+            }
+        }
+        let text = recording_of(vcpus, &recorded);
+        let whole = Recording::read(text.as_bytes()).unwrap();
+        let rerun_entries: Vec<CallEntry> =
+            rerun.iter().enumerate().map(|(i, c)| CallEntry::of(i as u64, c, 0)).collect();
+        let streamed = compare_as_made(&text, &rerun).unwrap();
+        proptest::prop_assert_eq!(
+            seen(&streamed.divergences),
+            seen(&compare_streams(&whole.calls, &rerun_entries))
+        );
+        proptest::prop_assert_eq!(streamed.recorded_calls, recorded.len() as u64);
+        proptest::prop_assert_eq!(streamed.rerun_calls, rerun.len() as u64);
+        proptest::prop_assert_eq!(streamed.end.map(|e| e.outcome), Some("exited 0".to_string()));
+    }
+}
+
+/// Reads what it is given, counting the bytes handed out.
+struct Counting<'a>(&'a [u8], std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl std::io::Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        self.1.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+#[test]
+fn the_stream_comparer_reads_the_recording_only_as_far_as_the_rerun_has_got() {
+    let calls: Vec<CallRecord<'_>> = (0..20_000).map(|i| call(0, 20, i, i * 2, None)).collect();
+    let text = recording_of(1, &calls);
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let text: &'static str = Box::leak(text.into_boxed_str());
+    let input = std::io::BufReader::with_capacity(512, Counting(text.as_bytes(), read.clone()));
+    let comparer = StreamComparer::new(RecordingReader::new(input).unwrap()).unwrap();
+    // The re-run's fourth call answers differently.
+    for (i, c) in calls.iter().take(10).enumerate() {
+        let mut c = *c;
+        if i == 3 {
+            c.ret = 1;
+        }
+        comparer.record(&c);
+    }
+    // The reading thread is READ_AHEAD calls ahead at most, however long it has had.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let line = text.len() / 20_000;
+    let so_far = read.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(so_far <= READ_AHEAD * line + 1024, "{so_far} bytes of {} read", text.len());
+    let done = comparer.finish().unwrap();
+    assert_eq!(read.load(std::sync::atomic::Ordering::Relaxed), text.len(), "then to the end");
+    assert_eq!((done.recorded_calls, done.rerun_calls), (20_000, 10));
+    assert_eq!(
+        seen(&done.divergences),
+        [(0, 3, Some(3), Some((0, 20, [3, 0, 0, u64::MAX], 1, 0x20_1014)))]
+    );
+}
+
+#[test]
+fn the_stream_comparer_reports_a_recording_it_cannot_read() {
+    let calls: Vec<CallRecord<'_>> = (0..4).map(|i| call(i % 2, 20, i as u64, 0, None)).collect();
+    let text = recording_of(2, &calls);
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[3] = "{\"type\":\"call\",\"seq\":\"x\"}";
+    let bad = lines.join("\n");
+    let e = compare_as_made(&bad, &calls).unwrap_err().to_string();
+    assert!(e.starts_with("line 4:"), "{e}");
+    // A re-run shorter than the recording still reads to the bad line.
+    assert!(compare_as_made(&bad, &calls[..1]).is_err());
+}
