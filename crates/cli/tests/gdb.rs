@@ -314,6 +314,50 @@ fn interrupt(backend: &str) {
     let _ = vm.child.wait();
 }
 
+/// A guest spinning without exits (`jmp .` written over its first instruction) stops on
+/// Ctrl-C too: on KVM the stub kicks each vCPU out of KVM_RUN with a signal, which its seccomp
+/// filter must let through. And the stub acknowledges `c` at once, before the guest stops
+/// (gdb waits for that `+`, and resends the packet after 2 s without it).
+fn interrupt_spinning(backend: &str) {
+    let vm = Vm::spawn(backend, &["demo", "--loop"]);
+    let mut conn = std::net::TcpStream::connect(&vm.addr).expect("connect");
+    conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    assert!(packet(&mut conn, "?").starts_with("T05"), "stopped before the first instruction");
+    let regs = unrle(&packet(&mut conn, "g"));
+    let rip = u64::from_str_radix(&regs[16 * 16..17 * 16], 16).expect("hex").swap_bytes();
+    assert_eq!(packet(&mut conn, &format!("M{rip:x},2:ebfe")), "OK", "jmp . at RIP {rip:#x}");
+    conn.write_all(b"$c#63").expect("continue");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut ack = [0u8; 1];
+    conn.read_exact(&mut ack).expect("the `+` for `c` comes while the guest runs");
+    assert_eq!(&ack, b"+");
+    std::thread::sleep(Duration::from_millis(300));
+    conn.write_all(&[0x03]).expect("Ctrl-C");
+    conn.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let stop = reply(&mut conn);
+    assert!(stop.starts_with("T02"), "SIGINT stop, got {stop}");
+    let regs = unrle(&packet(&mut conn, "g"));
+    let now = u64::from_str_radix(&regs[16 * 16..17 * 16], 16).expect("hex").swap_bytes();
+    assert_eq!(now, rip, "stopped on the jmp");
+    drop(conn);
+    let mut vm = vm;
+    let _ = vm.child.kill();
+    let _ = vm.child.wait();
+}
+
+#[test]
+fn gdb_interrupts_a_spinning_guest_on_the_emulator() {
+    interrupt_spinning("emu");
+}
+
+#[test]
+fn gdb_interrupts_a_spinning_guest_on_kvm() {
+    if !kvm_available("gdb_interrupts_a_spinning_guest_on_kvm") {
+        return;
+    }
+    interrupt_spinning("kvm");
+}
+
 /// A write watchpoint stops after the write, with the new value in memory.
 #[test]
 fn gdb_watchpoint_on_the_emulator() {

@@ -37,7 +37,15 @@ pub(crate) fn syscalls(kind: ThreadKind) -> Vec<Allowed> {
             ],
             "KVM vCPU: KVM_RUN, KVM_GET_REGS, KVM_GET_MSRS, KVM_SET_GUEST_DEBUG, KVM_SET_REGS, KVM_GET_SREGS",
         )],
-        ThreadKind::Main | ThreadKind::Gdb => Vec::new(),
+        // The gdb stub stops a running guest (Ctrl-C, a stop request) by kicking each vCPU
+        // thread out of KVM_RUN with the kick signal (`signal.rs`), as the run's own stop does.
+        ThreadKind::Gdb => vec![Allowed::one_of(
+            libc::SYS_tgkill,
+            2,
+            &[crate::signal::kick_signal() as u64],
+            "gdb stub: kicking vCPUs out of KVM_RUN to stop the guest (the kick signal only)",
+        )],
+        ThreadKind::Main => Vec::new(),
     }
 }
 

@@ -6,7 +6,7 @@ use vmcall_vmm::backend::Interrupter;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 /// The signal used; its handler does nothing, its only effect is KVM_RUN returning EINTR.
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 

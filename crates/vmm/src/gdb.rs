@@ -639,15 +639,43 @@ impl GdbConnection {
         Ok(())
     }
 
-    /// Receive what has arrived (at least a byte, unless non-blocking and there is none).
+    /// Receive what has arrived (at least a byte, unless non-blocking and there is none),
+    /// after sending what is queued: `gdbstub` acknowledges a packet (`+`) without flushing,
+    /// and gdb waits for that before anything else.
     fn fill(&mut self) -> std::io::Result<()> {
         use std::io::Read;
-        let n = Read::read(&mut self.stream, &mut self.input[..])?;
+        self.send()?;
+        let n = loop {
+            match Read::read(&mut self.stream, &mut self.input[..]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         self.pending = 0..n;
         Ok(())
+    }
+
+    /// Send what is queued, blocking until it is sent.
+    fn send(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        self.set_nonblocking(false)?;
+        // Whatever the outcome, what was queued is gone: a failed write ends the session.
+        let sent = Write::write_all(&mut self.stream, &self.out);
+        self.out.clear();
+        sent
+    }
+}
+
+impl Drop for GdbConnection {
+    fn drop(&mut self) {
+        // The last reply or acknowledgement (of a kill, say) may still be queued.
+        let _ = self.send();
     }
 }
 
@@ -665,12 +693,7 @@ impl Connection for GdbConnection {
     }
 
     fn flush(&mut self) -> Result<(), Self::Error> {
-        use std::io::Write;
-        self.set_nonblocking(false)?;
-        // Whatever the outcome, what was queued is gone: a failed write ends the session.
-        let sent = Write::write_all(&mut self.stream, &self.out);
-        self.out.clear();
-        sent
+        self.send()
     }
 
     fn on_session_start(&mut self) -> Result<(), Self::Error> {

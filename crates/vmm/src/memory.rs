@@ -362,6 +362,7 @@ mod tests {
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let (n, rolled_back) = writer.join().unwrap();
+        assert!(n > 0, "the other thread stored nothing while the replacements ran");
         assert_eq!(rolled_back, 0, "stores of the other thread were lost");
         let w = ram.read_u64(0x1000).unwrap();
         assert_eq!((w >> 24) & 0xff_ffff_ffff, n, "the other thread's last store is there");
