@@ -42,7 +42,12 @@ impl Vm {
 
     /// `vmcall ARGS --backend B --gdb 0 --timeout ...`.
     fn spawn(backend: &str, args: &[&str]) -> Vm {
-        let timeout = format!("{}s", TIMEOUT.as_secs());
+        Vm::spawn_with_timeout(backend, args, TIMEOUT)
+    }
+
+    /// The same with the VM's own `--timeout`.
+    fn spawn_with_timeout(backend: &str, args: &[&str], timeout: Duration) -> Vm {
+        let timeout = format!("{}ms", timeout.as_millis());
         let mut child = Command::new(bin())
             .args(args)
             .args(["--backend", backend, "--gdb", "0", "--timeout", &timeout])
@@ -321,12 +326,7 @@ fn interrupt(backend: &str) {
 fn interrupt_spinning(backend: &str) {
     let vm = Vm::spawn(backend, &["demo", "--loop"]);
     let mut conn = std::net::TcpStream::connect(&vm.addr).expect("connect");
-    conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    assert!(packet(&mut conn, "?").starts_with("T05"), "stopped before the first instruction");
-    let regs = unrle(&packet(&mut conn, "g"));
-    let rip = u64::from_str_radix(&regs[16 * 16..17 * 16], 16).expect("hex").swap_bytes();
-    assert_eq!(packet(&mut conn, &format!("M{rip:x},2:ebfe")), "OK", "jmp . at RIP {rip:#x}");
-    conn.write_all(b"$c#63").expect("continue");
+    let rip = spin_and_continue(&mut conn);
     conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let mut ack = [0u8; 1];
     conn.read_exact(&mut ack).expect("the `+` for `c` comes while the guest runs");
@@ -343,6 +343,44 @@ fn interrupt_spinning(backend: &str) {
     let mut vm = vm;
     let _ = vm.child.kill();
     let _ = vm.child.wait();
+}
+
+/// Write `jmp .` over the stopped guest's next instruction and continue it: its RIP.
+fn spin_and_continue(conn: &mut std::net::TcpStream) -> u64 {
+    conn.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    assert!(packet(conn, "?").starts_with("T05"), "stopped before the first instruction");
+    let regs = unrle(&packet(conn, "g"));
+    let rip = u64::from_str_radix(&regs[16 * 16..17 * 16], 16).expect("hex").swap_bytes();
+    assert_eq!(packet(conn, &format!("M{rip:x},2:ebfe")), "OK", "jmp . at RIP {rip:#x}");
+    conn.write_all(b"$c#63").expect("continue");
+    rip
+}
+
+/// A stop that comes while gdb sends nothing — here the VM's own timeout, long after the
+/// stub started watching the connection — reaches gdb (the stub must not sit in a blocking
+/// read meanwhile).
+fn stop_without_input(backend: &str) {
+    let vm = Vm::spawn_with_timeout(backend, &["demo", "--loop"], Duration::from_secs(2));
+    let mut conn = std::net::TcpStream::connect(&vm.addr).expect("connect");
+    spin_and_continue(&mut conn);
+    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let stop = reply(&mut conn);
+    assert!(stop.starts_with('X'), "the run's end, as gdb's `X` (killed) stop: got {stop}");
+    let (status, _, err) = vm.finish();
+    assert_eq!(status, Some(124), "the timeout's status\n{err}");
+}
+
+#[test]
+fn gdb_hears_of_a_stop_it_did_not_ask_for_on_the_emulator() {
+    stop_without_input("emu");
+}
+
+#[test]
+fn gdb_hears_of_a_stop_it_did_not_ask_for_on_kvm() {
+    if !kvm_available("gdb_hears_of_a_stop_it_did_not_ask_for_on_kvm") {
+        return;
+    }
+    stop_without_input("kvm");
 }
 
 #[test]

@@ -639,12 +639,13 @@ impl GdbConnection {
         Ok(())
     }
 
-    /// Receive what has arrived (at least a byte, unless non-blocking and there is none),
-    /// after sending what is queued: `gdbstub` acknowledges a packet (`+`) without flushing,
-    /// and gdb waits for that before anything else.
-    fn fill(&mut self) -> std::io::Result<()> {
+    /// Receive what has arrived: at least a byte when `block`, else what there is (none:
+    /// `WouldBlock`). What is queued goes out first: `gdbstub` acknowledges a packet (`+`)
+    /// without flushing, and gdb waits for that before anything else.
+    fn fill(&mut self, block: bool) -> std::io::Result<()> {
         use std::io::Read;
         self.send()?;
+        self.set_nonblocking(!block)?;
         let n = loop {
             match Read::read(&mut self.stream, &mut self.input[..]) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -705,8 +706,7 @@ impl Connection for GdbConnection {
 impl ConnectionExt for GdbConnection {
     fn read(&mut self) -> Result<u8, Self::Error> {
         if self.pending.is_empty() {
-            self.set_nonblocking(false)?;
-            self.fill()?;
+            self.fill(true)?;
         }
         let byte = self.input[self.pending.start];
         self.pending.start += 1;
@@ -715,8 +715,7 @@ impl ConnectionExt for GdbConnection {
 
     fn peek(&mut self) -> Result<Option<u8>, Self::Error> {
         if self.pending.is_empty() {
-            self.set_nonblocking(true)?;
-            match self.fill() {
+            match self.fill(false) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),

@@ -354,15 +354,24 @@ mod tests {
                 (n, rolled_back)
             })
         };
+        // Replace while the other thread stores: from its first store until it has made a
+        // thousand (and at least 20,000 replacements), whatever the scheduler does.
+        let stored = || ram.read_u64(0x1000).unwrap() >> 24;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while stored() == 0 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
         let mut last = 0u8;
-        for i in 0..20_000u32 {
+        let mut i = 0u32;
+        while (i < 20_000 || stored() < 1000) && std::time::Instant::now() < deadline {
             let next = (i % 251) as u8 + 1;
             assert_eq!(ram.replace_in_one_store(0x1000, &[last], &[next]), Ok(true));
             last = next;
+            i += 1;
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let (n, rolled_back) = writer.join().unwrap();
-        assert!(n > 0, "the other thread stored nothing while the replacements ran");
+        assert!(n >= 1000, "the other thread stored {n} times while the replacements ran");
         assert_eq!(rolled_back, 0, "stores of the other thread were lost");
         let w = ram.read_u64(0x1000).unwrap();
         assert_eq!((w >> 24) & 0xff_ffff_ffff, n, "the other thread's last store is there");
