@@ -349,6 +349,7 @@ fn rerun(
         .seccomp(if exec { Seccomp::Off } else { Seccomp::VcpuThreads })
         .build(hv.as_ref())
         .map_err(|e| crate::chain(&e))?;
+    sink.watch(vm.monitor());
     crate::note!("vmcall: re-running {} on the {}", guest.display(), vm.describe());
     let report = vm.run();
     let outcome = outcome(&report.result);

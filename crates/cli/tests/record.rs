@@ -305,3 +305,32 @@ fn record_to_stdout_and_handlers_that_cannot_be_rebuilt() {
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A recording that turns out to be malformed part-way stops the re-run there (nothing after
+/// that line can be compared), and the error names the line.
+#[test]
+fn a_bad_line_stops_the_rerun_where_it_is_found() {
+    let d = scratch("badline");
+    let file = d.join("r.jsonl");
+    record(&file, "emu", "echo", "30000");
+    let recorded = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<&str> = recorded.lines().collect();
+    lines[5] = "{\"type\":\"call\",\"seq\":\"x\"}"; // line 6: the fifth call
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let f = file.to_str().unwrap();
+    let o = vmcall(&[
+        "replay",
+        f,
+        "--guest",
+        guest("calls"),
+        "--backend",
+        "emu",
+        "--hypercall",
+        "20=echo",
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(125), "{out}{err}");
+    assert!(err.contains("line 6"), "{err}");
+    assert!(!err.contains("calls n=30000"), "the guest ran to its end: {err}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -12,12 +12,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::BufRead;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{CallEntry, Divergence, End, Header, RecordError, RecordingReader};
 use crate::trace::{CallRecord, CallSink};
+use crate::vm::VmMonitor;
 
 /// Compare a re-run's calls with the recorded ones, vCPU by vCPU: the first divergence of each
 /// vCPU that has one, earliest in the recording first.
@@ -113,7 +114,15 @@ struct State {
     diverged: Vec<Option<Divergence>>,
     recorded_calls: u64,
     rerun_calls: u64,
+    /// The run being compared, once [`StreamComparer::watch`] has been called (and until
+    /// [`StreamComparer::finish`]).
+    run: Option<VmMonitor>,
+    /// A wait for the recording gave up because the run is stopping.
+    gave_up: bool,
 }
+
+/// How often a vCPU waiting for the recording checks whether the run is stopping.
+const WAIT_STEP: Duration = Duration::from_millis(20);
 
 impl State {
     /// The next recorded call, whichever vCPU made it: `None` once the recording has no more
@@ -127,11 +136,32 @@ impl State {
             if self.ended.is_some() {
                 return None;
             }
-            match self.recorded.recv() {
+            let received = match &self.run {
+                // A vCPU waits no longer than its run: a stop or timeout must not wait for
+                // a recording that comes slowly (from a pipe, say).
+                Some(run) => match self.recorded.recv_timeout(WAIT_STEP) {
+                    Ok(r) => Ok(r),
+                    Err(RecvTimeoutError::Timeout) if run.stopping() => {
+                        self.gave_up = true;
+                        return None;
+                    }
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => Err(()),
+                },
+                None => self.recorded.recv().map_err(|_| ()),
+            };
+            match received {
                 Ok(Read::Calls(calls)) => self.inbox = calls.into_iter(),
                 Ok(Read::End(end)) => self.ended = Some(Ok(end)),
-                Ok(Read::Error(e)) => self.ended = Some(Err(e)),
-                Err(_) => self.ended = Some(Ok(None)), // the reading thread is gone
+                Ok(Read::Error(e)) => {
+                    // Nothing after this can be compared: end the run now rather than let
+                    // the guest run on to its end.
+                    if let Some(run) = &self.run {
+                        run.stop();
+                    }
+                    self.ended = Some(Err(e));
+                }
+                Err(()) => self.ended = Some(Ok(None)), // the reading thread is gone
             }
         }
     }
@@ -168,7 +198,13 @@ impl State {
         if self.diverged[v].is_some() {
             return;
         }
+        self.gave_up = false;
         let recorded = self.next_recorded(v);
+        if self.gave_up {
+            // Not compared (the run is ending): as if the re-run had not made it.
+            self.made[v] -= 1;
+            return;
+        }
         if recorded.as_ref().is_some_and(|r| r.same_call(&call)) {
             return;
         }
@@ -218,10 +254,19 @@ impl StreamComparer {
                 diverged: vec![None; vcpus],
                 recorded_calls: 0,
                 rerun_calls: 0,
+                run: None,
+                gave_up: false,
             }),
             header,
             start: Instant::now(),
         })
+    }
+
+    /// Tie the comparison to the run it compares (call it before the run starts): a vCPU
+    /// waiting for the recording stops waiting once the run is stopping (a timeout, a stop),
+    /// and a recording that turns out not to be readable stops the run.
+    pub fn watch(&self, run: VmMonitor) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).run = Some(run);
     }
 
     /// Read the rest of the recording and say how the streams compare: the calls the
@@ -231,6 +276,9 @@ impl StreamComparer {
     pub fn finish(&self) -> Result<Comparison, RecordError> {
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
+        // The run is over: read the rest however long it takes.
+        st.run = None;
+        st.gave_up = false;
         for v in 0..st.made.len() {
             if st.diverged[v].is_none() {
                 if let Some(recorded) = st.next_recorded(v) {
