@@ -445,13 +445,8 @@ impl<R: BufRead> Iterator for RecordingReader<R> {
     }
 }
 
-enum Out {
-    Writer(Box<dyn Write + Send>),
-    Memory(Vec<CallEntry>),
-}
-
 struct RecState {
-    out: Out,
+    out: Box<dyn Write + Send>,
     seq: u64,
     error: Option<std::io::Error>,
     /// The line being written, reused from call to call.
@@ -459,7 +454,7 @@ struct RecState {
 }
 
 /// Writes a recording: the header when created, a line per call as a [`CallSink`], the end
-/// line at [`Recorder::finish`]. Or keeps the calls in memory ([`Recorder::in_memory`]).
+/// line at [`Recorder::finish`].
 pub struct Recorder {
     state: Mutex<RecState>,
     start: Instant,
@@ -482,41 +477,21 @@ impl Recorder {
     /// A recording to `out` whose header [`Recorder::begin`] writes, once the VM is built
     /// (and its backend can say how it traps hypercalls) but before it runs.
     pub fn create(out: Box<dyn Write + Send>) -> Self {
-        Self::with(Out::Writer(out))
-    }
-
-    /// Write the header line: call it once, before the first call is recorded.
-    pub fn begin(&self, header: &Header) -> std::io::Result<()> {
-        let mut line = serde_json::to_string(&Line::Header(header.clone()))?;
-        line.push('\n');
-        match &mut self.lock().out {
-            Out::Writer(w) => w.write_all(line.as_bytes()),
-            Out::Memory(_) => Ok(()),
-        }
-    }
-
-    /// A recorder that keeps the calls in memory, for [`Recorder::take_calls`].
-    pub fn in_memory() -> Self {
-        Self::with(Out::Memory(Vec::new()))
-    }
-
-    fn with(out: Out) -> Self {
         Recorder {
             state: Mutex::new(RecState { out, seq: 0, error: None, line: String::new() }),
             start: Instant::now(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, RecState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Write the header line: call it once, before the first call is recorded.
+    pub fn begin(&self, header: &Header) -> std::io::Result<()> {
+        let mut line = serde_json::to_string(&Line::Header(header.clone()))?;
+        line.push('\n');
+        self.lock().out.write_all(line.as_bytes())
     }
 
-    /// The calls recorded so far (an in-memory recorder's; empty for one that writes).
-    pub fn take_calls(&self) -> Vec<CallEntry> {
-        match &mut self.lock().out {
-            Out::Memory(v) => std::mem::take(v),
-            Out::Writer(_) => Vec::new(),
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Write the end line (`outcome`: how the run ended) and flush. Returns the first write
@@ -528,13 +503,10 @@ impl Recorder {
         if let Some(e) = st.error.take() {
             return Err(e);
         }
-        if let Out::Writer(w) = &mut st.out {
-            let mut line = serde_json::to_string(&Line::End(end))?;
-            line.push('\n');
-            w.write_all(line.as_bytes())?;
-            w.flush()?;
-        }
-        Ok(())
+        let mut line = serde_json::to_string(&Line::End(end))?;
+        line.push('\n');
+        st.out.write_all(line.as_bytes())?;
+        st.out.flush()
     }
 }
 
@@ -545,16 +517,11 @@ impl CallSink for Recorder {
         let st = &mut *guard;
         let seq = st.seq;
         st.seq += 1;
-        match &mut st.out {
-            Out::Memory(v) => v.push(CallEntry::of(seq, c, time_ns)),
-            Out::Writer(w) => {
-                call_line(&mut st.line, seq, c, time_ns);
-                if let Err(e) = w.write_all(st.line.as_bytes()) {
-                    if st.error.is_none() {
-                        tracing::warn!("cannot write the recording ({e}); later calls are lost");
-                        st.error = Some(e);
-                    }
-                }
+        call_line(&mut st.line, seq, c, time_ns);
+        if let Err(e) = st.out.write_all(st.line.as_bytes()) {
+            if st.error.is_none() {
+                tracing::warn!("cannot write the recording ({e}); later calls are lost");
+                st.error = Some(e);
             }
         }
     }
