@@ -95,6 +95,13 @@ fn nonfatal<T>(msg: impl std::fmt::Display) -> TargetResult<T, GdbTarget> {
 }
 
 impl GdbTarget {
+    /// What gdb's thread `tid` is to do at the next resume (an unknown thread: nothing).
+    fn set_action(&mut self, tid: Tid, action: Action) {
+        if let Some(a) = self.actions.get_mut(vcpu_of(tid) as usize) {
+            *a = Some(action);
+        }
+    }
+
     fn regs(&self, vcpu: u32) -> Result<Regs, String> {
         match self.hub.request(vcpu, Request::Regs)? {
             Reply::Regs(r) => Ok(r),
@@ -372,9 +379,7 @@ impl MultiThreadResume for GdbTarget {
         _signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
         // Signals mean nothing to a bare-metal guest: gdb's "signal" is dropped.
-        if let Some(a) = self.actions.get_mut(vcpu_of(tid) as usize) {
-            *a = Some(Action::Continue);
-        }
+        self.set_action(tid, Action::Continue);
         Ok(())
     }
 
@@ -389,9 +394,7 @@ impl MultiThreadSingleStep for GdbTarget {
         tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
-        if let Some(a) = self.actions.get_mut(vcpu_of(tid) as usize) {
-            *a = Some(Action::Step);
-        }
+        self.set_action(tid, Action::Step);
         Ok(())
     }
 }
